@@ -1,0 +1,668 @@
+//! The transformer itself: embeddings, decoder layers, final norm, LM head.
+
+use std::{ops::Range, path::Path, time::Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{
+    Activation, ModelConfig, ModelError, Rope, RopeScaling,
+    weights::{Loader, SafetensorsSource, WeightSource},
+};
+use crate::sampler::{CpuSampler, RowKey, SampledRows, SamplingParams};
+
+/// Logits per LM-head chunk when the caller leaves the chunk size to us: 32 Mi
+/// f32 values (128 MiB), i.e. 128 rows at V = 262,144 and 682 at V = 49,152.
+pub const DEFAULT_HEAD_CHUNK_LOGITS: usize = 1 << 25;
+
+/// Scores per attention tile, at most (heads × query rows × keys): bounds the
+/// memory of attention to O(chunk × len) instead of O(len²) per head.
+const ATTENTION_TILE_ELEMENTS: usize = 1 << 25;
+
+/// Sequences concatenated into one token stream: sequence s is
+/// `tokens[cu_seqlens[s]..cu_seqlens[s + 1]]`. Positions and causal attention
+/// restart at every sequence; nothing is padded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedBatch {
+    tokens: Vec<u32>,
+    cu_seqlens: Vec<usize>,
+}
+
+impl PackedBatch {
+    /// Packs `sequences`, none of them empty.
+    pub fn new<S: AsRef<[u32]>>(sequences: &[S]) -> Result<Self, ModelError> {
+        let mut tokens = Vec::new();
+        let mut cu_seqlens = vec![0];
+        for (i, s) in sequences.iter().enumerate() {
+            if s.as_ref().is_empty() {
+                return Err(ModelError::Batch(format!("sequence {i} is empty")));
+            }
+            tokens.extend_from_slice(s.as_ref());
+            cu_seqlens.push(tokens.len());
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::Batch("no sequences".into()));
+        }
+        Ok(Self { tokens, cu_seqlens })
+    }
+
+    /// All tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Number of tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Number of sequences.
+    pub fn num_sequences(&self) -> usize {
+        self.cu_seqlens.len() - 1
+    }
+
+    /// Token range of sequence `s`.
+    pub fn sequence(&self, s: usize) -> Range<usize> {
+        self.cu_seqlens[s]..self.cu_seqlens[s + 1]
+    }
+
+    /// The longest sequence.
+    pub fn max_len(&self) -> usize {
+        (0..self.num_sequences()).map(|s| self.sequence(s).len()).max().unwrap_or(0)
+    }
+
+    fn positions(&self) -> Vec<u32> {
+        (0..self.num_sequences()).flat_map(|s| 0..self.sequence(s).len() as u32).collect()
+    }
+}
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(
+        l: &mut Loader,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
+        let w = l.weight(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias { Some(l.weight(&format!("{name}.bias"), &[out])?) } else { None };
+        Ok(Self { w, b })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm computed in f32 with an f32 multiplier, returned in x's dtype.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, w, eps as f32)?.to_dtype(dtype)
+}
+
+fn softcap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}
+
+struct Layer {
+    window: Option<usize>,
+    local_rope: bool,
+    attn_norm: Tensor,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    post_ffn_norm: Option<Tensor>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// One attention tile: a chunk of one sequence's queries against its keys.
+struct Tile {
+    queries: Range<usize>,
+    keys_start: usize,
+    /// [queries, keys] of 0 / -inf (f32).
+    mask: Tensor,
+}
+
+/// The tiles of a batch for each distinct window, shared by all layers.
+struct AttentionPlan {
+    tiles: Vec<(Option<usize>, Vec<Tile>)>,
+}
+
+impl AttentionPlan {
+    fn new(
+        batch: &PackedBatch,
+        windows: &[Option<usize>],
+        heads: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut tiles = Vec::new();
+        for &window in windows {
+            let mut list = Vec::new();
+            for s in 0..batch.num_sequences() {
+                let seq = batch.sequence(s);
+                let len = seq.len();
+                let chunk = (ATTENTION_TILE_ELEMENTS / (heads * len)).clamp(1, len);
+                let mut q0 = seq.start;
+                while q0 < seq.end {
+                    let q1 = (q0 + chunk).min(seq.end);
+                    let keys_start = match window {
+                        Some(w) => (q0 + 1).saturating_sub(w).max(seq.start),
+                        None => seq.start,
+                    };
+                    let keys = q1 - keys_start;
+                    let mut mask = vec![0f32; (q1 - q0) * keys];
+                    for (r, row) in mask.chunks_exact_mut(keys).enumerate() {
+                        let i = q0 + r;
+                        for (c, m) in row.iter_mut().enumerate() {
+                            let j = keys_start + c;
+                            let visible = j <= i && window.is_none_or(|w| i - j < w);
+                            if !visible {
+                                *m = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    let mask = Tensor::from_vec(mask, (q1 - q0, keys), device)?;
+                    list.push(Tile { queries: q0..q1, keys_start, mask });
+                    q0 = q1;
+                }
+            }
+            tiles.push((window, list));
+        }
+        Ok(Self { tiles })
+    }
+
+    fn tiles(&self, window: Option<usize>) -> &[Tile] {
+        &self.tiles.iter().find(|(w, _)| *w == window).expect("a plan for every window").1
+    }
+}
+
+/// The teacher model, owning its weights on one device.
+pub struct Teacher {
+    config: ModelConfig,
+    device: Device,
+    dtype: DType,
+    embed: Tensor,
+    lm_head: Option<Tensor>,
+    final_norm: Tensor,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    inv_freq_local: Option<Vec<f32>>,
+}
+
+/// Inverse RoPE frequencies, in f32 as transformers computes them.
+fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    (0..half)
+        .map(|i| {
+            let base = 1.0 / rope.theta.powf((2 * i) as f64 / head_dim as f64);
+            let f = match rope.scaling {
+                RopeScaling::None => base,
+                RopeScaling::Linear { factor } => base / factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: old,
+                } => {
+                    let wavelen = 2.0 * std::f64::consts::PI / base;
+                    let low_wavelen = old / low_freq_factor;
+                    let high_wavelen = old / high_freq_factor;
+                    if wavelen > low_wavelen {
+                        base / factor
+                    } else if wavelen < high_wavelen {
+                        base
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * base / factor + smooth * base
+                    }
+                }
+            };
+            f as f32
+        })
+        .collect()
+}
+
+impl Teacher {
+    /// Loads a teacher from a Hugging Face directory (config.json and
+    /// safetensors) or a `.gguf` file, in `dtype` on `device`.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        let started = Instant::now();
+        let (config, mut source): (ModelConfig, Box<dyn WeightSource>) = if path.is_dir() {
+            let cfg_path = path.join("config.json");
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            let config = ModelConfig::from_hf_json(&text)?;
+            let source = SafetensorsSource::open(path, config.arch.is_gemma())?;
+            (config, Box::new(source))
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            let (config, source) = super::gguf::open(path)?;
+            (config, Box::new(source))
+        } else if !path.exists() {
+            return Err(ModelError::MissingFile(path.to_path_buf()));
+        } else {
+            return Err(ModelError::Config(format!(
+                "{}: expected a Hugging Face model directory or a .gguf file",
+                path.display()
+            )));
+        };
+        tracing::info!(
+            path = %path.display(),
+            arch = config.arch.name(),
+            layers = config.num_layers(),
+            hidden = config.hidden_size,
+            vocab = config.vocab_size,
+            dtype = ?dtype,
+            "loading teacher"
+        );
+        let teacher = Self::from_source(config, source.as_mut(), device, dtype)?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "teacher loaded");
+        Ok(teacher)
+    }
+
+    fn from_source(
+        config: ModelConfig,
+        source: &mut dyn WeightSource,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let c = &config;
+        let mut l = Loader { source, device: device.clone(), dtype, bytes: 0 };
+        let (h, hd, v) = (c.hidden_size, c.head_dim, c.vocab_size);
+        let embed = l.weight("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            // Some checkpoints mark embeddings untied yet ship no head; fall
+            // back to the embedding as transformers does when it ties them.
+            l.optional("lm_head.weight", &[v, h])?
+        };
+        let gemma = c.arch.is_gemma();
+        let mut layers = Vec::with_capacity(c.num_layers());
+        for (i, kind) in c.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let started = Instant::now();
+            let layer = Layer {
+                window: kind.window,
+                local_rope: kind.local_rope,
+                attn_norm: l.norm(&format!("{p}.input_layernorm.weight"), h)?,
+                post_attn_norm: if gemma {
+                    Some(l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?)
+                } else {
+                    None
+                },
+                ffn_norm: if gemma {
+                    l.norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?
+                } else {
+                    l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?
+                },
+                post_ffn_norm: if gemma {
+                    Some(l.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)
+                } else {
+                    None
+                },
+                q: Linear::load(
+                    &mut l,
+                    &format!("{p}.self_attn.q_proj"),
+                    c.num_heads * hd,
+                    h,
+                    c.qkv_bias,
+                )?,
+                k: Linear::load(
+                    &mut l,
+                    &format!("{p}.self_attn.k_proj"),
+                    c.num_kv_heads * hd,
+                    h,
+                    c.qkv_bias,
+                )?,
+                v: Linear::load(
+                    &mut l,
+                    &format!("{p}.self_attn.v_proj"),
+                    c.num_kv_heads * hd,
+                    h,
+                    c.qkv_bias,
+                )?,
+                o: Linear::load(
+                    &mut l,
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    c.num_heads * hd,
+                    c.o_bias,
+                )?,
+                q_norm: if c.qk_norm {
+                    Some(l.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some(l.norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                gate: Linear::load(
+                    &mut l,
+                    &format!("{p}.mlp.gate_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                up: Linear::load(
+                    &mut l,
+                    &format!("{p}.mlp.up_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                down: Linear::load(
+                    &mut l,
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                )?,
+            };
+            tracing::debug!(layer = i, seconds = started.elapsed().as_secs_f64(), "layer loaded");
+            layers.push(layer);
+        }
+        let final_norm = l.norm("model.norm.weight", h)?;
+        tracing::info!(bytes = l.bytes, "weights placed on {:?}", device.location());
+        let inv_freq = inverse_frequencies(&c.rope, hd);
+        let inv_freq_local = c.rope_local.as_ref().map(|r| inverse_frequencies(r, hd));
+        Ok(Self {
+            config,
+            device: device.clone(),
+            dtype,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            inv_freq,
+            inv_freq_local,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// cos and sin tables [tokens, head_dim / 2] (f32) for the batch positions.
+    fn rope_tables(
+        &self,
+        positions: &[u32],
+        inv_freq: &[f32],
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                // The angle is an f32 product, as in transformers; cos and sin
+                // are then evaluated exactly and rounded once.
+                let angle = f64::from(p as f32 * f);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let n = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (n, half), &self.device)?,
+            Tensor::from_vec(sin, (n, half), &self.device)?,
+        ))
+    }
+
+    /// Runs the packed batch through the model: the final-normed hidden states
+    /// [tokens, hidden] in the compute dtype.
+    pub fn hidden_states(&self, batch: &PackedBatch) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        if let Some((i, &t)) =
+            batch.tokens().iter().enumerate().find(|(_, t)| **t as usize >= c.vocab_size)
+        {
+            return Err(ModelError::Batch(format!(
+                "token {i} of the packed batch is {t}, outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let n = batch.num_tokens();
+        let ids = Tensor::from_slice(batch.tokens(), n, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(scale) = c.embed_scale {
+            // transformers multiplies by the scale rounded to the compute dtype.
+            let s = Tensor::new(scale as f32, &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&s)?;
+        }
+        let positions = batch.positions();
+        let global = self.rope_tables(&positions, &self.inv_freq)?;
+        let local = match &self.inv_freq_local {
+            Some(f) => Some(self.rope_tables(&positions, f)?),
+            None => None,
+        };
+        let mut windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
+        windows.sort();
+        windows.dedup();
+        let plan = AttentionPlan::new(batch, &windows, c.num_heads, &self.device)?;
+        for layer in &self.layers {
+            let rope = match (&local, layer.local_rope) {
+                (Some(local), true) => local,
+                _ => &global,
+            };
+            x = self.layer_forward(layer, &x, rope, plan.tiles(layer.window))?;
+        }
+        Ok(rms_norm(&x, &self.final_norm, c.rms_norm_eps)?)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        tiles: &[Tile],
+    ) -> candle_core::Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        let h = rms_norm(x, &layer.attn_norm, eps)?;
+        let mut a = self.attention(layer, &h, rope, tiles)?;
+        if let Some(w) = &layer.post_attn_norm {
+            a = rms_norm(&a, w, eps)?;
+        }
+        let x = (x + a)?;
+        let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+        let gate = layer.gate.forward(&h)?;
+        let gate = match self.config.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        let mut m = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        if let Some(w) = &layer.post_ffn_norm {
+            m = rms_norm(&m, w, eps)?;
+        }
+        x + m
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        tiles: &[Tile],
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (n, nh, nkv, hd) = (x.dim(0)?, c.num_heads, c.num_kv_heads, c.head_dim);
+        let groups = nh / nkv;
+        let mut q = layer.q.forward(x)?.reshape((n, nh, hd))?;
+        let mut k = layer.k.forward(x)?.reshape((n, nkv, hd))?;
+        let v = layer.v.forward(x)?.reshape((n, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+        }
+        // RoPE in f32 on [1, heads, tokens, head_dim].
+        let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = t.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+            candle_nn::rotary_emb::rope(&t, cos, sin)?.squeeze(0)?.to_dtype(self.dtype)
+        };
+        let q = rotate(&q)?; // [nh, n, hd]
+        let k = rotate(&k)?; // [nkv, n, hd]
+        let v = v.transpose(0, 1)?.contiguous()?; // [nkv, n, hd]
+        let mut outs = Vec::with_capacity(tiles.len());
+        for tile in tiles {
+            let rows = tile.queries.len();
+            let keys = tile.queries.end - tile.keys_start;
+            let qc = q.narrow(1, tile.queries.start, rows)?.contiguous()?.reshape((
+                nkv,
+                groups * rows,
+                hd,
+            ))?;
+            let kc = k.narrow(1, tile.keys_start, keys)?.contiguous()?;
+            let vc = v.narrow(1, tile.keys_start, keys)?.contiguous()?;
+            let scores = (qc.matmul(&kc.t()?)?.to_dtype(DType::F32)? * c.attn_scale)?;
+            let scores = softcap(&scores, c.attn_softcap)?;
+            let scores = scores.reshape((nkv, groups, rows, keys))?.broadcast_add(&tile.mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            let out = probs.reshape((nkv, groups * rows, keys))?.matmul(&vc)?;
+            outs.push(
+                out.reshape((nh, rows, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((rows, nh * hd))?,
+            );
+        }
+        let attn = Tensor::cat(&outs, 0)?;
+        layer.o.forward(&attn)
+    }
+
+    /// Logits [rows, V] in f32 for the given hidden-state rows (final soft-cap
+    /// applied).
+    pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = hidden_rows.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        Ok(softcap(&logits, self.config.final_softcap)?)
+    }
+
+    /// Rows per LM-head chunk so that a chunk holds about
+    /// [`DEFAULT_HEAD_CHUNK_LOGITS`] logits.
+    pub fn default_head_chunk_rows(&self) -> usize {
+        (DEFAULT_HEAD_CHUNK_LOGITS / self.config.vocab_size).max(1)
+    }
+
+    /// Sends `rows` (indices into the batch's tokens) of `hidden` through the LM
+    /// head and the sampler, `chunk_rows` at a time, appending one sampled row
+    /// per entry of `rows` (keyed by `keys`) to `out`. At most
+    /// `chunk_rows × V` logits exist at once; on the CPU the sampler reads them
+    /// in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        hidden: &Tensor,
+        rows: &[u32],
+        keys: &[RowKey],
+        params: &SamplingParams,
+        chunk_rows: usize,
+        sampler: &mut CpuSampler,
+        out: &mut SampledRows,
+    ) -> Result<(), ModelError> {
+        if rows.len() != keys.len() {
+            return Err(ModelError::Batch(format!("{} rows but {} keys", rows.len(), keys.len())));
+        }
+        let vocab = self.config.vocab_size;
+        for (chunk, chunk_keys) in
+            rows.chunks(chunk_rows.max(1)).zip(keys.chunks(chunk_rows.max(1)))
+        {
+            let idx = Tensor::from_slice(chunk, chunk.len(), &self.device)?;
+            let logits = self.logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
+            let (storage, layout) = logits.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(cpu) => {
+                    let start = layout.start_offset();
+                    let flat = &cpu.as_slice::<f32>()?[start..start + chunk.len() * vocab];
+                    sampler.sample_rows(flat, vocab, params, chunk_keys, out)?;
+                }
+                _ => {
+                    drop(storage);
+                    let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+                    sampler.sample_rows(&flat, vocab, params, chunk_keys, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Last-dimension size check used by tests and the engine.
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_batch_positions_restart_at_each_sequence() {
+        let b = PackedBatch::new(&[vec![5, 6, 7], vec![1], vec![2, 3]]).unwrap();
+        assert_eq!(b.positions(), vec![0, 1, 2, 0, 0, 1]);
+        assert_eq!(b.sequence(2), 4..6);
+        assert_eq!(b.max_len(), 3);
+        assert!(PackedBatch::new(&[vec![1], vec![]]).is_err());
+        assert!(PackedBatch::new::<Vec<u32>>(&[]).is_err());
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let rope = Rope {
+            theta: 10_000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        };
+        let plain = inverse_frequencies(&Rope { theta: 10_000.0, scaling: RopeScaling::None }, 128);
+        let scaled = inverse_frequencies(&rope, 128);
+        assert_eq!(scaled[0], plain[0], "wavelength 2π < 2048: kept");
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12, "longest wavelength: divided by 8");
+    }
+
+    #[test]
+    fn sliding_window_tiles_mask_exactly_the_last_w_keys() {
+        let batch = PackedBatch::new(&[vec![0u32; 6]]).unwrap();
+        let plan = AttentionPlan::new(&batch, &[Some(3)], 1, &Device::Cpu).unwrap();
+        let tile = &plan.tiles(Some(3))[0];
+        let mask = tile.mask.to_vec2::<f32>().unwrap();
+        for (i, row) in mask.iter().enumerate() {
+            for (j, m) in row.iter().enumerate() {
+                let j = tile.keys_start + j;
+                assert_eq!(*m == 0.0, j <= i && i - j < 3, "query {i} key {j}");
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Where weights come from: a Hugging Face directory of safetensors shards
+//! (memory-mapped) or a GGUF file (dequantised at load). The model asks for
+//! tensors by their Hugging Face names; a source translates.
+
+use std::{collections::BTreeSet, path::Path};
+
+use candle_core::{DType, Device, Tensor, safetensors::MmapedSafetensors};
+
+use super::ModelError;
+
+/// A source of named tensors.
+pub(crate) trait WeightSource {
+    /// The tensor called `name` (Hugging Face naming) on the CPU, or `None` if
+    /// the source has no such tensor.
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError>;
+
+    /// Whether norm weights are stored as w in y = x̂ · (1 + w) (Gemma in HF
+    /// checkpoints) rather than as the multiplier itself.
+    fn gemma_norms_offset(&self) -> bool;
+}
+
+/// Memory-mapped safetensors shards of a Hugging Face directory.
+pub(crate) struct SafetensorsSource {
+    st: MmapedSafetensors,
+    names: BTreeSet<String>,
+    prefix: String,
+    gemma: bool,
+}
+
+impl SafetensorsSource {
+    /// Maps `model.safetensors`, or every shard named in
+    /// `model.safetensors.index.json`.
+    pub(crate) fn open(dir: &Path, gemma: bool) -> Result<Self, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<std::path::PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Config(format!("{}: {e}", index.display())))?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                ModelError::Config(format!("{}: no `weight_map`", index.display()))
+            })?;
+            let shards: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            shards.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        for f in &files {
+            if !f.exists() {
+                return Err(ModelError::MissingFile(f.clone()));
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every safetensors
+        // loader, we rely on them not being modified while the server runs.
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(ModelError::Candle)?;
+        let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+        // The language model of Gemma3ForConditionalGeneration sits under a
+        // longer prefix (transformers 5: model.language_model.; 4.x:
+        // language_model.model.).
+        let prefix = ["model.language_model.", "language_model.model."]
+            .into_iter()
+            .find(|p| names.iter().any(|n| n.starts_with(p)))
+            .unwrap_or("model.")
+            .to_string();
+        Ok(Self { st, names, prefix, gemma })
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        let full = match name.strip_prefix("model.") {
+            Some(rest) => format!("{}{rest}", self.prefix),
+            None if name == "lm_head.weight" && self.prefix != "model." => {
+                // Multimodal checkpoints keep the head at the top level or in
+                // the language model.
+                ["lm_head.weight", "language_model.lm_head.weight"]
+                    .into_iter()
+                    .find(|n| self.names.contains(*n))
+                    .unwrap_or("lm_head.weight")
+                    .to_string()
+            }
+            None => name.to_string(),
+        };
+        if !self.names.contains(&full) {
+            return Ok(None);
+        }
+        Ok(Some(self.st.load(&full, &Device::Cpu)?))
+    }
+
+    fn gemma_norms_offset(&self) -> bool {
+        self.gemma
+    }
+}
+
+/// Fetches tensors from a source, checks their shapes, and places them.
+pub(crate) struct Loader<'a> {
+    pub(crate) source: &'a mut dyn WeightSource,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+    pub(crate) bytes: usize,
+}
+
+impl Loader<'_> {
+    fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>, ModelError> {
+        let Some(t) = self.source.get(name)? else { return Ok(None) };
+        if t.dims() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(Some(t))
+    }
+
+    /// A required weight in the compute dtype.
+    pub(crate) fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.optional(name, shape)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    /// An optional weight in the compute dtype.
+    pub(crate) fn optional(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<Tensor>, ModelError> {
+        let Some(t) = self.fetch(name, shape)? else { return Ok(None) };
+        let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
+        self.bytes += t.elem_count() * self.dtype.size_in_bytes();
+        Ok(Some(t))
+    }
+
+    /// A norm weight as the f32 multiplier of the normalised activations
+    /// (1 + w for Gemma checkpoints that store w).
+    pub(crate) fn norm(&mut self, name: &str, dim: usize) -> Result<Tensor, ModelError> {
+        let t =
+            self.fetch(name, &[dim])?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let t = t.to_dtype(DType::F32)?;
+        let t = if self.source.gemma_norms_offset() { (t + 1.0)? } else { t };
+        self.bytes += dim * 4;
+        Ok(t.to_device(&self.device)?)
+    }
+}

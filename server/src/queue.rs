@@ -1,0 +1,308 @@
+//! The batching queue: a plain struct (no tokio), driven by the scheduler and
+//! unit-tested directly.
+//!
+//! Work arrives a request at a time (one [`WorkItem`] per sequence, accepted
+//! all or nothing) and leaves in batches: whole sequences in FIFO order up to
+//! `max_batch_tokens`. Entries whose caller went away (cancelled call, or past
+//! its deadline) are dropped before they cost any compute.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::oneshot;
+
+use crate::sampler::{SampledRows, SamplingParams};
+
+/// What the engine answers for one work item.
+pub type ItemResult = Result<SampledRows, String>;
+
+/// One sequence of a request: the unit the batcher packs.
+#[derive(Debug)]
+pub struct WorkItem {
+    /// The sequence's tokens.
+    pub tokens: Vec<u32>,
+    /// First position to sample (earlier ones are context only).
+    pub first_position: u32,
+    /// How to sample it.
+    pub params: SamplingParams,
+    /// Philox key of its rows.
+    pub seed: u64,
+    /// Sequence index in its RowKey (its index in the request, or 0 with its own seed).
+    pub key_sequence: u32,
+    /// When the caller stops waiting.
+    pub deadline: Option<Instant>,
+    /// When it was queued.
+    pub enqueued: Instant,
+    /// Where the result goes.
+    pub reply: oneshot::Sender<ItemResult>,
+}
+
+impl WorkItem {
+    /// Tokens the item costs in a batch.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether the item has no tokens (never true for a validated request).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// Why a queued item was dropped without being computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The caller went away (cancelled the call, closed the stream).
+    Cancelled,
+    /// The caller's deadline passed while the item waited.
+    DeadlineExceeded,
+}
+
+impl DropReason {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DropReason::Cancelled => "cancelled",
+            DropReason::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue holds too many tokens to take this request now.
+    #[error(
+        "the server is overloaded: {queued} tokens are queued and this request adds {requested}, over the limit of {capacity}; retry with backoff"
+    )]
+    Full {
+        /// Tokens waiting.
+        queued: usize,
+        /// Tokens of the request.
+        requested: usize,
+        /// The limit.
+        capacity: usize,
+    },
+    /// The server is shutting down.
+    #[error("the server is shutting down and takes no new requests")]
+    Closed,
+}
+
+/// Queue state.
+#[derive(Debug)]
+pub struct BatchQueue {
+    items: VecDeque<WorkItem>,
+    queued_tokens: usize,
+    max_queue_tokens: usize,
+    max_batch_tokens: usize,
+    closed: bool,
+}
+
+impl BatchQueue {
+    /// An empty queue holding at most `max_queue_tokens`, giving batches of at
+    /// most `max_batch_tokens`.
+    pub fn new(max_queue_tokens: usize, max_batch_tokens: usize) -> Self {
+        Self {
+            items: VecDeque::new(),
+            queued_tokens: 0,
+            max_queue_tokens,
+            max_batch_tokens,
+            closed: false,
+        }
+    }
+
+    /// Queues a request's items, all or none.
+    pub fn push(&mut self, items: Vec<WorkItem>) -> Result<(), (SubmitError, Vec<WorkItem>)> {
+        if self.closed {
+            return Err((SubmitError::Closed, items));
+        }
+        let requested: usize = items.iter().map(WorkItem::len).sum();
+        if self.queued_tokens + requested > self.max_queue_tokens {
+            let e = SubmitError::Full {
+                queued: self.queued_tokens,
+                requested,
+                capacity: self.max_queue_tokens,
+            };
+            return Err((e, items));
+        }
+        self.queued_tokens += requested;
+        self.items.extend(items);
+        Ok(())
+    }
+
+    /// Tokens waiting.
+    pub fn queued_tokens(&self) -> usize {
+        self.queued_tokens
+    }
+
+    /// Items waiting.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Refuses new work from now on; what is queued still gets served.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Whether a batch should be taken now: a full batch is waiting, the
+    /// oldest item has waited `max_wait`, or the queue is draining.
+    pub fn is_ready(&self, now: Instant, max_wait: Duration) -> bool {
+        let Some(oldest) = self.items.front() else { return false };
+        self.closed
+            || self.queued_tokens >= self.max_batch_tokens
+            || now >= oldest.enqueued + max_wait
+    }
+
+    /// When the oldest item will have waited `max_wait`.
+    pub fn next_deadline(&self, max_wait: Duration) -> Option<Instant> {
+        self.items.front().map(|i| i.enqueued + max_wait)
+    }
+
+    /// Takes the next batch: whole items in FIFO order while they fit in
+    /// `max_batch_tokens` (the first item always fits: requests are validated
+    /// against it). Items whose caller is gone are dropped and reported to
+    /// `dropped` instead.
+    pub fn take_batch(
+        &mut self,
+        now: Instant,
+        mut dropped: impl FnMut(DropReason, &WorkItem),
+    ) -> Vec<WorkItem> {
+        let mut batch = Vec::new();
+        let mut tokens = 0;
+        while let Some(item) = self.items.front() {
+            let reason = if item.reply.is_closed() {
+                Some(DropReason::Cancelled)
+            } else if item.deadline.is_some_and(|d| now >= d) {
+                Some(DropReason::DeadlineExceeded)
+            } else {
+                None
+            };
+            if reason.is_none() && !batch.is_empty() && tokens + item.len() > self.max_batch_tokens
+            {
+                break;
+            }
+            let item = self.items.pop_front().expect("front exists");
+            self.queued_tokens -= item.len();
+            match reason {
+                Some(r) => dropped(r, &item),
+                None => {
+                    tokens += item.len();
+                    batch.push(item);
+                }
+            }
+        }
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::Method;
+
+    fn item(len: usize, enqueued: Instant) -> (WorkItem, oneshot::Receiver<ItemResult>) {
+        let (tx, rx) = oneshot::channel();
+        let w = WorkItem {
+            tokens: vec![1; len],
+            first_position: 0,
+            params: SamplingParams::new(Method::Sample, 4, 1.0).unwrap(),
+            seed: 0,
+            key_sequence: 0,
+            deadline: None,
+            enqueued,
+            reply: tx,
+        };
+        (w, rx)
+    }
+
+    #[test]
+    fn packs_whole_sequences_fifo_up_to_the_batch_limit() {
+        let now = Instant::now();
+        let mut q = BatchQueue::new(1000, 10);
+        let mut keep = vec![];
+        for len in [4, 5, 3, 2, 10] {
+            let (w, rx) = item(len, now);
+            keep.push(rx);
+            q.push(vec![w]).unwrap();
+        }
+        let sizes = |b: Vec<WorkItem>| b.iter().map(WorkItem::len).collect::<Vec<_>>();
+        assert_eq!(sizes(q.take_batch(now, |_, _| panic!())), vec![4, 5]); // 3 would overflow 10
+        assert_eq!(sizes(q.take_batch(now, |_, _| panic!())), vec![3, 2]);
+        assert_eq!(sizes(q.take_batch(now, |_, _| panic!())), vec![10]);
+        assert!(q.is_empty());
+        assert_eq!(q.queued_tokens(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_the_whole_request_at_once() {
+        let now = Instant::now();
+        let mut q = BatchQueue::new(10, 10);
+        let (a, _ra) = item(6, now);
+        q.push(vec![a]).unwrap();
+        let (b, _rb) = item(3, now);
+        let (c, _rc) = item(3, now);
+        let (e, back) = q.push(vec![b, c]).unwrap_err();
+        assert_eq!(e, SubmitError::Full { queued: 6, requested: 6, capacity: 10 });
+        assert_eq!(back.len(), 2, "the items come back to the caller");
+        assert_eq!(q.len(), 1, "nothing of the refused request was queued");
+    }
+
+    #[test]
+    fn waits_for_a_fuller_batch_at_most_max_wait() {
+        let t0 = Instant::now();
+        let wait = Duration::from_millis(5);
+        let mut q = BatchQueue::new(100, 10);
+        assert!(!q.is_ready(t0, wait), "empty");
+        let (a, _ra) = item(3, t0);
+        q.push(vec![a]).unwrap();
+        assert!(!q.is_ready(t0, wait), "not full and not old");
+        assert_eq!(q.next_deadline(wait), Some(t0 + wait));
+        assert!(q.is_ready(t0 + wait, wait), "old enough");
+        let (b, _rb) = item(7, t0);
+        q.push(vec![b]).unwrap();
+        assert!(q.is_ready(t0, wait), "a full batch is waiting");
+    }
+
+    #[test]
+    fn cancelled_and_expired_items_are_dropped_before_compute() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(100, 100);
+        let (a, ra) = item(3, t0);
+        let (mut b, _rb) = item(4, t0);
+        b.deadline = Some(t0 + Duration::from_millis(1));
+        let (c, _rc) = item(5, t0);
+        q.push(vec![a, b, c]).unwrap();
+        drop(ra); // the caller of `a` went away
+        let mut dropped = vec![];
+        let batch = q.take_batch(t0 + Duration::from_millis(2), |r, w| dropped.push((r, w.len())));
+        assert_eq!(batch.iter().map(WorkItem::len).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(dropped, vec![(DropReason::Cancelled, 3), (DropReason::DeadlineExceeded, 4)]);
+        assert_eq!(q.queued_tokens(), 0);
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_new_work_and_drains_the_rest_at_once() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(100, 100);
+        let (a, _ra) = item(3, t0);
+        q.push(vec![a]).unwrap();
+        q.close();
+        assert!(q.is_ready(t0, Duration::from_secs(60)), "draining does not wait");
+        let (b, _rb) = item(1, t0);
+        assert_eq!(q.push(vec![b]).unwrap_err().0, SubmitError::Closed);
+        assert_eq!(q.take_batch(t0, |_, _| panic!()).len(), 1);
+    }
+}

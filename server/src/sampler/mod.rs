@@ -188,6 +188,19 @@ impl SampledRows {
         self.offsets.push(end);
     }
 
+    /// A copy of rows `rows` (offsets rebased to 0).
+    pub fn slice(&self, rows: std::ops::Range<usize>) -> SampledRows {
+        let base = self.offsets[rows.start];
+        let entries = base as usize..self.offsets[rows.end] as usize;
+        SampledRows {
+            offsets: self.offsets[rows.start..=rows.end].iter().map(|o| o - base).collect(),
+            token_ids: self.token_ids[entries.clone()].to_vec(),
+            counts: self.counts[entries.clone()].to_vec(),
+            logprobs: self.logprobs[entries].to_vec(),
+            lse: self.lse[rows].to_vec(),
+        }
+    }
+
     /// Appends all rows of `other`.
     pub fn extend(&mut self, other: &SampledRows) {
         let base = *self.offsets.last().expect("offsets starts with 0");

@@ -1,7 +1,5 @@
 //! Sampled rows → the wire's columnar [`SampledSequence`].
 
-use std::ops::Range;
-
 use logitd_proto::{
     encode_values,
     v1::{SampledSequence, ValueEncoding},
@@ -9,27 +7,27 @@ use logitd_proto::{
 
 use crate::sampler::SampledRows;
 
-/// Builds the [`SampledSequence`] of one sequence whose returned positions are
-/// rows `rows` of `sampled`, the first of them being `first_position`. Offsets
-/// are rebased to start at 0; log-probabilities are encoded as `encoding` asks.
+/// Builds the [`SampledSequence`] of one sequence from its sampled rows (one
+/// per returned position, the first being `first_position`); log-probabilities
+/// are encoded as `encoding` asks. The columns are moved, not copied.
 pub fn sampled_sequence(
-    sampled: &SampledRows,
-    rows: Range<usize>,
+    rows: SampledRows,
     first_position: u32,
     encoding: ValueEncoding,
 ) -> SampledSequence {
-    let base = sampled.offsets[rows.start];
-    let entries = base as usize..sampled.offsets[rows.end] as usize;
     let mut seq = SampledSequence {
         first_position,
-        offsets: sampled.offsets[rows.start..=rows.end].iter().map(|o| o - base).collect(),
-        token_ids: sampled.token_ids[entries.clone()].to_vec(),
-        counts: sampled.counts[entries.clone()].to_vec(),
+        offsets: rows.offsets,
+        token_ids: rows.token_ids,
+        counts: rows.counts,
         logprobs: Vec::new(),
         packed_logprobs: Vec::new(),
-        lse: sampled.lse[rows].to_vec(),
+        lse: rows.lse,
     };
-    encode_values(&sampled.logprobs[entries], encoding).store(&mut seq);
+    match encoding {
+        ValueEncoding::Unspecified | ValueEncoding::F32 => seq.logprobs = rows.logprobs,
+        packed => encode_values(&rows.logprobs, packed).store(&mut seq),
+    }
     seq
 }
 
@@ -54,7 +52,7 @@ mod tests {
     }
 
     fn round_trip(encoding: ValueEncoding) -> (SampledSequence, Vec<f32>) {
-        let seq = sampled_sequence(&rows(), 1..3, 7, encoding);
+        let seq = sampled_sequence(rows().slice(1..3), 7, encoding);
         let response = SampleLogitsResponse {
             sequences: vec![seq],
             seed: 42,

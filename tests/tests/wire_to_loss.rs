@@ -33,7 +33,7 @@ fn through_the_wire(
     temperature: f32,
 ) -> TeacherTargets {
     let response = SampleLogitsResponse {
-        sequences: vec![sampled_sequence(rows, 0..POSITIONS, 2, encoding)],
+        sequences: vec![sampled_sequence(rows.clone(), 2, encoding)],
         seed: 7,
         model_id: "synthetic".into(),
         num_samples: 256,

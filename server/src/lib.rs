@@ -1,9 +1,18 @@
 //! logitd: a teacher language model served over gRPC for knowledge distillation.
 //!
-//! Modules:
 //! - [`sampler`]: the sampling contract and its CPU reference implementation.
-//! - [`response`]: turning sampled rows into the wire's columnar sequences.
+//! - [`model`]: the teacher (own model code on candle) over packed batches.
+//! - [`queue`], [`engine`]: the batching queue, the batcher and engine threads.
+//! - [`service`], [`server`]: the gRPC service and the `serve` command.
+//! - [`response`]: sampled rows → the wire's columnar sequences.
+//! - [`metrics`], [`config`]: metric names and the command line.
 
+pub mod config;
+pub mod engine;
+pub mod metrics;
 pub mod model;
+pub mod queue;
 pub mod response;
 pub mod sampler;
+pub mod server;
+pub mod service;

@@ -11,12 +11,14 @@
 mod config;
 mod gguf;
 mod teacher;
+mod tokenizer;
 mod weights;
 
 use std::path::PathBuf;
 
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
 pub use teacher::{DEFAULT_HEAD_CHUNK_LOGITS, PackedBatch, Teacher};
+pub use tokenizer::tokenizer_sha256;
 
 /// Why a teacher could not be loaded or run.
 #[derive(Debug, thiserror::Error)]

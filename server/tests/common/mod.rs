@@ -1,0 +1,141 @@
+//! A real `logitd serve` process on 127.0.0.1:0 for the service tests: started
+//! from the test's binary, killed when dropped.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use logitd_proto::v1::{SampleLogitsRequest, Sequence, teacher_client::TeacherClient};
+use tonic::transport::Channel;
+
+pub fn tiny(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
+}
+
+pub struct Server {
+    pub child: Child,
+    pub grpc: String,
+    pub metrics: String,
+    pub stderr: PathBuf,
+}
+
+impl Server {
+    /// Starts `logitd serve --model MODEL EXTRA...` and waits for its address line.
+    pub fn start(model: &Path, extra: &[&str]) -> Server {
+        let stderr = std::env::temp_dir().join(format!(
+            "logitd-test-{}-{}.log",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ rand_u64()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_logitd"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("LOGITD_LOG", "logitd=debug,info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting logitd");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "logitd: gRPC on ADDR, metrics on http://ADDR/metrics"
+        let grpc = line
+            .split("gRPC on ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .expect(&line)
+            .to_string();
+        let metrics = line.split("metrics on ").nth(1).expect(&line).trim().to_string();
+        Server { child, grpc: format!("http://{grpc}"), metrics, stderr }
+    }
+
+    pub async fn client(&self) -> TeacherClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = TeacherClient::connect(self.grpc.clone()).await {
+                let mut c = c.max_decoding_message_size(256 << 20);
+                // Ready once GetModelInfo answers (the model is loaded).
+                if c.get_model_info(logitd_proto::v1::GetModelInfoRequest {}).await.is_ok() {
+                    return c;
+                }
+            }
+            assert!(Instant::now() < deadline, "server not ready; log: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let url = self.metrics.strip_prefix("http://").unwrap();
+        let (host, path) = url.split_once('/').unwrap();
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(
+                format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        let (head, body) = body.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
+    }
+
+    /// The value of a sample line `name{labels} value` (labels as written).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics_text().await;
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+fn rand_u64() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    h.finish() as u128
+}
+
+pub fn seq(tokens: &[u32], first_position: u32, seed: Option<u64>) -> Sequence {
+    Sequence { token_ids: tokens.to_vec(), first_position, seed }
+}
+
+pub fn request(sequences: Vec<Sequence>, k: u32, seed: u64) -> SampleLogitsRequest {
+    SampleLogitsRequest {
+        sequences,
+        num_samples: k,
+        temperature: None,
+        seed: Some(seed),
+        method: 0,
+        value_encoding: 0,
+    }
+}

@@ -142,9 +142,17 @@ pub struct SampleArgs {
     #[command(flatten)]
     /// The model.
     pub model: ModelArgs,
-    /// Token ids to score, comma-separated (e.g. `1,2,3`).
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Text to score, tokenised with the teacher's tokenizer (added as is: no
+    /// special tokens are prepended).
+    #[arg(long, required_unless_present = "tokens", conflicts_with = "tokens")]
+    pub text: Option<String>,
+    /// Token ids to score instead of text, comma-separated (e.g. `1,2,3`).
+    #[arg(long, value_delimiter = ',')]
     pub tokens: Vec<u32>,
+    /// tokenizer.json to use instead of the model's own (needed for GGUF files
+    /// whose tokenizer is not GPT-2 style BPE).
+    #[arg(long, env = "LOGITD_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
     /// Draws per position.
     #[arg(long, default_value_t = 256)]
     pub num_samples: u32,

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use logitd::{
     config::{Cli, Command, SampleArgs},
-    model::PackedBatch,
+    model::{PackedBatch, load_tokenizer},
     sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
     server,
 };
@@ -59,14 +59,40 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn sample(args: &SampleArgs) -> anyhow::Result<()> {
     let loaded = server::load_model(&args.model)?;
     let teacher = &loaded.teacher;
+    let model_path = args.model.model.clone().unwrap_or_else(server::demo_teacher);
+    let tokenizer = match (&args.text, &args.tokenizer) {
+        (Some(_), _) | (None, Some(_)) => {
+            Some(load_tokenizer(&model_path, args.tokenizer.as_deref())?)
+        }
+        // Token ids alone: show pieces when the model carries a tokenizer.
+        (None, None) => load_tokenizer(&model_path, None).ok(),
+    };
+    let tokens: Vec<u32> = match &args.text {
+        Some(text) => {
+            let tokenizer = tokenizer.as_ref().expect("loaded above for --text");
+            tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizing --text: {e}"))?
+                .get_ids()
+                .to_vec()
+        }
+        None => args.tokens.clone(),
+    };
+    anyhow::ensure!(!tokens.is_empty(), "nothing to score: the text has no tokens");
     let vocab = teacher.config().vocab_size;
-    if let Some(t) = args.tokens.iter().find(|t| **t as usize >= vocab) {
+    if let Some(t) = tokens.iter().find(|t| **t as usize >= vocab) {
         anyhow::bail!("token id {t} is outside the vocabulary of {vocab}");
     }
-    let batch = PackedBatch::new(&[args.tokens.as_slice()])?;
+    let piece = |id: u32| -> String {
+        tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&[id], false).ok())
+            .map_or_else(|| id.to_string(), |p| format!("{id} {p:?}"))
+    };
+    let batch = PackedBatch::new(&[tokens.as_slice()])?;
     let hidden = teacher.hidden_states(&batch)?;
     let params = SamplingParams::new(Method::Sample, args.num_samples, args.temperature)?;
-    let rows: Vec<u32> = (0..args.tokens.len() as u32).collect();
+    let rows: Vec<u32> = (0..tokens.len() as u32).collect();
     let keys: Vec<RowKey> =
         rows.iter().map(|&p| RowKey { seed: args.seed, sequence: 0, position: p }).collect();
     let mut out = SampledRows::new();
@@ -80,7 +106,7 @@ fn sample(args: &SampleArgs) -> anyhow::Result<()> {
         args.temperature,
         args.seed
     );
-    for (p, &token) in args.tokens.iter().enumerate() {
+    for (p, &token) in tokens.iter().enumerate() {
         let row = out.row(p);
         let mut order: Vec<usize> = (0..row.token_ids.len()).collect();
         order.sort_by(|&a, &b| {
@@ -90,11 +116,17 @@ fn sample(args: &SampleArgs) -> anyhow::Result<()> {
             .iter()
             .take(args.show)
             .map(|&i| {
-                format!("{}×{} (logp {:.3})", row.token_ids[i], row.counts[i], row.logprobs[i])
+                format!(
+                    "{}×{} (logp {:.3})",
+                    piece(row.token_ids[i]),
+                    row.counts[i],
+                    row.logprobs[i]
+                )
             })
             .collect();
         println!(
-            "position {p:>4} after token {token:>6}: {} distinct; {}",
+            "position {p:>3} after {}: {} distinct; {}",
+            piece(token),
             row.token_ids.len(),
             shown.join(", ")
         );

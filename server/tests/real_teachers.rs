@@ -17,6 +17,7 @@ struct Fixture {
 
 #[derive(Deserialize)]
 struct Sentence {
+    text: String,
     token_ids: Vec<u32>,
     positions: Vec<Position>,
 }
@@ -121,4 +122,32 @@ fn smollm2_gguf_matches_transformers() {
 #[test]
 fn gemma3_270m_gguf_matches_transformers() {
     check("gemma3_270m.json", &gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf"));
+}
+
+#[test]
+fn smollm2_tokenizer_rebuilt_from_gguf_matches_transformers() {
+    let model = gguf("LOGITD_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tokenizer = logitd::model::load_tokenizer(&model, None).unwrap();
+    let fx: Fixture = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2_135m.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for s in &fx.sentences {
+        let ids = tokenizer.encode(s.text.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, s.token_ids, "{:?}", s.text);
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), s.text);
+    }
+    // Control tokens are matched whole.
+    let ids = tokenizer.encode("<|im_start|>user", false).unwrap().get_ids().to_vec();
+    assert_eq!(tokenizer.decode(&ids[..1], false).unwrap(), "<|im_start|>");
+}
+
+#[test]
+fn gemma3_gguf_tokenizer_needs_an_explicit_file() {
+    let model = gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf");
+    let e = logitd::model::load_tokenizer(&model, None).err().expect("not rebuilt");
+    assert!(e.to_string().contains("pass --tokenizer"), "{e}");
 }

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
 pub use teacher::{DEFAULT_HEAD_CHUNK_LOGITS, PackedBatch, Teacher};
-pub use tokenizer::tokenizer_sha256;
+pub use tokenizer::{load_tokenizer, tokenizer_sha256};
 
 /// Why a teacher could not be loaded or run.
 #[derive(Debug, thiserror::Error)]

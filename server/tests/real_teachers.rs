@@ -148,6 +148,6 @@ fn smollm2_tokenizer_rebuilt_from_gguf_matches_transformers() {
 #[test]
 fn gemma3_gguf_tokenizer_needs_an_explicit_file() {
     let model = gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf");
-    let e = logitd::model::load_tokenizer(&model, None).err().expect("not rebuilt");
+    let e = logitd::model::load_tokenizer(&model, None).expect_err("not rebuilt");
     assert!(e.to_string().contains("pass --tokenizer"), "{e}");
 }

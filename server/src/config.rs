@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// Require client certificates signed by this PEM CA (mutual TLS).
     #[arg(long, env = "LOGITD_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Testing only: make the engine fail these batches (1-based, counted after
+    /// the warm-up) as a device error would.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub inject_engine_fault: Vec<u64>,
 }
 
 impl ServeArgs {

@@ -24,13 +24,28 @@ pub struct Engine {
     teacher: Teacher,
     sampler: CpuSampler,
     head_chunk_rows: usize,
+    batches: u64,
+    faults: Vec<u64>,
 }
 
 impl Engine {
     /// An engine for `teacher`, sampling `head_chunk_rows` rows per LM-head chunk.
     pub fn new(teacher: Teacher, head_chunk_rows: Option<usize>) -> Self {
         let head_chunk_rows = head_chunk_rows.unwrap_or_else(|| teacher.default_head_chunk_rows());
-        Self { teacher, sampler: CpuSampler::new(), head_chunk_rows }
+        Self {
+            teacher,
+            sampler: CpuSampler::new(),
+            head_chunk_rows,
+            batches: 0,
+            faults: Vec::new(),
+        }
+    }
+
+    /// Testing only: batches (1-based, counted from the next one) that fail as
+    /// a device error would.
+    pub fn inject_faults(&mut self, batches: Vec<u64>) {
+        self.batches = 0;
+        self.faults = batches;
     }
 
     /// The teacher.
@@ -42,6 +57,13 @@ impl Engine {
     /// every returned position, grouped by sampling parameters. One result per
     /// item, in order.
     pub fn run(&mut self, items: &[WorkItem]) -> Result<Vec<SampledRows>, ModelError> {
+        self.batches += 1;
+        if self.faults.contains(&self.batches) {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "injected device fault on batch {}",
+                self.batches
+            ))));
+        }
         let sequences: Vec<&[u32]> = items.iter().map(|i| i.tokens.as_slice()).collect();
         let batch = PackedBatch::new(&sequences)?;
         let started = Instant::now();

@@ -262,6 +262,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     })
     .await
     .map_err(|e| ServeError::Config(format!("warm-up panicked: {e}")))??;
+    let mut engine = engine;
+    if !args.inject_engine_fault.is_empty() {
+        tracing::warn!(batches = ?args.inject_engine_fault, "test fault injection is on");
+        engine.inject_faults(args.inject_engine_fault.clone());
+    }
 
     let (scheduler, threads) = Scheduler::start(
         engine,

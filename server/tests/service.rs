@@ -351,3 +351,20 @@ fn cached(file: &str) -> std::path::PathBuf {
     assert!(p.exists(), "{} missing: run tests/fetch-teachers.sh all", p.display());
     p
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_batch_fails_only_its_requests_and_the_server_keeps_serving() {
+    let server = Server::start(&tiny("llama"), &["--inject-engine-fault", "2"]);
+    let mut c = server.client().await;
+    let req = || request(vec![seq(&[1, 2, 3], 0, None)], 8, 5);
+    let first = c.sample_logits(req()).await.unwrap().into_inner();
+    let status = c.sample_logits(req()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("injected device fault on batch 2"), "{}", status.message());
+    let third = c.sample_logits(req()).await.unwrap().into_inner();
+    same_samples(&first, &third);
+    assert_eq!(
+        server.metric("logitd_requests_total{method=\"SampleLogits\",status=\"INTERNAL\"}").await,
+        Some(1.0)
+    );
+}

@@ -1,13 +1,27 @@
 //! logitd-client: what a student trainer needs from a logitd teacher.
 //!
+//! - [`TeacherClient`]: connect to one or many servers (balanced), with
+//!   deadlines, retries and a tokenizer check; a large batch is split into
+//!   concurrent requests and reassembled.
+//! - [`Prefetcher`]: keeps N training batches of targets in flight over the
+//!   streaming call, in order, with bounded memory.
 //! - [`TeacherTargets`]: the sparse teacher target of a sequence (distinct sampled
-//!   ids, their counts and the teacher's log-probabilities, per position), decoded
-//!   from the wire.
+//!   ids, their counts and the teacher's log-probabilities, per position).
 //! - [`distill_loss`]: the distillation cross-entropy of student logits against
 //!   those targets, as a differentiable candle scalar.
+//! - [`shard`]: targets on disk (safetensors shards), written once and read by
+//!   several training runs.
 
+mod client;
 mod loss;
+mod prefetch;
+pub mod shard;
 mod targets;
 
+pub use client::{
+    ClientConfig, ClientError, RawTeacherClient, RetryPolicy, SampleOptions, TeacherClient,
+    sequence_seed,
+};
 pub use loss::{LossError, LossOptions, Normalization, Target, distill_loss};
+pub use prefetch::{Prefetched, Prefetcher, TrainingBatch};
 pub use targets::{TargetsError, TeacherTargets};

@@ -165,8 +165,28 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
     std::fs::read(path).map_err(|e| ServeError::Io(format!("{}: {e}", path.display())))
 }
 
+/// Where a started server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The gRPC address.
+    pub grpc: std::net::SocketAddr,
+    /// The `/metrics` address.
+    pub metrics: std::net::SocketAddr,
+}
+
 /// Runs the server until SIGTERM/Ctrl-C, then drains and returns.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    serve_until(args, |_| {}, shutdown_signal()).await
+}
+
+/// Runs the server until `shutdown` resolves, then drains and returns;
+/// `on_bound` learns the addresses as soon as the ports are bound (before the
+/// model loads). For embedding the server, e.g. in tests.
+pub async fn serve_until(
+    args: ServeArgs,
+    on_bound: impl FnOnce(Bound),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
     let handle = m::install().map_err(|e| ServeError::Io(format!("metrics recorder: {e}")))?;
     // Bind first, so the ports are known (and taken) while the model loads.
     let grpc_listener = TcpListener::bind(args.listen)
@@ -231,6 +251,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let metrics_task = tokio::spawn(m::serve(metrics_listener, handle, metrics_stop));
     // Stable line for scripts and tests: where to connect.
     println!("logitd: gRPC on {grpc_addr}, metrics on {}", m::describe_addr(metrics_addr));
+    on_bound(Bound { grpc: grpc_addr, metrics: metrics_addr });
 
     let model_args = args.model.clone();
     let loaded = tokio::task::spawn_blocking(move || load_model(&model_args))
@@ -290,7 +311,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     // On a signal: NOT_SERVING and new work refused (UNAVAILABLE) while queued
     // and running work finishes, bounded by the drain timeout; then GOAWAY, and
     // the server stops once the last answers are sent.
-    shutdown_signal().await;
+    shutdown.await;
     let drain = Duration::from_secs(args.drain_timeout_s);
     tracing::info!(drain_timeout_s = drain.as_secs(), "shutting down: draining");
     health.set_service_status("", ServingStatus::NotServing).await;

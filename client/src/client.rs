@@ -1,0 +1,364 @@
+//! [`TeacherClient`]: one or many logitd endpoints behind one balanced channel,
+//! with deadlines, retries with jittered backoff on UNAVAILABLE and
+//! RESOURCE_EXHAUSTED (never on INVALID_ARGUMENT), large batches split into
+//! concurrent requests, and a tokenizer check on connect.
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use logitd_proto::v1::{
+    GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, Sequence,
+    teacher_client::TeacherClient as RawClient,
+};
+use rand::RngExt;
+use tonic::{
+    Code, Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, ClientTlsConfig, Endpoint},
+};
+
+use crate::{TargetsError, TeacherTargets};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// An endpoint URI or TLS setting is invalid.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+    /// The server's tokenizer is not the trainer's.
+    #[error(
+        "the teacher's tokenizer (sha256 {server}) differs from the trainer's ({expected}); targets would index the wrong tokens"
+    )]
+    TokenizerMismatch {
+        /// What the trainer expects.
+        expected: String,
+        /// What the server reports.
+        server: String,
+    },
+    /// The server's vocabulary size is not the trainer's.
+    #[error("the teacher's vocabulary has {server} ids, the trainer's {expected}")]
+    VocabMismatch {
+        /// What the trainer expects.
+        expected: u32,
+        /// What the server reports.
+        server: u32,
+    },
+    /// The call failed (after retries, where the status is retryable).
+    #[error("teacher call failed after {attempts} attempt(s): {status}")]
+    Rpc {
+        /// The last status.
+        status: Status,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A reply could not be decoded into targets.
+    #[error(transparent)]
+    Targets(#[from] TargetsError),
+}
+
+impl ClientError {
+    /// The gRPC code, for an [`Rpc`](ClientError::Rpc) error.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Rpc { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// How failed calls are retried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff bound of the first retry; doubles each time.
+    pub initial_backoff: Duration,
+    /// Largest backoff bound.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether a call that failed with `code` is worth another attempt: the
+    /// server is down, restarting, draining or overloaded.
+    pub fn retryable(code: Code) -> bool {
+        matches!(code, Code::Unavailable | Code::ResourceExhausted)
+    }
+
+    /// "Full jitter" backoff before retry `attempt` (1-based): uniform in
+    /// [0, min(max, initial · 2^(attempt−1))].
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let bound = self
+            .initial_backoff
+            .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+            .min(self.max_backoff);
+        bound.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Server URIs, e.g. `http://10.0.0.7:50051`; several are balanced per call.
+    pub endpoints: Vec<String>,
+    /// Sent as `authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+    /// TLS settings (for `https://` endpoints).
+    pub tls: Option<ClientTlsConfig>,
+    /// Deadline of each call.
+    pub timeout: Duration,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Sequences per request when a batch is split.
+    pub max_sequences_per_request: usize,
+    /// Split requests in flight at once.
+    pub max_concurrent_requests: usize,
+    /// Refuse a server whose tokenizer digest differs (from ModelInfo).
+    pub expect_tokenizer_sha256: Option<String>,
+    /// Refuse a server whose vocabulary size differs.
+    pub expect_vocab_size: Option<u32>,
+}
+
+impl ClientConfig {
+    /// Defaults for `endpoints`: 120 s deadline, 8 attempts, 64 sequences per
+    /// request, 8 requests in flight, no tokenizer check.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            bearer_token: None,
+            tls: None,
+            timeout: Duration::from_secs(120),
+            retry: RetryPolicy::default(),
+            max_sequences_per_request: 64,
+            max_concurrent_requests: 8,
+            expect_tokenizer_sha256: None,
+            expect_vocab_size: None,
+        }
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The raw generated client with auth, for calls this wrapper does not cover.
+pub type RawTeacherClient = RawClient<InterceptedService<Channel, Auth>>;
+
+/// How to sample a batch (everything of a request but its sequences).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SampleOptions {
+    /// k (0 = the server default).
+    pub num_samples: u32,
+    /// Temperature (None = 1).
+    pub temperature: Option<f32>,
+    /// Seed of the batch. Each sequence without its own seed gets one derived
+    /// from it and its index in the batch, so results do not depend on how the
+    /// client splits the batch into requests.
+    pub seed: u64,
+    /// `SamplingMethod` as i32 (0 = sample).
+    pub method: i32,
+    /// `ValueEncoding` as i32 (0 = f32).
+    pub value_encoding: i32,
+}
+
+/// A sequence's seed derived from the batch seed and its index (splitmix64).
+pub fn sequence_seed(batch_seed: u64, index: u64) -> u64 {
+    let mut x = batch_seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A connected teacher.
+#[derive(Clone)]
+pub struct TeacherClient {
+    raw: RawTeacherClient,
+    info: ModelInfo,
+    config: ClientConfig,
+}
+
+impl TeacherClient {
+    /// Builds the channel (balanced over all endpoints; connections are made
+    /// lazily and re-made after failures), fetches ModelInfo (with retries) and
+    /// checks the tokenizer and vocabulary the config expects.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        if config.endpoints.is_empty() {
+            return Err(ClientError::Config("no endpoints".into()));
+        }
+        let mut endpoints = Vec::new();
+        for uri in &config.endpoints {
+            let mut e = Endpoint::from_shared(uri.clone())
+                .map_err(|e| ClientError::Config(format!("endpoint {uri:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(10))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30));
+            if let Some(tls) = &config.tls {
+                e = e
+                    .tls_config(tls.clone())
+                    .map_err(|e| ClientError::Config(format!("TLS for {uri:?}: {e}")))?;
+            }
+            endpoints.push(e);
+        }
+        let channel = if endpoints.len() == 1 {
+            endpoints.pop().expect("one endpoint").connect_lazy()
+        } else {
+            Channel::balance_list(endpoints.into_iter())
+        };
+        let token = match &config.bearer_token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                ClientError::Config("the bearer token is not valid header text".into())
+            })?),
+            None => None,
+        };
+        let raw = RawClient::with_interceptor(channel, Auth(token))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let mut client = Self { raw, info: ModelInfo::default(), config };
+        client.info = client
+            .with_retries(|mut raw| async move { raw.get_model_info(GetModelInfoRequest {}).await })
+            .await?;
+        if let Some(expected) = &client.config.expect_tokenizer_sha256
+            && !expected.eq_ignore_ascii_case(&client.info.tokenizer_sha256)
+        {
+            return Err(ClientError::TokenizerMismatch {
+                expected: expected.clone(),
+                server: client.info.tokenizer_sha256.clone(),
+            });
+        }
+        if let Some(expected) = client.config.expect_vocab_size
+            && expected != client.info.vocab_size
+        {
+            return Err(ClientError::VocabMismatch { expected, server: client.info.vocab_size });
+        }
+        Ok(client)
+    }
+
+    /// What the server reported on connect.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The generated client (with auth) for anything else, e.g. streaming.
+    pub fn raw(&self) -> RawTeacherClient {
+        self.raw.clone()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(RawTeacherClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let policy = self.config.retry;
+        let mut attempt = 1;
+        loop {
+            match tokio::time::timeout(self.config.timeout, call(self.raw.clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(status))
+                    if RetryPolicy::retryable(status.code()) && attempt < policy.max_attempts =>
+                {
+                    tracing::debug!(code = ?status.code(), attempt, "retrying teacher call");
+                }
+                Ok(Err(status)) => return Err(ClientError::Rpc { status, attempts: attempt }),
+                Err(_) => {
+                    let status = Status::deadline_exceeded(format!(
+                        "no answer within {:?}",
+                        self.config.timeout
+                    ));
+                    return Err(ClientError::Rpc { status, attempts: attempt });
+                }
+            }
+            tokio::time::sleep(policy.backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    /// One request, with the deadline and retries.
+    pub async fn sample(
+        &self,
+        request: SampleLogitsRequest,
+    ) -> Result<SampleLogitsResponse, ClientError> {
+        let timeout = self.config.timeout;
+        self.with_retries(|mut raw| {
+            let mut req = Request::new(request.clone());
+            req.set_timeout(timeout);
+            async move { raw.sample_logits(req).await }
+        })
+        .await
+    }
+
+    /// Teacher targets for every sequence of a batch, in order. The batch is
+    /// split into requests of at most `max_sequences_per_request` sequences,
+    /// sent concurrently (at most `max_concurrent_requests`), and reassembled.
+    /// `first_positions[i]` (or 0) is the first returned position of sequence i.
+    pub async fn sample_targets(
+        &self,
+        sequences: &[Vec<u32>],
+        first_positions: Option<&[u32]>,
+        options: SampleOptions,
+    ) -> Result<Vec<TeacherTargets>, ClientError> {
+        let requests = self.requests(sequences, first_positions, options);
+        let responses: Vec<SampleLogitsResponse> =
+            futures::stream::iter(requests.into_iter().map(|r| self.sample(r)))
+                .buffered(self.config.max_concurrent_requests.max(1))
+                .try_collect()
+                .await?;
+        let mut targets = Vec::with_capacity(sequences.len());
+        for r in responses {
+            for s in &r.sequences {
+                targets.push(TeacherTargets::from_sequence(s, r.num_samples, r.value_encoding)?);
+            }
+        }
+        Ok(targets)
+    }
+
+    /// The requests [`sample_targets`](Self::sample_targets) sends for a batch.
+    pub fn requests(
+        &self,
+        sequences: &[Vec<u32>],
+        first_positions: Option<&[u32]>,
+        options: SampleOptions,
+    ) -> Vec<SampleLogitsRequest> {
+        let all: Vec<Sequence> = sequences
+            .iter()
+            .enumerate()
+            .map(|(i, tokens)| Sequence {
+                token_ids: tokens.clone(),
+                first_position: first_positions.map_or(0, |f| f[i]),
+                seed: Some(sequence_seed(options.seed, i as u64)),
+            })
+            .collect();
+        all.chunks(self.config.max_sequences_per_request.max(1))
+            .map(|chunk| SampleLogitsRequest {
+                sequences: chunk.to_vec(),
+                num_samples: options.num_samples,
+                temperature: options.temperature,
+                seed: Some(options.seed),
+                method: options.method,
+                value_encoding: options.value_encoding,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,118 @@
+//! `logitd-client dump` end to end: a corpus through a real (in-process) server
+//! into shards equal to what the client fetches live.
+
+use std::process::Command;
+
+use clap::Parser;
+use logitd::config::{Cli, Command as ServerCommand};
+use logitd_client::{
+    ClientConfig, SampleOptions, TeacherClient, sequence_seed, shard::ShardReader,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dump_writes_the_targets_the_server_gives() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/tests/fixtures/tiny/llama");
+    let argv = [
+        "logitd",
+        "serve",
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let ServerCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(logitd::server::serve_until(
+        *args,
+        move |b| {
+            let _ = tx.send(b.grpc);
+        },
+        std::future::pending(),
+    ));
+    let uri = format!("http://{}", rx.await.unwrap());
+
+    let dir = std::env::temp_dir().join(format!("logitd-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus: Vec<(Vec<u32>, u32)> = (0..23u32)
+        .map(|i| ((0..(5 + i % 7)).map(|p| (i * 11 + p * 5) % 96).collect(), i % 2))
+        .collect();
+    let lines: Vec<String> = corpus
+        .iter()
+        .enumerate()
+        .map(|(i, (t, f))| {
+            if i % 2 == 0 {
+                serde_json::json!({"token_ids": t, "first_position": f}).to_string()
+            } else {
+                serde_json::to_string(t).unwrap()
+            }
+        })
+        .collect();
+    let input = dir.join("corpus.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = dir.join("targets");
+    // Wait until the model is loaded before dumping.
+    let client = loop {
+        if let Ok(c) = TeacherClient::connect(ClientConfig::new([uri.clone()])).await {
+            break c;
+        }
+    };
+    let run = Command::new(env!("CARGO_BIN_EXE_logitd-client"))
+        .args([
+            "dump",
+            "--server",
+            &uri,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--num-samples",
+            "16",
+            "--seed",
+            "5",
+            "--batch-sequences",
+            "4",
+            "--shard-entries",
+            "400",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stdout).contains("wrote 23 sequences"));
+
+    let reader = ShardReader::open(&out).unwrap();
+    assert_eq!(reader.meta().num_samples, 16);
+    assert_eq!(reader.meta().model_id, "llama");
+    assert!(reader.files().len() > 1);
+    let stored: Vec<_> = reader.iter().collect::<Result<_, _>>().unwrap();
+    assert_eq!(stored.len(), 23);
+    // The same targets, fetched live batch by batch with the same seeds.
+    let firsts: Vec<u32> =
+        corpus.iter().enumerate().map(|(i, (_, f))| if i % 2 == 0 { *f } else { 0 }).collect();
+    let mut live = vec![];
+    for (b, chunk) in corpus.chunks(4).enumerate() {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(t, _)| t.clone()).collect();
+        let opts = SampleOptions {
+            num_samples: 16,
+            temperature: Some(1.0),
+            seed: sequence_seed(5, b as u64),
+            method: 1,
+            value_encoding: 1,
+        };
+        live.extend(
+            client
+                .sample_targets(&seqs, Some(&firsts[b * 4..b * 4 + chunk.len()]), opts)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(stored, live);
+    server.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

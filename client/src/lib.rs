@@ -11,11 +11,13 @@
 //!   those targets, as a differentiable candle scalar.
 //! - [`shard`]: targets on disk (safetensors shards), written once and read by
 //!   several training runs.
+//! - [`student`]: a small Llama-style student (composed ops) for examples and tests.
 
 mod client;
 mod loss;
 mod prefetch;
 pub mod shard;
+pub mod student;
 mod targets;
 
 pub use client::{

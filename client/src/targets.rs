@@ -95,15 +95,7 @@ impl TeacherTargets {
         let Some(first) = parts.first() else {
             return Err(TargetsError::Malformed("nothing to concatenate".into()));
         };
-        let mut out = TeacherTargets {
-            num_samples: first.num_samples,
-            first_position: first.first_position,
-            offsets: vec![0],
-            token_ids: vec![],
-            counts: vec![],
-            logprobs: vec![],
-            lse: vec![],
-        };
+        let mut out = TeacherTargets::empty(first.num_samples, first.first_position);
         for p in parts {
             if p.num_samples != out.num_samples {
                 return Err(TargetsError::Malformed(format!(
@@ -111,14 +103,32 @@ impl TeacherTargets {
                     out.num_samples, p.num_samples
                 )));
             }
-            let base = *out.offsets.last().expect("offsets starts with 0");
-            out.offsets.extend(p.offsets[1..].iter().map(|o| o + base));
-            out.token_ids.extend_from_slice(&p.token_ids);
-            out.counts.extend_from_slice(&p.counts);
-            out.logprobs.extend_from_slice(&p.logprobs);
-            out.lse.extend_from_slice(&p.lse);
+            out.append(p);
         }
         Ok(out)
+    }
+
+    /// No positions yet.
+    pub(crate) fn empty(num_samples: u32, first_position: u32) -> Self {
+        TeacherTargets {
+            num_samples,
+            first_position,
+            offsets: vec![0],
+            token_ids: vec![],
+            counts: vec![],
+            logprobs: vec![],
+            lse: vec![],
+        }
+    }
+
+    /// Appends the positions of `other` after these (offsets rebased).
+    pub(crate) fn append(&mut self, other: &TeacherTargets) {
+        let base = *self.offsets.last().expect("offsets starts with 0");
+        self.offsets.extend(other.offsets[1..].iter().map(|o| o + base));
+        self.token_ids.extend_from_slice(&other.token_ids);
+        self.counts.extend_from_slice(&other.counts);
+        self.logprobs.extend_from_slice(&other.logprobs);
+        self.lse.extend_from_slice(&other.lse);
     }
 
     /// The first `n` positions only.

@@ -94,6 +94,19 @@ impl RetryPolicy {
         matches!(code, Code::Unavailable | Code::ResourceExhausted)
     }
 
+    /// [`retryable`](Self::retryable), plus CANCELLED when it comes from the
+    /// transport (the connection closed under the call, e.g. a server that
+    /// drained and went away): the server never answered it, and a teacher call
+    /// is idempotent. The client's own deadline shows as DEADLINE_EXCEEDED.
+    pub fn retryable_status(status: &Status) -> bool {
+        use std::error::Error as _;
+        Self::retryable(status.code())
+            || (status.code() == Code::Cancelled
+                && status
+                    .source()
+                    .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some()))
+    }
+
     /// "Full jitter" backoff before retry `attempt` (1-based): uniform in
     /// [0, min(max, initial · 2^(attempt−1))].
     pub fn backoff(&self, attempt: u32) -> Duration {
@@ -277,7 +290,7 @@ impl TeacherClient {
             match tokio::time::timeout(self.config.timeout, call(self.raw.clone())).await {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(status))
-                    if RetryPolicy::retryable(status.code()) && attempt < policy.max_attempts =>
+                    if RetryPolicy::retryable_status(&status) && attempt < policy.max_attempts =>
                 {
                     tracing::debug!(code = ?status.code(), attempt, "retrying teacher call");
                 }

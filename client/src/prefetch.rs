@@ -169,7 +169,7 @@ async fn run<I: Iterator<Item = TrainingBatch>>(
         };
         // The head batch failed (the stream ends at its first error).
         let Some(head) = pending.front_mut() else { continue };
-        if RetryPolicy::retryable(failure.code()) && head.attempts < policy.max_attempts {
+        if RetryPolicy::retryable_status(&failure) && head.attempts < policy.max_attempts {
             tokio::time::sleep(policy.backoff(head.attempts)).await;
             head.attempts += 1;
         } else {

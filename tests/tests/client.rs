@@ -9,7 +9,7 @@ use std::sync::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use common::{InProcess, cached, tiny};
+use common::{InProcess, cached, free_low_port, tiny};
 use logitd_client::{
     ClientConfig, ClientError, LossOptions, Prefetcher, SampleOptions, TeacherClient,
     TrainingBatch, distill_loss,
@@ -49,8 +49,10 @@ async fn calls_are_balanced_across_two_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_is_retried_until_the_restarted_server_answers() {
-    let server = InProcess::start(&tiny("gemma2"), 0, &[]).await;
-    let port = server.addr.port();
+    // Not an ephemeral port: while this server is down, no other test's
+    // server (started on port 0) can take it.
+    let port = free_low_port();
+    let server = InProcess::start(&tiny("gemma2"), port, &[]).await;
     let mut config = ClientConfig::new([server.uri.clone()]);
     config.retry.max_attempts = 40;
     config.retry.max_backoff = std::time::Duration::from_millis(200);
@@ -61,7 +63,12 @@ async fn a_call_is_retried_until_the_restarted_server_answers() {
     let c = client.clone();
     let call = tokio::spawn(async move { c.sample_targets(&batch(3, 1), None, options(9)).await });
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert!(!call.is_finished(), "still retrying while the server is down");
+    if call.is_finished() {
+        panic!(
+            "the call ended while the server was down: {:?}",
+            call.await.unwrap().map(|t| t.len())
+        );
+    }
     let _restarted = InProcess::start(&tiny("gemma2"), port, &[]).await;
     let got = call.await.unwrap().expect("answered after the restart");
     assert_eq!(got, want, "same targets from the restarted server");

@@ -25,6 +25,17 @@ pub fn cached(file: &str) -> PathBuf {
     p
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up on Linux), so
+/// servers other tests start on port 0 can never be given it, e.g. while a
+/// test restarts its server on the same port.
+pub fn free_low_port() -> u16 {
+    let start = 20_000 + (std::process::id() as u16 % 10_000);
+    (0..10_000u16)
+        .map(|i| 20_000 + (start - 20_000 + i) % 10_000)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port in 20000..30000")
+}
+
 pub struct InProcess {
     pub addr: SocketAddr,
     pub uri: String,

@@ -614,11 +614,6 @@ impl Teacher {
         }
         Ok(())
     }
-
-    /// Last-dimension size check used by tests and the engine.
-    pub fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
 }
 
 #[cfg(test)]

@@ -200,16 +200,6 @@ impl SampledRows {
             lse: self.lse[rows].to_vec(),
         }
     }
-
-    /// Appends all rows of `other`.
-    pub fn extend(&mut self, other: &SampledRows) {
-        let base = *self.offsets.last().expect("offsets starts with 0");
-        self.offsets.extend(other.offsets[1..].iter().map(|o| o + base));
-        self.token_ids.extend_from_slice(&other.token_ids);
-        self.counts.extend_from_slice(&other.counts);
-        self.logprobs.extend_from_slice(&other.logprobs);
-        self.lse.extend_from_slice(&other.lse);
-    }
 }
 
 /// Why a row could not be sampled.

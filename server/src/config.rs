@@ -104,7 +104,9 @@ pub struct ServeArgs {
     /// Deadline of a request when the client sets none, in seconds.
     #[arg(long, env = "LOGITD_REQUEST_TIMEOUT_S", default_value_t = 120)]
     pub request_timeout_s: u64,
-    /// Most gRPC calls handled at once (further calls wait for a slot).
+    /// Most Teacher calls handled at once (an open stream counts as one);
+    /// further calls are refused at once with RESOURCE_EXHAUSTED. Health checks
+    /// are not counted, so probes still answer under load.
     #[arg(long, env = "LOGITD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
     /// Largest request or response message, in bytes.

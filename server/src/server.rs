@@ -204,7 +204,7 @@ pub async fn serve_until(
 
     // The gRPC server comes up at once: health answers NOT_SERVING and Teacher
     // calls UNAVAILABLE until the model is loaded and warmed up.
-    let grpc = Grpc::default();
+    let grpc = Grpc::new(args.max_concurrent_requests);
     let teacher = TeacherServer::new(grpc.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
@@ -230,7 +230,6 @@ pub async fn serve_until(
         builder = builder.tls_config(tls)?;
     }
     let router = builder
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(args.max_concurrent_requests))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -303,7 +302,7 @@ pub async fn serve_until(
         max_request_tokens: args.max_queue_tokens as usize,
         default_timeout: Duration::from_secs(args.request_timeout_s),
     };
-    let _ = grpc.0.set(Arc::new(TeacherService::new(scheduler.clone(), limits, info.clone())));
+    grpc.set_ready(TeacherService::new(scheduler.clone(), limits, info.clone()));
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<TeacherServer<Grpc>>().await;
     tracing::info!(%grpc_addr, %metrics_addr, model = %info.model_id, "serving");

@@ -10,7 +10,7 @@ use std::{
 use futures::{Stream, StreamExt};
 use logitd_proto::v1::{
     GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SamplingMethod,
-    ValueEncoding, teacher_server::Teacher,
+    Sequence, ValueEncoding, teacher_server::Teacher,
 };
 use prost::Message;
 use tokio::sync::oneshot;
@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     engine::SchedulerHandle,
     metrics as m,
-    queue::{SubmitError, WorkItem},
+    queue::{ItemResult, SubmitError, WorkItem},
     response::sampled_sequence,
     sampler::{Method, RowKey, SamplingParams},
 };
@@ -41,28 +41,13 @@ pub struct Limits {
     pub default_timeout: Duration,
 }
 
-/// The service state shared by all calls.
-pub struct TeacherService {
-    scheduler: SchedulerHandle,
-    limits: Limits,
-    info: ModelInfo,
-}
-
-/// Requests answered concurrently on one stream (answers still come in order).
-const STREAM_IN_FLIGHT: usize = 8;
-
-impl TeacherService {
-    /// A service submitting to `scheduler`.
-    pub fn new(scheduler: SchedulerHandle, limits: Limits, info: ModelInfo) -> Self {
-        Self { scheduler, limits, info }
-    }
-
+impl Limits {
     /// Checks a request; the message names the offending value.
     pub fn validate(
         &self,
         req: &SampleLogitsRequest,
     ) -> Result<(SamplingParams, ValueEncoding), Status> {
-        let l = &self.limits;
+        let l = self;
         let bad = |m: String| Err(Status::invalid_argument(m));
         if req.sequences.is_empty() {
             return bad("request has no sequences".into());
@@ -124,6 +109,23 @@ impl TeacherService {
         })?;
         Ok((params, encoding))
     }
+}
+
+/// The service state shared by all calls.
+pub struct TeacherService {
+    scheduler: SchedulerHandle,
+    limits: Limits,
+    info: ModelInfo,
+}
+
+/// Requests answered concurrently on one stream (answers still come in order).
+const STREAM_IN_FLIGHT: usize = 8;
+
+impl TeacherService {
+    /// A service submitting to `scheduler`.
+    pub fn new(scheduler: SchedulerHandle, limits: Limits, info: ModelInfo) -> Self {
+        Self { scheduler, limits, info }
+    }
 
     /// Runs one request end to end.
     pub async fn sample(
@@ -131,29 +133,12 @@ impl TeacherService {
         req: SampleLogitsRequest,
         deadline: Option<Instant>,
     ) -> Result<SampleLogitsResponse, Status> {
-        let (params, encoding) = self.validate(&req)?;
+        let (params, encoding) = self.limits.validate(&req)?;
         let seed = req.seed.unwrap_or_else(rand::random);
         let now = Instant::now();
         let deadline = Some(deadline.unwrap_or(now + self.limits.default_timeout));
-        let mut receivers = Vec::with_capacity(req.sequences.len());
-        let mut items = Vec::with_capacity(req.sequences.len());
-        let mut firsts = Vec::with_capacity(req.sequences.len());
-        for (i, s) in req.sequences.into_iter().enumerate() {
-            let key = RowKey::for_sequence(seed, i as u32, s.seed, 0);
-            let (tx, rx) = oneshot::channel();
-            receivers.push(rx);
-            firsts.push(s.first_position);
-            items.push(WorkItem {
-                tokens: s.token_ids,
-                first_position: s.first_position,
-                params,
-                seed: key.seed,
-                key_sequence: key.sequence,
-                deadline,
-                enqueued: now,
-                reply: tx,
-            });
-        }
+        let firsts: Vec<u32> = req.sequences.iter().map(|s| s.first_position).collect();
+        let (items, receivers) = work_items(req.sequences, params, seed, deadline, now);
         self.scheduler.submit(items).map_err(|e| match e {
             SubmitError::Full { .. } => Status::resource_exhausted(e.to_string()),
             SubmitError::Closed => Status::unavailable(e.to_string()),
@@ -184,6 +169,36 @@ impl TeacherService {
         metrics::counter!(m::RESPONSE_BYTES).increment(response.encoded_len() as u64);
         Ok(response)
     }
+}
+
+/// The queue's work items of a validated request's sequences (one each, keyed
+/// as the sampling contract says), with the receivers their results arrive on.
+pub fn work_items(
+    sequences: Vec<Sequence>,
+    params: SamplingParams,
+    seed: u64,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> (Vec<WorkItem>, Vec<oneshot::Receiver<ItemResult>>) {
+    sequences
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let key = RowKey::for_sequence(seed, i as u32, s.seed, 0);
+            let (tx, rx) = oneshot::channel();
+            let item = WorkItem {
+                tokens: s.token_ids,
+                first_position: s.first_position,
+                params,
+                seed: key.seed,
+                key_sequence: key.sequence,
+                deadline,
+                enqueued: now,
+                reply: tx,
+            };
+            (item, rx)
+        })
+        .unzip()
 }
 
 /// Reads the client's `grpc-timeout` header (e.g. `250m`, `30S`) as a deadline.
@@ -234,16 +249,45 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 }
 
 /// The gRPC face of the [`TeacherService`], which exists once the model is
-/// loaded and warmed up; until then every call is UNAVAILABLE.
-#[derive(Clone, Default)]
-pub struct Grpc(pub Arc<std::sync::OnceLock<Arc<TeacherService>>>);
+/// loaded and warmed up; until then every call is UNAVAILABLE. Teacher calls
+/// beyond `max_calls` at once are refused with RESOURCE_EXHAUSTED (a stream
+/// holds its slot while it is open); health checks are not counted.
+#[derive(Clone)]
+pub struct Grpc {
+    service: Arc<std::sync::OnceLock<Arc<TeacherService>>>,
+    calls: Arc<tokio::sync::Semaphore>,
+    max_calls: usize,
+}
 
 impl Grpc {
+    /// A face answering UNAVAILABLE until [`set_ready`](Self::set_ready).
+    pub fn new(max_calls: usize) -> Self {
+        Self {
+            service: Arc::default(),
+            calls: Arc::new(tokio::sync::Semaphore::new(max_calls)),
+            max_calls,
+        }
+    }
+
+    /// Starts serving calls with `service`.
+    pub fn set_ready(&self, service: TeacherService) {
+        let _ = self.service.set(Arc::new(service));
+    }
+
     fn ready(&self) -> Result<Arc<TeacherService>, Status> {
-        self.0
+        self.service
             .get()
             .cloned()
             .ok_or_else(|| Status::unavailable("the teacher is still loading; retry shortly"))
+    }
+
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.calls.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} calls are in progress, the limit of --max-concurrent-requests; retry with backoff",
+                self.max_calls
+            ))
+        })
     }
 }
 
@@ -258,8 +302,8 @@ impl Teacher for Grpc {
     ) -> Result<Response<SampleLogitsResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline_from_metadata(request.metadata());
-        let result = match self.ready() {
-            Ok(service) => service.sample(request.into_inner(), deadline).await,
+        let result = match self.ready().and_then(|s| Ok((s, self.slot()?))) {
+            Ok((service, _slot)) => service.sample(request.into_inner(), deadline).await,
             Err(status) => Err(status),
         };
         record(
@@ -278,19 +322,31 @@ impl Teacher for Grpc {
     ) -> Result<Response<Self::SampleLogitsStreamStream>, Status> {
         let deadline = deadline_from_metadata(request.metadata());
         let service = self.ready()?;
+        let slot = match self.slot() {
+            Ok(slot) => slot,
+            Err(status) => {
+                record("SampleLogitsStream", Instant::now(), status.code());
+                return Err(status);
+            }
+        };
         let inbound = request.into_inner();
         // Up to STREAM_IN_FLIGHT requests of the stream are served at once;
         // `buffered` yields their answers in request order, and the next request
         // is read only when an answer is taken (flow control end to end).
+        // An error names the request of the stream it answers, and ends the stream.
         let outbound = inbound
-            .map(move |req| {
+            .enumerate()
+            .map(move |(i, req)| {
                 let service = service.clone();
                 async move {
                     let started = Instant::now();
                     let result = match req {
                         Ok(req) => service.sample(req, deadline).await,
                         Err(status) => Err(status),
-                    };
+                    }
+                    .map_err(|s| {
+                        Status::new(s.code(), format!("request {i} of the stream: {}", s.message()))
+                    });
                     record(
                         "SampleLogitsStream",
                         started,
@@ -299,7 +355,11 @@ impl Teacher for Grpc {
                     result
                 }
             })
-            .buffered(STREAM_IN_FLIGHT);
+            .buffered(STREAM_IN_FLIGHT)
+            .map(move |answer| {
+                let _held = &slot;
+                answer
+            });
         Ok(Response::new(Box::pin(outbound)))
     }
 

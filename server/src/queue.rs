@@ -183,10 +183,10 @@ impl BatchQueue {
         let mut batch = Vec::new();
         let mut tokens = 0;
         while let Some(item) = self.items.front() {
-            let reason = if item.reply.is_closed() {
-                Some(DropReason::Cancelled)
-            } else if item.deadline.is_some_and(|d| now >= d) {
+            let reason = if item.deadline.is_some_and(|d| now >= d) {
                 Some(DropReason::DeadlineExceeded)
+            } else if item.reply.is_closed() {
+                Some(DropReason::Cancelled)
             } else {
                 None
             };

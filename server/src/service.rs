@@ -136,21 +136,34 @@ impl TeacherService {
         let (params, encoding) = self.limits.validate(&req)?;
         let seed = req.seed.unwrap_or_else(rand::random);
         let now = Instant::now();
-        let deadline = Some(deadline.unwrap_or(now + self.limits.default_timeout));
+        let deadline = deadline.unwrap_or(now + self.limits.default_timeout);
         let firsts: Vec<u32> = req.sequences.iter().map(|s| s.first_position).collect();
-        let (items, receivers) = work_items(req.sequences, params, seed, deadline, now);
+        let (items, receivers) = work_items(req.sequences, params, seed, Some(deadline), now);
         self.scheduler.submit(items).map_err(|e| match e {
             SubmitError::Full { .. } => Status::resource_exhausted(e.to_string()),
             SubmitError::Closed => Status::unavailable(e.to_string()),
         })?;
-        let mut sequences = Vec::with_capacity(receivers.len());
-        for (rx, first) in receivers.into_iter().zip(firsts) {
-            let rows = rx
-                .await
-                .map_err(|_| Status::unavailable("the engine stopped before answering"))?
-                .map_err(|e| Status::internal(format!("the teacher failed on this batch: {e}")))?;
-            sequences.push(sampled_sequence(rows, first, encoding));
-        }
+        // At the deadline the receivers are dropped, and the batcher drops the
+        // items it has not started.
+        let answers = async {
+            let mut sequences = Vec::with_capacity(receivers.len());
+            for (rx, first) in receivers.into_iter().zip(firsts) {
+                let rows = rx
+                    .await
+                    .map_err(|_| Status::unavailable("the engine stopped before answering"))?
+                    .map_err(|e| {
+                        Status::internal(format!("the teacher failed on this batch: {e}"))
+                    })?;
+                sequences.push(sampled_sequence(rows, first, encoding));
+            }
+            Ok::<_, Status>(sequences)
+        };
+        let sequences = tokio::time::timeout_at(deadline.into(), answers).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the deadline ({} ms after the request arrived) passed before the answer was ready",
+                deadline.saturating_duration_since(now).as_millis()
+            ))
+        })??;
         let response = SampleLogitsResponse {
             sequences,
             seed,

@@ -71,6 +71,11 @@ impl Server {
         }
     }
 
+    /// Whether the process has not exited.
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }

@@ -1,10 +1,11 @@
 //! `logitd serve`: loads the teacher, warms it up, serves gRPC (Teacher,
 //! health, reflection) and `/metrics`, and drains on SIGTERM/Ctrl-C.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use candle_core::{DType, Device};
 use logitd_proto::v1::{ModelInfo, teacher_server::TeacherServer};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tonic::{
@@ -140,9 +141,17 @@ fn parse_device(s: &str) -> Result<Device, ServeError> {
     Device::new_cuda(ordinal).map_err(|e| ServeError::Config(format!("--device {s}: {e}")))
 }
 
-/// Checks `authorization: Bearer <token>` in constant time.
+/// Checks `authorization: Bearer <token>` in constant time: the SHA-256 of
+/// what was sent is compared with that of the token, so neither the token's
+/// bytes nor its length show in the time taken.
 #[derive(Clone)]
-struct BearerAuth(Option<Arc<[u8]>>);
+struct BearerAuth(Option<[u8; 32]>);
+
+impl BearerAuth {
+    fn new(token: Option<&str>) -> Self {
+        Self(token.map(|t| Sha256::digest(t.as_bytes()).into()))
+    }
+}
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
@@ -153,7 +162,8 @@ impl tonic::service::Interceptor for BearerAuth {
             ));
         };
         let token = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
-        if bool::from(token.ct_eq(expected)) {
+        let sent: [u8; 32] = Sha256::digest(token).into();
+        if bool::from(sent.ct_eq(expected)) {
             Ok(req)
         } else {
             Err(Status::unauthenticated("invalid bearer token"))
@@ -208,7 +218,7 @@ pub async fn serve_until(
     let teacher = TeacherServer::new(grpc.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let auth = BearerAuth(args.auth_token.as_deref().map(|t| Arc::from(t.as_bytes())));
+    let auth = BearerAuth::new(args.auth_token.as_deref());
     // Reflection in both versions: grpcurl and older tools still ask v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()

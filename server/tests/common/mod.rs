@@ -27,6 +27,11 @@ pub struct Server {
 impl Server {
     /// Starts `logitd serve --model MODEL EXTRA...` and waits for its address line.
     pub fn start(model: &Path, extra: &[&str]) -> Server {
+        Self::start_with_log(model, extra, "logitd=debug,info")
+    }
+
+    /// [`start`](Self::start) with this log filter.
+    pub fn start_with_log(model: &Path, extra: &[&str], log: &str) -> Server {
         let stderr = std::env::temp_dir().join(format!(
             "logitd-test-{}-{}.log",
             std::process::id(),
@@ -38,7 +43,7 @@ impl Server {
             .arg(model)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
-            .env("LOGITD_LOG", "logitd=debug,info")
+            .env("LOGITD_LOG", log)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -69,6 +74,16 @@ impl Server {
             assert!(Instant::now() < deadline, "server not ready; log: {}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits (at most 60 s) for the process to exit, then returns its log.
+    pub fn wait_log(mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!self.child_running(), "the server did not exit; log: {}", self.log());
+        self.log()
     }
 
     /// Whether the process has not exited.
@@ -128,6 +143,14 @@ fn rand_u64() -> u128 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u8(0);
     h.finish() as u128
+}
+
+/// The cached demo teacher (SmolLM2-135M, vocabulary 49,152), fetched by
+/// tests/fetch-teachers.sh.
+pub fn demo_teacher() -> PathBuf {
+    let p = logitd::server::demo_teacher();
+    assert!(p.exists(), "{} is missing: run tests/fetch-teachers.sh", p.display());
+    p
 }
 
 pub fn seq(tokens: &[u32], first_position: u32, seed: Option<u64>) -> Sequence {

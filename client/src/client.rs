@@ -94,17 +94,18 @@ impl RetryPolicy {
         matches!(code, Code::Unavailable | Code::ResourceExhausted)
     }
 
-    /// [`retryable`](Self::retryable), plus CANCELLED when it comes from the
-    /// transport (the connection closed under the call, e.g. a server that
-    /// drained and went away): the server never answered it, and a teacher call
-    /// is idempotent. The client's own deadline shows as DEADLINE_EXCEEDED.
+    /// [`retryable`](Self::retryable), plus any failure that comes from the
+    /// transport rather than from the server (CANCELLED or UNKNOWN carrying a
+    /// source error, which a status read from the server's trailers never
+    /// has: a transport, HTTP/2 or I/O error; the connection closed under the call,
+    /// e.g. a replica that drained, crashed or was killed): the server never
+    /// answered it, and a teacher call is idempotent. The client's own
+    /// deadline shows as DEADLINE_EXCEEDED and is not retried.
     pub fn retryable_status(status: &Status) -> bool {
         use std::error::Error as _;
         Self::retryable(status.code())
-            || (status.code() == Code::Cancelled
-                && status
-                    .source()
-                    .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some()))
+            || (matches!(status.code(), Code::Cancelled | Code::Unknown)
+                && status.source().is_some())
     }
 
     /// "Full jitter" backoff before retry `attempt` (1-based): uniform in

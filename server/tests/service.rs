@@ -126,18 +126,43 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
 async fn a_cancelled_calls_queued_work_is_dropped() {
     let server = Server::start(&tiny("llama"), &["--max-wait-ms", "1500"]);
     let client = server.client().await;
-    // The client gives up after 200 ms while the sequence still waits in the queue.
+    // The caller goes away (no deadline) while the sequence waits in the queue.
+    let mut c = client.clone();
+    let call = tokio::spawn(async move {
+        c.sample_logits(request(vec![seq(&[1, 2, 3, 4], 0, None)], 4, 1)).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    call.abort();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let cancelled =
+        server.metric("logitd_dropped_total{reason=\"cancelled\"}").await.unwrap_or(0.0);
+    assert_eq!(cancelled, 1.0, "{}", server.metrics_text().await);
+    // Only the warm-up ran through the engine.
+    assert_eq!(server.metric("logitd_tokens_total").await.unwrap_or(0.0), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadlines_drop_queued_work() {
+    let server =
+        Server::start(&tiny("llama"), &["--max-wait-ms", "2500", "--request-timeout-s", "1"]);
+    let client = server.client().await;
+    // The client's deadline (grpc-timeout) passes while the sequence waits.
     let mut req = tonic::Request::new(request(vec![seq(&[1, 2, 3, 4], 0, None)], 4, 1));
     req.set_timeout(Duration::from_millis(200));
     let status = client.clone().sample_logits(req).await.unwrap_err();
     assert!(matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded), "{status:?}");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let cancelled =
-        server.metric("logitd_dropped_total{reason=\"cancelled\"}").await.unwrap_or(0.0);
+    // No client deadline: the server's --request-timeout-s applies, and the
+    // service answers DEADLINE_EXCEEDED itself.
+    let started = std::time::Instant::now();
+    let status =
+        client.clone().sample_logits(request(vec![seq(&[5, 6], 0, None)], 4, 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("deadline (1000 ms"), "{}", status.message());
+    assert!(started.elapsed() < Duration::from_millis(2400), "answered after the batch ran");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let expired =
         server.metric("logitd_dropped_total{reason=\"deadline_exceeded\"}").await.unwrap_or(0.0);
-    assert_eq!(cancelled + expired, 1.0, "{}", server.metrics_text().await);
-    // Only the warm-up ran through the engine.
+    assert_eq!(expired, 2.0, "{}", server.metrics_text().await);
     assert_eq!(server.metric("logitd_tokens_total").await.unwrap_or(0.0), 0.0);
 }
 

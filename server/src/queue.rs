@@ -305,4 +305,105 @@ mod tests {
         assert_eq!(q.push(vec![b]).unwrap_err().0, SubmitError::Closed);
         assert_eq!(q.take_batch(t0, |_, _| panic!()).len(), 1);
     }
+
+    proptest::proptest! {
+        /// Random requests (1–5 items of 1..=max_batch tokens) against a random
+        /// capacity, some callers gone and some deadlines passed: a request is
+        /// queued whole or refused whole, the token count is exact, batches keep
+        /// FIFO order within the limit, and every queued item leaves exactly once
+        /// (computed, or dropped for the right reason).
+        #[test]
+        fn packing_keeps_order_limits_and_accounting(
+            requests in proptest::collection::vec(
+                proptest::collection::vec((1usize..=16, proptest::bool::weighted(0.15),
+                    proptest::bool::weighted(0.15)), 1..=5),
+                1..40),
+            capacity in 16usize..200,
+            max_batch in 16usize..64,
+            take_every in 1usize..6,
+        ) {
+            let t0 = Instant::now();
+            let later = t0 + Duration::from_millis(10);
+            let mut q = BatchQueue::new(capacity, max_batch);
+            let mut keep = Vec::new();
+            let (mut queued, mut order, mut out) = (0usize, Vec::new(), Vec::new());
+            let mut next_id = 0usize;
+            let drain = |q: &mut BatchQueue, out: &mut Vec<(usize, Option<DropReason>)>| {
+                let mut dropped = Vec::new();
+                let batch = q.take_batch(later, |r, w| dropped.push((w.tokens[0] as usize, r)));
+                let tokens: usize = batch.iter().map(WorkItem::len).sum();
+                assert!(tokens <= max_batch, "batch of {tokens} > {max_batch}");
+                let ids: Vec<usize> = batch.iter().map(|w| w.tokens[0] as usize).collect();
+                assert!(ids.windows(2).all(|p| p[0] < p[1]), "batch out of order: {ids:?}");
+                // What left in one call is a prefix of the queue: in id order.
+                let mut left: Vec<(usize, Option<DropReason>)> =
+                    dropped.into_iter().map(|(id, r)| (id, Some(r))).collect();
+                left.extend(ids.into_iter().map(|id| (id, None)));
+                left.sort_by_key(|(id, _)| *id);
+                out.extend(left);
+            };
+            for (n, req) in requests.iter().enumerate() {
+                let mut items = Vec::new();
+                for &(len, gone, expired) in req {
+                    let (mut w, rx) = item(len, t0);
+                    w.tokens[0] = next_id as u32; // identifies the item
+                    if expired {
+                        w.deadline = Some(t0 + Duration::from_millis(1));
+                    }
+                    if !gone {
+                        keep.push(rx);
+                    }
+                    items.push((w, gone, expired));
+                    next_id += 1;
+                }
+                let tokens: usize = items.iter().map(|(w, _, _)| w.len()).sum();
+                let meta: Vec<_> = items.iter().map(|(w, g, e)| (w.tokens[0] as usize, *g, *e)).collect();
+                match q.push(items.into_iter().map(|(w, _, _)| w).collect()) {
+                    Ok(()) => {
+                        queued += tokens;
+                        order.extend(meta);
+                    }
+                    Err((SubmitError::Full { queued: qd, requested, capacity: c }, back)) => {
+                        proptest::prop_assert_eq!(qd, q.queued_tokens());
+                        proptest::prop_assert_eq!(requested, tokens);
+                        proptest::prop_assert_eq!(c, capacity);
+                        proptest::prop_assert!(qd + requested > capacity);
+                        proptest::prop_assert_eq!(back.len(), req.len());
+                    }
+                    Err((e, _)) => proptest::prop_assert!(false, "{:?}", e),
+                }
+                proptest::prop_assert_eq!(q.queued_tokens(), queued - out_tokens(&out, &requests));
+                if n % take_every == 0 {
+                    drain(&mut q, &mut out);
+                }
+            }
+            while !q.is_empty() {
+                drain(&mut q, &mut out);
+            }
+            proptest::prop_assert_eq!(q.queued_tokens(), 0);
+            // Every queued item left once, in FIFO order, for the right reason.
+            let left: Vec<usize> = out.iter().map(|(id, _)| *id).collect();
+            let want: Vec<usize> = order.iter().map(|(id, _, _)| *id).collect();
+            proptest::prop_assert_eq!(left, want);
+            for ((_, reason), (_, gone, expired)) in out.iter().zip(&order) {
+                let want = if *expired {
+                    Some(DropReason::DeadlineExceeded)
+                } else if *gone {
+                    Some(DropReason::Cancelled)
+                } else {
+                    None
+                };
+                proptest::prop_assert_eq!(*reason, want);
+            }
+        }
+    }
+
+    /// Tokens of the items that have left the queue (ids index `requests`' items).
+    fn out_tokens(
+        out: &[(usize, Option<DropReason>)],
+        requests: &[Vec<(usize, bool, bool)>],
+    ) -> usize {
+        let lens: Vec<usize> = requests.iter().flatten().map(|(len, _, _)| *len).collect();
+        out.iter().map(|(id, _)| lens[*id]).sum()
+    }
 }

@@ -111,4 +111,66 @@ mod tests {
             assert!((f64::from(*got) - want).abs() <= tol, "{got} vs {want}");
         }
     }
+
+    proptest::proptest! {
+        /// Any rows (random entry counts, ids, counts, log-probabilities incl.
+        /// tiny, huge and zero values), sliced anywhere, survive the wire: the
+        /// columns exactly, f32 values bit for bit, f16/bf16 within their
+        /// rounding (or the f16 range limit for values below its smallest).
+        #[test]
+        fn any_rows_round_trip_through_the_wire(
+            rows in proptest::collection::vec(
+                proptest::collection::vec(
+                    (0u32..262_144, 1u32..=4096, -120.0f32..=0.0), 1..20),
+                1..12),
+            lse in proptest::collection::vec(-1.0e4f32..1.0e4, 12),
+            cut in 0usize..12,
+            first in 0u32..100_000,
+            enc in 0usize..3,
+        ) {
+            let mut all = SampledRows::new();
+            for (r, entries) in rows.iter().enumerate() {
+                for &(id, count, lp) in entries {
+                    all.push_entry(id, count, lp);
+                }
+                all.finish_row(lse[r]);
+            }
+            let from = cut.min(rows.len() - 1);
+            let part = all.slice(from..rows.len());
+            let encoding = [ValueEncoding::F32, ValueEncoding::F16, ValueEncoding::Bf16][enc];
+            let seq = sampled_sequence(part, first, encoding);
+            let response = SampleLogitsResponse {
+                sequences: vec![seq],
+                value_encoding: encoding as i32,
+                ..Default::default()
+            };
+            let decoded = SampleLogitsResponse::decode(response.encode_to_vec().as_slice()).unwrap();
+            proptest::prop_assert_eq!(&decoded, &response);
+            let seq = &decoded.sequences[0];
+            let values = decode_values(seq, decoded.value_encoding).unwrap();
+            let want: Vec<(u32, u32, f32)> = rows[from..].iter().flatten().copied().collect();
+            proptest::prop_assert_eq!(seq.first_position, first);
+            proptest::prop_assert_eq!(seq.offsets.len(), rows.len() - from + 1);
+            proptest::prop_assert_eq!(&seq.lse[..], &lse[from..rows.len()]);
+            for (r, entries) in rows[from..].iter().enumerate() {
+                let (a, b) = (seq.offsets[r] as usize, seq.offsets[r + 1] as usize);
+                proptest::prop_assert_eq!(b - a, entries.len());
+            }
+            proptest::prop_assert_eq!(values.len(), want.len());
+            for (i, &(id, count, lp)) in want.iter().enumerate() {
+                proptest::prop_assert_eq!(seq.token_ids[i], id);
+                proptest::prop_assert_eq!(seq.counts[i], count);
+                let got = f64::from(values[i]);
+                let lp = f64::from(lp);
+                let ok = match encoding {
+                    ValueEncoding::F16 => {
+                        (got - lp).abs() <= lp.abs() * 2f64.powi(-11) + 2f64.powi(-24)
+                    }
+                    ValueEncoding::Bf16 => (got - lp).abs() <= lp.abs() * 2f64.powi(-8),
+                    _ => got.to_bits() == lp.to_bits(),
+                };
+                proptest::prop_assert!(ok, "{:?}: {} became {}", encoding, lp, got);
+            }
+        }
+    }
 }

@@ -1,0 +1,76 @@
+//! Request decoding + validation + packing: any bytes a client can send as a
+//! `SampleLogitsRequest` body either fail to decode, fail validation with
+//! INVALID_ARGUMENT, or become work items that the queue packs into batches
+//! holding every token exactly once, in order, within the batch limit.
+
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use logitd::{
+    model::PackedBatch,
+    queue::BatchQueue,
+    service::{Limits, work_items},
+};
+use logitd_proto::v1::SampleLogitsRequest;
+use prost::Message;
+
+const MAX_BATCH_TOKENS: usize = 96;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(req) = SampleLogitsRequest::decode(data) else { return };
+    let limits = Limits {
+        vocab_size: 1000,
+        max_sequence_length: 64,
+        default_num_samples: 16,
+        max_num_samples: 300,
+        max_request_tokens: 512,
+        default_timeout: Duration::from_secs(1),
+    };
+    let (params, _encoding) = match limits.validate(&req) {
+        Ok(v) => v,
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(!status.message().is_empty());
+            return;
+        }
+    };
+    // What validation promises.
+    assert!(!req.sequences.is_empty());
+    let mut total = 0;
+    for s in &req.sequences {
+        assert!(!s.token_ids.is_empty() && s.token_ids.len() <= 64);
+        assert!(s.token_ids.iter().all(|&t| t < 1000));
+        assert!((s.first_position as usize) < s.token_ids.len());
+        total += s.token_ids.len();
+    }
+    assert!(total <= 512);
+    assert!((1..=300).contains(&params.num_samples()));
+
+    let expected: Vec<Vec<u32>> = req.sequences.iter().map(|s| s.token_ids.clone()).collect();
+    let now = Instant::now();
+    let (items, _receivers) =
+        work_items(req.sequences, params, req.seed.unwrap_or(0), None, now);
+    let mut queue = BatchQueue::new(512, MAX_BATCH_TOKENS);
+    queue.push(items).expect("a validated request fits an empty queue");
+    assert_eq!(queue.queued_tokens(), total);
+    let mut packed: Vec<Vec<u32>> = Vec::new();
+    while !queue.is_empty() {
+        let batch = queue.take_batch(now, |_, _| panic!("nothing may be dropped"));
+        assert!(!batch.is_empty());
+        let tokens: usize = batch.iter().map(|i| i.len()).sum();
+        // A batch is within the limit, or one sequence longer than it.
+        assert!(tokens <= MAX_BATCH_TOKENS || batch.len() == 1);
+        let sequences: Vec<&[u32]> = batch.iter().map(|i| i.tokens.as_slice()).collect();
+        let p = PackedBatch::new(&sequences).expect("packs");
+        assert_eq!(p.num_tokens(), tokens);
+        assert_eq!(p.num_sequences(), batch.len());
+        for (s, item) in batch.iter().enumerate() {
+            assert_eq!(&p.tokens()[p.sequence(s)], item.tokens.as_slice());
+        }
+        packed.extend(batch.into_iter().map(|i| i.tokens));
+    }
+    assert_eq!(packed, expected, "every sequence once, in order");
+    assert_eq!(queue.queued_tokens(), 0);
+});

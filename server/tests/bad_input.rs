@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Server, request, seq, tiny};
+use common::{Server, request, same_answer, seq, tiny};
 use logitd_proto::v1::{SampleLogitsRequest, SampleLogitsResponse, SamplingMethod, ValueEncoding};
 use prost::Message;
 use tokio::{
@@ -188,20 +188,6 @@ async fn read_until_closed(mut tcp: TcpStream) -> Result<Vec<u8>, String> {
     }
 }
 
-/// The same draws (ids and counts exactly) and log-probabilities within
-/// 1e-5: a batch of different composition may round the forward differently.
-fn same(a: &SampleLogitsResponse, b: &SampleLogitsResponse) -> bool {
-    a.seed == b.seed
-        && a.sequences.len() == b.sequences.len()
-        && a.sequences.iter().zip(&b.sequences).all(|(x, y)| {
-            x.offsets == y.offsets
-                && x.token_ids == y.token_ids
-                && x.counts == y.counts
-                && x.logprobs.len() == y.logprobs.len()
-                && x.logprobs.iter().zip(&y.logprobs).all(|(p, q)| (p - q).abs() < 1e-5)
-        })
-}
-
 /// Calls with one request over and over and checks every answer against the
 /// one it got alone before the corpus; counts answers and mismatches.
 struct Canary {
@@ -221,7 +207,7 @@ impl Canary {
             let mut problems = Vec::new();
             while !s.load(Ordering::Relaxed) {
                 match c.sample_logits(req.clone()).await {
-                    Ok(r) if same(r.get_ref(), &reference) => {
+                    Ok(r) if same_answer(r.get_ref(), &reference) => {
                         a.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(_) => problems.push("a different answer".to_string()),

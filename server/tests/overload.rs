@@ -10,22 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, request, seq, tiny};
-use logitd_proto::v1::{SampleLogitsRequest, SampleLogitsResponse};
+use common::{Server, request, same_answer, seq, tiny};
+use logitd_proto::v1::SampleLogitsRequest;
 use tonic::Code;
 
 const CALLERS: usize = 256;
 const QUEUE_TOKENS: u32 = 1024;
-
-fn same(a: &SampleLogitsResponse, b: &SampleLogitsResponse) -> bool {
-    a.sequences.len() == b.sequences.len()
-        && a.sequences.iter().zip(&b.sequences).all(|(x, y)| {
-            x.offsets == y.offsets
-                && x.token_ids == y.token_ids
-                && x.counts == y.counts
-                && x.logprobs.iter().zip(&y.logprobs).all(|(p, q)| (p - q).abs() < 1e-5)
-        })
-}
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -131,7 +121,7 @@ async fn overload_is_refused_fast_accepted_work_is_correct_and_memory_is_bounded
                             Ok(Some(r)) => {
                                 let mut t = tally.lock().unwrap();
                                 t.accepted.push(sent.elapsed());
-                                if !same(&r, &references[which]) {
+                                if !same_answer(&r, &references[which]) {
                                     t.wrong.push(format!("caller {i}, request shape {which}"));
                                 }
                             }
@@ -158,7 +148,7 @@ async fn overload_is_refused_fast_accepted_work_is_correct_and_memory_is_bounded
     let hwm = rss_kib(pid, "VmHWM:");
     // The server still answers alone, correctly.
     let after = c.sample_logits(requests[3].clone()).await.unwrap().into_inner();
-    assert!(same(&after, &references[3]));
+    assert!(same_answer(&after, &references[3]));
 
     let mut t = std::mem::take(&mut *tally.lock().unwrap());
     t.accepted.sort();

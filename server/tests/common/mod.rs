@@ -167,3 +167,20 @@ pub fn request(sequences: Vec<Sequence>, k: u32, seed: u64) -> SampleLogitsReque
         value_encoding: 0,
     }
 }
+
+/// The same draws (ids and counts exactly) and log-probabilities within 1e-5:
+/// a batch of different composition may round the forward differently.
+pub fn same_answer(
+    a: &logitd_proto::v1::SampleLogitsResponse,
+    b: &logitd_proto::v1::SampleLogitsResponse,
+) -> bool {
+    a.seed == b.seed
+        && a.sequences.len() == b.sequences.len()
+        && a.sequences.iter().zip(&b.sequences).all(|(x, y)| {
+            x.offsets == y.offsets
+                && x.token_ids == y.token_ids
+                && x.counts == y.counts
+                && x.logprobs.len() == y.logprobs.len()
+                && x.logprobs.iter().zip(&y.logprobs).all(|(p, q)| (p - q).abs() < 1e-5)
+        })
+}

@@ -1,0 +1,266 @@
+//! logitd without gRPC: the engine alone, and the sampler alone, for the
+//! side-by-side comparison in `tests/bench/compare.sh`.
+//!
+//! ```text
+//! engine_bench engine  MODEL CORPUS.jsonl SEQUENCES LENGTH K DURATION_S [WARMUP]
+//! engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S
+//! ```
+//!
+//! `engine` runs batches of SEQUENCES × LENGTH tokens (the same sequences
+//! `logitd-bench --input CORPUS --sequences S --length L` sends: request r is
+//! made of corpus lines r·S … r·S + S − 1, cycling, each cut to LENGTH tokens)
+//! through [`Engine::run`] — forward, chunked LM head and sampler, exactly as
+//! the server's engine thread does, but with no queue, no batcher and no gRPC —
+//! for DURATION_S seconds after WARMUP (default 1) batches. Then it runs a few
+//! more batches step by step to say where the time goes: forward, LM head,
+//! sampler, and the response encoding (rows → protobuf bytes) the service adds.
+//!
+//! `sampler` reads row-major little-endian f32 logits (rows × VOCAB) and samples
+//! every row with the CPU reference sampler (k draws, T = 1) as the engine does
+//! (`CpuSampler::sample_rows`, on `RAYON_NUM_THREADS` threads), repeating the
+//! pass for at least MIN_TIME_S seconds.
+//!
+//! Both print one JSON line.
+
+use std::{io::BufRead, path::Path, time::Instant};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use logitd::{
+    engine::Engine,
+    model::{PackedBatch, Teacher},
+    queue::WorkItem,
+    response::sampled_sequence,
+    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
+};
+use logitd_proto::v1::{SampleLogitsResponse, ValueEncoding};
+use prost::Message;
+
+/// The seed of request `r` (splitmix64 of the batch seed 0 and r, as
+/// `logitd_client::sequence_seed` derives it).
+fn request_seed(r: u64) -> u64 {
+    let mut x = r.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn read_pool(path: &Path, length: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut pool = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        let ids = match v {
+            serde_json::Value::Object(mut o) => o.remove("token_ids").context("no token_ids")?,
+            v => v,
+        };
+        let mut ids: Vec<u32> = serde_json::from_value(ids)?;
+        if ids.len() >= length {
+            ids.truncate(length);
+            pool.push(ids);
+        }
+    }
+    if pool.is_empty() {
+        bail!("{} holds no sequence of {length} tokens", path.display());
+    }
+    Ok(pool)
+}
+
+fn items(pool: &[Vec<u32>], r: u64, sequences: usize, params: SamplingParams) -> Vec<WorkItem> {
+    let s = sequences as u64;
+    (0..s)
+        .map(|i| WorkItem {
+            tokens: pool[((r * s + i) % pool.len() as u64) as usize].clone(),
+            first_position: 0,
+            params,
+            seed: request_seed(r),
+            key_sequence: i as u32,
+            deadline: None,
+            enqueued: Instant::now(),
+            reply: tokio::sync::oneshot::channel().0,
+        })
+        .collect()
+}
+
+fn encode(results: Vec<SampledRows>) -> usize {
+    let response = SampleLogitsResponse {
+        sequences: results
+            .into_iter()
+            .map(|rows| sampled_sequence(rows, 0, ValueEncoding::F32))
+            .collect(),
+        seed: 1,
+        model_id: "bench".into(),
+        num_samples: 256,
+        temperature: 1.0,
+        method: 1,
+        value_encoding: ValueEncoding::F32 as i32,
+    };
+    response.encode_to_vec().len() + 5
+}
+
+fn engine(args: &[String]) -> anyhow::Result<()> {
+    let [model, corpus, sequences, length, k, duration] = &args[..6] else {
+        bail!("usage: engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S [WARMUP]");
+    };
+    let (sequences, length): (usize, usize) = (sequences.parse()?, length.parse()?);
+    let (k, duration): (u32, f64) = (k.parse()?, duration.parse()?);
+    let warmup: u64 = args.get(6).map_or(Ok(1), |s| s.parse())?;
+    let pool = read_pool(Path::new(corpus), length)?;
+    let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
+    let vocab = teacher.config().vocab_size;
+    let chunk_rows = teacher.default_head_chunk_rows();
+    let mut engine = Engine::new(teacher, None);
+    let params = SamplingParams::new(Method::Sample, k, 1.0)?;
+
+    let mut r = 0u64;
+    for _ in 0..warmup {
+        engine.run(&items(&pool, r, sequences, params))?;
+        r += 1;
+    }
+    // (b): Engine::run only, back to back, for the duration.
+    let (mut batches, mut positions, mut entries) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < duration || batches == 0 {
+        let results = engine.run(&items(&pool, r, sequences, params))?;
+        for rows in &results {
+            positions += rows.num_rows() as u64;
+            entries += rows.num_entries() as u64;
+        }
+        batches += 1;
+        r += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+
+    // Where the time goes: the same work step by step (two batches).
+    let teacher = engine.teacher();
+    let mut sampler = CpuSampler::new();
+    let (mut forward_s, mut head_s, mut sample_s, mut encode_s) = (0.0, 0.0, 0.0, 0.0);
+    let (mut split_positions, mut bytes) = (0u64, 0u64);
+    for _ in 0..2 {
+        let work = items(&pool, r, sequences, params);
+        r += 1;
+        let seqs: Vec<&[u32]> = work.iter().map(|w| w.tokens.as_slice()).collect();
+        let batch = PackedBatch::new(&seqs)?;
+        let t = Instant::now();
+        let hidden = teacher.hidden_states(&batch)?;
+        forward_s += t.elapsed().as_secs_f64();
+        let mut results = Vec::new();
+        for (s, w) in work.iter().enumerate() {
+            let start = batch.sequence(s).start as u32;
+            let rows: Vec<u32> = (0..w.tokens.len() as u32).map(|p| start + p).collect();
+            let keys: Vec<RowKey> = (0..w.tokens.len() as u32)
+                .map(|p| RowKey { seed: w.seed, sequence: w.key_sequence, position: p })
+                .collect();
+            let mut out = SampledRows::new();
+            for (chunk, chunk_keys) in rows.chunks(chunk_rows).zip(keys.chunks(chunk_rows)) {
+                let t = Instant::now();
+                let idx = Tensor::from_slice(chunk, chunk.len(), teacher.device())?;
+                let logits = teacher.logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
+                let flat = logits.flatten_all()?;
+                let (storage, layout) = flat.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("not on the CPU") };
+                let data = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+                head_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                sampler.sample_rows(
+                    &data[..chunk.len() * vocab],
+                    vocab,
+                    &params,
+                    chunk_keys,
+                    &mut out,
+                )?;
+                sample_s += t.elapsed().as_secs_f64();
+            }
+            split_positions += out.num_rows() as u64;
+            results.push(out);
+        }
+        let t = Instant::now();
+        bytes += encode(results) as u64;
+        encode_s += t.elapsed().as_secs_f64();
+    }
+    let per_position_us = |s: f64| s / split_positions as f64 * 1e6;
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": model,
+            "threads": candle_core::utils::get_num_threads(),
+            "sequences": sequences,
+            "length": length,
+            "num_samples": k,
+            "vocab_size": vocab,
+            "batches": batches,
+            "positions": positions,
+            "elapsed_s": secs,
+            "positions_per_s": positions as f64 / secs,
+            "distinct_ids_per_position": entries as f64 / positions as f64,
+            "breakdown_us_per_position": {
+                "forward": per_position_us(forward_s),
+                "lm_head": per_position_us(head_s),
+                "sampler": per_position_us(sample_s),
+                "encode": per_position_us(encode_s),
+            },
+            "encoded_bytes_per_position": bytes as f64 / split_positions as f64,
+        })
+    );
+    Ok(())
+}
+
+fn sampler(args: &[String]) -> anyhow::Result<()> {
+    let [path, vocab, k, min_time] = &args[..4] else {
+        bail!("usage: sampler LOGITS.f32 VOCAB K MIN_TIME_S");
+    };
+    let (vocab, k, min_time): (usize, u32, f64) = (vocab.parse()?, k.parse()?, min_time.parse()?);
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    let logits: Vec<f32> =
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    anyhow::ensure!(
+        logits.len().is_multiple_of(vocab) && !logits.is_empty(),
+        "not rows of {vocab}"
+    );
+    let rows = logits.len() / vocab;
+    let params = SamplingParams::new(Method::Sample, k, 1.0)?;
+    let keys: Vec<RowKey> =
+        (0..rows as u32).map(|p| RowKey { seed: 1, sequence: 0, position: p }).collect();
+    let mut sampler = CpuSampler::new();
+    // One untimed pass (scratch buffers, page faults).
+    let mut out = SampledRows::new();
+    sampler.sample_rows(&logits, vocab, &params, &keys, &mut out)?;
+    let entries = out.num_entries();
+    let (mut passes, started) = (0u64, Instant::now());
+    while started.elapsed().as_secs_f64() < min_time || passes == 0 {
+        let mut out = SampledRows::new();
+        sampler.sample_rows(&logits, vocab, &params, &keys, &mut out)?;
+        std::hint::black_box(out);
+        passes += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "rows": rows,
+            "vocab_size": vocab,
+            "num_samples": k,
+            "threads": candle_core::utils::get_num_threads(),
+            "passes": passes,
+            "us_per_row": secs / (passes as f64 * rows as f64) * 1e6,
+            "distinct_ids_per_row": entries as f64 / rows as f64,
+        })
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("engine") if args.len() >= 7 => engine(&args[1..]),
+        Some("sampler") if args.len() >= 5 => sampler(&args[1..]),
+        _ => bail!(
+            "usage: engine_bench engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S [WARMUP]\n       \
+             engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S"
+        ),
+    }
+}

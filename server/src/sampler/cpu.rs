@@ -2,7 +2,9 @@
 //!
 //! For a row z with max m and temperature T (inverse `inv_t` = 1/T in f64):
 //!
-//! 1. e_i = exp(((z_i − m) · inv_t) as f32), an f32 exponential; -inf logits give 0.
+//! 1. e_i = [`exp_f32`](((z_i − m) · inv_t) as f32), glibc's f32 exponential;
+//!    -inf logits give 0. (At T = 1 the argument is the f32 difference z_i − m,
+//!    which is the same number.)
 //! 2. The vocabulary is cut into blocks of [`BLOCK`] ids. B_b, the sum of a block's
 //!    e_i, is accumulated sequentially in f64; S = Σ_b B_b, sequentially, and
 //!    log p_i = (z_i − m) · inv_t − ln S, lse = m · inv_t + ln S.
@@ -13,12 +15,25 @@
 //! 4. One walk over the blocks: with A the sum of the blocks before block b, the
 //!    block is skipped when t_j − A ≥ B_b for the next threshold t_j; inside it,
 //!    id i takes every threshold with L_{i−1} ≤ t_j − A < L_i, where L is the
-//!    running f64 sum of the block's e_i. Thresholds that rounding leaves past the
-//!    end go to the last id with e_i > 0.
+//!    running f64 sum of the block's e_i (a t_j − A below 0, left by the rounding
+//!    of A, goes to the block's first id with e_i > 0). Thresholds that rounding
+//!    leaves past the end go to the last id with e_i > 0.
 //!
 //! Everything the CUDA kernel must reproduce is in this description; the kernel
 //! may sum in another order, so it agrees except where a threshold lies within
 //! rounding of a CDF boundary.
+//!
+//! How it runs fast: where the CPU has AVX2 and FMA (chosen at run time), the
+//! exponentials run four at a time (the same operations as the scalar
+//! [`exp_f32`], fused multiply-adds included, so the same bits) and the max is
+//! a loop compiled for AVX2. (Elsewhere `f64::mul_add` is exact too, but on an
+//! x86-64 CPU without FMA it is a call to the C library's `fma`, which is
+//! slow.) The sequential sums of [`GROUP`]
+//! blocks are accumulated side by side (independent chains, each still
+//! sequential) and their running values L are kept, so the walk finds each
+//! threshold's id by binary search instead of summing again. Rows are
+//! independent, so [`CpuSampler::sample_rows`] splits a large batch of rows
+//! over threads; the result is the same.
 
 use super::{Method, RowKey, SampledRows, SamplerError, SamplingParams, philox::philox4x32_10};
 
@@ -31,11 +46,300 @@ fn is_nan_or_pos_inf(v: f32) -> bool {
 /// Ids per block of the CDF walk.
 pub const BLOCK: usize = 256;
 
-/// The reference sampler. Holds scratch buffers, so one instance per thread
-/// samples any number of rows without allocating.
+/// Blocks whose sequential sums are accumulated side by side.
+const GROUP: usize = 8;
+
+/// Logits (rows × V) below which [`CpuSampler::sample_rows`] stays on one
+/// thread: starting threads costs more than such a batch.
+const PARALLEL_MIN_LOGITS: usize = 1 << 20;
+
+/// 2^(i/32), i = 0..31, rounded to f64, each minus i << 47, so that adding
+/// ki << 47 both restores the table value and sets the power of two (glibc's
+/// `__exp2f_data.tab`).
+const EXP2F_TAB: [u64; 32] = [
+    0x3ff0000000000000,
+    0x3fefd9b0d3158574,
+    0x3fefb5586cf9890f,
+    0x3fef9301d0125b51,
+    0x3fef72b83c7d517b,
+    0x3fef54873168b9aa,
+    0x3fef387a6e756238,
+    0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715,
+    0x3feef1a7373aa9cb,
+    0x3feedea64c123422,
+    0x3feece086061892d,
+    0x3feebfdad5362a27,
+    0x3feeb42b569d4f82,
+    0x3feeab07dd485429,
+    0x3feea47eb03a5585,
+    0x3feea09e667f3bcd,
+    0x3fee9f75e8ec5f74,
+    0x3feea11473eb0187,
+    0x3feea589994cce13,
+    0x3feeace5422aa0db,
+    0x3feeb737b0cdc5e5,
+    0x3feec49182a3f090,
+    0x3feed503b23e255d,
+    0x3feee89f995ad3ad,
+    0x3feeff76f2fb5e47,
+    0x3fef199bdd85529c,
+    0x3fef3720dcef9069,
+    0x3fef5818dcfba487,
+    0x3fef7c97337b9b5f,
+    0x3fefa4afa2a490da,
+    0x3fefd0765b6e4540,
+];
+
+const INV_LN2_N: f64 = f64::from_bits(0x4047_1547_652b_82fe); // 32 / ln 2
+const SHIFT: f64 = f64::from_bits(0x4338_0000_0000_0000); // 1.5 · 2^52
+const C0: f64 = f64::from_bits(0x3ebc_6af8_4b91_2394);
+const C1: f64 = f64::from_bits(0x3f2e_bfce_50fa_c4f3);
+const C2: f64 = f64::from_bits(0x3f96_2e42_ff0c_52d6);
+const UNDERFLOW: f32 = f32::from_bits(0xc2cf_f1b4); // log(2^-150) ≈ −103.972
+
+/// e^x in f32 for x ≤ 0 (the exponential of step 1): the C library's `expf`
+/// of x86-64 glibc (Szabolcs Nagy's table-driven algorithm, from ARM's
+/// optimized-routines) as its FMA build computes it, bit for bit, written out
+/// so that it vectorises: x·32/ln 2 = k + r, e^x = 2^(k/32) · (c0 r³ + c1 r² +
+/// c2 r + 1), in f64 with the FMA build's fused multiply-adds, rounded once to
+/// f32 (below 0.502 ulp). x < log(2^-150) (and −∞) gives 0. It is what
+/// `f32::exp` returns on x86-64 Linux with FMA (on CPUs without FMA glibc's
+/// generic build differs from it at one x of [−104, 0]); the CUDA kernel's
+/// `logitd_expf` is the same function.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let xd = f64::from(x);
+    let kd = INV_LN2_N.mul_add(xd, SHIFT);
+    let ki = kd.to_bits();
+    let kd = kd - SHIFT;
+    let r = INV_LN2_N.mul_add(xd, -kd);
+    let s = f64::from_bits(EXP2F_TAB[(ki % 32) as usize].wrapping_add(ki << 47));
+    let z = C0.mul_add(r, C1);
+    let r2 = r * r;
+    let y = C2.mul_add(r, 1.0);
+    let y = z.mul_add(r2, y) * s;
+    if x < UNDERFLOW { 0.0 } else { y as f32 }
+}
+
+/// [`exp_f32`] of four lanes with AVX2 and FMA: the same operations in the
+/// same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp4_avx2(x: std::arch::x86_64::__m128) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    let xd = _mm256_cvtps_pd(x);
+    let inv = _mm256_set1_pd(INV_LN2_N);
+    let shift = _mm256_set1_pd(SHIFT);
+    let kd = _mm256_fmadd_pd(inv, xd, shift);
+    let ki = _mm256_castpd_si256(kd);
+    let kd = _mm256_sub_pd(kd, shift);
+    // fma(inv, xd, −kd): one rounding, as mul_add.
+    let r = _mm256_fmsub_pd(inv, xd, kd);
+    let index = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
+    // SAFETY: every index is below 32, the table's length.
+    let t = unsafe { _mm256_i64gather_epi64::<8>(EXP2F_TAB.as_ptr().cast(), index) };
+    let s = _mm256_castsi256_pd(_mm256_add_epi64(t, _mm256_slli_epi64::<47>(ki)));
+    let z = _mm256_fmadd_pd(_mm256_set1_pd(C0), r, _mm256_set1_pd(C1));
+    let r2 = _mm256_mul_pd(r, r);
+    let y = _mm256_fmadd_pd(_mm256_set1_pd(C2), r, _mm256_set1_pd(1.0));
+    let y = _mm256_mul_pd(_mm256_fmadd_pd(z, r2, y), s);
+    let under = _mm_cmplt_ps(x, _mm_set1_ps(UNDERFLOW));
+    _mm_andnot_ps(under, _mm256_cvtpd_ps(y))
+}
+
+/// e_i = exp_f32(x_i) for the whole row with [`exp4_avx2`]; x_i as in step 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exps_avx2(z: &[f32], max: f32, inv_t: f64, exps: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = z.len().min(exps.len());
+    let whole = n - n % 4;
+    let (m, it) = (f64::from(max), inv_t);
+    for i in (0..whole).step_by(4) {
+        // SAFETY: i + 4 <= n, within both slices.
+        unsafe {
+            let v = _mm_loadu_ps(z.as_ptr().add(i));
+            let x = if inv_t == 1.0 {
+                _mm_sub_ps(v, _mm_set1_ps(max))
+            } else {
+                let d = _mm256_sub_pd(_mm256_cvtps_pd(v), _mm256_set1_pd(m));
+                _mm256_cvtpd_ps(_mm256_mul_pd(d, _mm256_set1_pd(it)))
+            };
+            _mm_storeu_ps(exps.as_mut_ptr().add(i), exp4_avx2(x));
+        }
+    }
+    for i in whole..n {
+        exps[i] =
+            exp_f32(if inv_t == 1.0 { z[i] - max } else { ((f64::from(z[i]) - m) * it) as f32 });
+    }
+}
+
+/// The max of a row, and whether it holds NaN or +inf.
+#[inline(always)]
+fn max_and_bad(z: &[f32]) -> (f32, bool) {
+    const LANES: usize = 16;
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut bad = [false; LANES];
+    let chunks = z.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let v = c[l];
+            bad[l] |= is_nan_or_pos_inf(v);
+            max[l] = if v > max[l] { v } else { max[l] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    let mut any_bad = false;
+    for &v in rest.iter().chain(max.iter()) {
+        any_bad |= is_nan_or_pos_inf(v);
+        m = if v > m { v } else { m };
+    }
+    (m, any_bad || bad.iter().any(|&b| b))
+}
+
+/// e_i = exp_f32(arg(z_i)), 32 at a time so the vector units get independent chains.
+#[inline(always)]
+fn each_exp(z: &[f32], exps: &mut [f32], arg: impl Fn(f32) -> f32) {
+    const N: usize = 32;
+    let mut e = exps.chunks_exact_mut(N);
+    let mut v = z.chunks_exact(N);
+    for (ec, zc) in e.by_ref().zip(v.by_ref()) {
+        for l in 0..N {
+            ec[l] = exp_f32(arg(zc[l]));
+        }
+    }
+    for (e, &v) in e.into_remainder().iter_mut().zip(v.remainder()) {
+        *e = exp_f32(arg(v));
+    }
+}
+
+/// Step 1: e_i for every id.
+#[inline(always)]
+fn exps(z: &[f32], max: f32, inv_t: f64, exps: &mut [f32]) {
+    if inv_t == 1.0 {
+        // f32 subtraction rounds the exact z − m once, as the f64 path does
+        // (an f64 difference of two f32s is exact unless one is below 2^-29 of
+        // the other, and then both round to the same f32).
+        each_exp(z, exps, |v| v - max);
+    } else {
+        let m = f64::from(max);
+        each_exp(z, exps, |v| ((f64::from(v) - m) * inv_t) as f32);
+    }
+}
+
+/// Step 2: the running sums L of each block and the block sums B_b.
+#[inline(always)]
+fn block_sums(exps: &[f32], prefix: &mut [f64], block_sums: &mut Vec<f64>) {
+    let n = exps.len();
+    let full_groups = n / (BLOCK * GROUP);
+    for (eg, pg) in exps
+        .chunks_exact(BLOCK * GROUP)
+        .zip(prefix.chunks_exact_mut(BLOCK * GROUP))
+        .take(full_groups)
+    {
+        // GROUP independent sequential sums, one per block.
+        let mut acc = [0.0f64; GROUP];
+        for i in 0..BLOCK {
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a += f64::from(eg[g * BLOCK + i]);
+                pg[g * BLOCK + i] = *a;
+            }
+        }
+        block_sums.extend_from_slice(&acc);
+    }
+    let done = full_groups * BLOCK * GROUP;
+    for (eb, pb) in exps[done..].chunks(BLOCK).zip(prefix[done..].chunks_mut(BLOCK)) {
+        let mut acc = 0.0f64;
+        for (&e, p) in eb.iter().zip(pb.iter_mut()) {
+            acc += f64::from(e);
+            *p = acc;
+        }
+        block_sums.push(acc);
+    }
+}
+
+/// [`max_and_bad`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn max_and_bad_avx2(z: &[f32]) -> (f32, bool) {
+    max_and_bad(z)
+}
+
+/// [`exps`] with [`exps_avx2`] and [`block_sums`], compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exps_and_sums_avx2(
+    z: &[f32],
+    max: f32,
+    inv_t: f64,
+    e: &mut [f32],
+    prefix: &mut [f64],
+    sums: &mut Vec<f64>,
+) {
+    exps_avx2(z, max, inv_t, e);
+    block_sums(e, prefix, sums);
+}
+
+/// Whether the CPU runs the AVX2 + FMA builds.
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`max_and_bad`], in its AVX2 build where the CPU has AVX2 and FMA.
+fn max_and_bad_fastest(z: &[f32]) -> (f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just now).
+        return unsafe { max_and_bad_avx2(z) };
+    }
+    max_and_bad(z)
+}
+
+/// Steps 1 and 2 ([`exps`], [`block_sums`]), in the AVX2 + FMA build where the
+/// CPU has both.
+fn exps_and_sums_fastest(
+    z: &[f32],
+    max: f32,
+    inv_t: f64,
+    e: &mut [f32],
+    prefix: &mut [f64],
+    sums: &mut Vec<f64>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just now).
+        return unsafe { exps_and_sums_avx2(z, max, inv_t, e, prefix, sums) };
+    }
+    exps(z, max, inv_t, e);
+    block_sums(e, prefix, sums);
+}
+
+/// The reference sampler. Holds scratch buffers, so one instance samples any
+/// number of rows without allocating; [`sample_rows`](Self::sample_rows) uses
+/// as many threads as candle does (`RAYON_NUM_THREADS`, else one per core) for
+/// large batches.
 #[derive(Debug, Default)]
 pub struct CpuSampler {
+    main: Scratch,
+    /// Scratch of the helper threads.
+    workers: Vec<Scratch>,
+}
+
+/// One thread's scratch buffers, and the per-row algorithm.
+#[derive(Debug, Default)]
+struct Scratch {
     exps: Vec<f32>,
+    /// L: within each block, the running f64 sum of its e_i (the last is B_b).
+    prefix: Vec<f64>,
     block_sums: Vec<f64>,
     thresholds: Vec<f64>,
     order: Vec<u32>,
@@ -61,6 +365,19 @@ impl RowStats {
     }
 }
 
+/// Appends the rows of `part` to `out`.
+fn append(out: &mut SampledRows, part: &SampledRows) {
+    let base = out.token_ids.len();
+    out.token_ids.extend_from_slice(&part.token_ids);
+    out.counts.extend_from_slice(&part.counts);
+    out.logprobs.extend_from_slice(&part.logprobs);
+    out.lse.extend_from_slice(&part.lse);
+    out.offsets.extend(part.offsets[1..].iter().map(|&o| {
+        u32::try_from(base + o as usize)
+            .expect("more than 2^32 sampled entries in one batch: this is a bug")
+    }));
+}
+
 impl CpuSampler {
     /// A sampler with empty scratch buffers.
     pub fn new() -> Self {
@@ -78,20 +395,85 @@ impl CpuSampler {
         keys: &[RowKey],
         out: &mut SampledRows,
     ) -> Result<(), SamplerError> {
+        let threads = if logits.len() >= PARALLEL_MIN_LOGITS {
+            candle_core::utils::get_num_threads()
+        } else {
+            1
+        };
+        self.sample_rows_on(threads, logits, vocab, params, keys, out)
+    }
+
+    /// [`sample_rows`](Self::sample_rows) on at most `threads` threads.
+    fn sample_rows_on(
+        &mut self,
+        threads: usize,
+        logits: &[f32],
+        vocab: usize,
+        params: &SamplingParams,
+        keys: &[RowKey],
+        out: &mut SampledRows,
+    ) -> Result<(), SamplerError> {
         if vocab == 0 {
             return Err(SamplerError::EmptyRow);
         }
         if logits.len() != keys.len() * vocab {
             return Err(SamplerError::ShapeMismatch { len: logits.len(), rows: keys.len(), vocab });
         }
-        for (row, key) in logits.chunks_exact(vocab).zip(keys) {
-            self.sample_row(row, params, *key, out)?;
+        let threads = threads.clamp(1, keys.len().max(1));
+        if threads == 1 {
+            for (row, key) in logits.chunks_exact(vocab).zip(keys) {
+                self.main.sample_row(row, params, *key, out)?;
+            }
+            return Ok(());
+        }
+        // Contiguous runs of rows, one per thread; this thread takes the first.
+        let per = keys.len().div_ceil(threads);
+        self.workers.resize_with(threads - 1, Scratch::default);
+        let (main, workers) = (&mut self.main, &mut self.workers);
+        let mut runs = logits.chunks(per * vocab).zip(keys.chunks(per));
+        let (first_logits, first_keys) = runs.next().expect("at least one row");
+        let run = |scratch: &mut Scratch, logits: &[f32], keys: &[RowKey]| {
+            let mut part = SampledRows::new();
+            let result = logits
+                .chunks_exact(vocab)
+                .zip(keys)
+                .try_for_each(|(row, key)| scratch.sample_row(row, params, *key, &mut part));
+            (part, result)
+        };
+        let run = &run;
+        let parts: Vec<(SampledRows, Result<(), SamplerError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = workers
+                .iter_mut()
+                .zip(runs)
+                .map(|(scratch, (l, k))| s.spawn(move || run(scratch, l, k)))
+                .collect();
+            let mut parts = vec![run(main, first_logits, first_keys)];
+            for h in handles {
+                parts.push(h.join().expect("a sampler thread panicked: this is a bug"));
+            }
+            parts
+        });
+        for (part, result) in parts {
+            append(out, &part);
+            result?;
         }
         Ok(())
     }
 
     /// Samples one row of logits and appends it to `out`.
     pub fn sample_row(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        key: RowKey,
+        out: &mut SampledRows,
+    ) -> Result<(), SamplerError> {
+        self.main.sample_row(logits, params, key, out)
+    }
+}
+
+impl Scratch {
+    fn sample_row(
         &mut self,
         logits: &[f32],
         params: &SamplingParams,
@@ -112,12 +494,7 @@ impl CpuSampler {
         if z.is_empty() {
             return Err(SamplerError::EmptyRow);
         }
-        let mut max = f32::NEG_INFINITY;
-        let mut bad = false;
-        for &v in z {
-            bad |= is_nan_or_pos_inf(v);
-            max = if v > max { v } else { max };
-        }
+        let (max, bad) = max_and_bad_fastest(z);
         if bad {
             let index = z.iter().position(|&v| is_nan_or_pos_inf(v)).expect("a bad value was seen");
             return Err(SamplerError::NonFiniteLogit { index, value: z[index] });
@@ -126,20 +503,18 @@ impl CpuSampler {
             return Err(SamplerError::AllMasked);
         }
         let inv_t = 1.0 / f64::from(temperature);
-        let m = f64::from(max);
         self.exps.resize(z.len(), 0.0);
+        self.prefix.resize(z.len(), 0.0);
         self.block_sums.clear();
-        let mut total = 0.0f64;
-        for (zb, eb) in z.chunks(BLOCK).zip(self.exps.chunks_mut(BLOCK)) {
-            let mut block = 0.0f64;
-            for (&zi, ei) in zb.iter().zip(eb.iter_mut()) {
-                let e = (((f64::from(zi) - m) * inv_t) as f32).exp();
-                *ei = e;
-                block += f64::from(e);
-            }
-            self.block_sums.push(block);
-            total += block;
-        }
+        exps_and_sums_fastest(
+            z,
+            max,
+            inv_t,
+            &mut self.exps,
+            &mut self.prefix,
+            &mut self.block_sums,
+        );
+        let total = self.block_sums.iter().fold(0.0f64, |s, &b| s + b);
         // e = 1 at the max, so total >= 1 and its log is finite.
         Ok(RowStats { max, inv_t, total, ln_sum: total.ln() })
     }
@@ -185,20 +560,25 @@ impl CpuSampler {
                 continue;
             }
             let start = b * BLOCK;
-            let mut local = 0.0f64;
-            for (i, &e) in self.exps[start..(start + BLOCK).min(z.len())].iter().enumerate() {
-                if e == 0.0 {
-                    continue;
+            let prefix = &self.prefix[start..(start + BLOCK).min(z.len())];
+            let mut lo = 0;
+            while j < t.len() {
+                let x = t[j] - before;
+                if x >= block {
+                    break;
                 }
-                local += f64::from(e);
+                // The id i with L_{i−1} ≤ x < L_i (then e_i > 0); below 0, the
+                // first id with e_i > 0, the first with L_i > 0.
+                let x = if x < 0.0 { 0.0 } else { x };
+                let i = lo + prefix[lo..].partition_point(|&l| l <= x);
                 let first = j;
-                while j < t.len() && t[j] - before < local {
+                j += 1;
+                while j < t.len() && t[j] - before < prefix[i] {
                     j += 1;
                 }
-                if j > first {
-                    let id = start + i;
-                    out.push_entry(id as u32, (j - first) as u32, stats.logprob(z[id]));
-                }
+                let id = start + i;
+                out.push_entry(id as u32, (j - first) as u32, stats.logprob(z[id]));
+                lo = i + 1;
             }
             before += block;
         }
@@ -235,5 +615,130 @@ impl CpuSampler {
         for &id in &self.order {
             out.push_entry(id, 1, stats.logprob(z[id as usize]));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distance of `got` from e^x in units in the last place of the f32 result,
+    /// with e^x from the f64 exponential (an independent reference).
+    fn ulps(got: f32, x: f32) -> f64 {
+        let want = f64::from(x).exp();
+        let near = want as f32;
+        let ulp = if near == 0.0 {
+            f64::from(f32::from_bits(1))
+        } else {
+            f64::from(f32::from_bits(near.to_bits() + 1)) - f64::from(near)
+        };
+        (f64::from(got) - want).abs() / ulp
+    }
+
+    /// Where glibc's generic expf differs from its FMA build in [−104, 0].
+    const GENERIC_GLIBC_DIFFERS: f32 = f32::from_bits(0xc27c_65d9);
+
+    #[test]
+    fn exp_f32_is_glibcs_expf_and_within_half_an_ulp() {
+        // Every 61st f32 from -0 down to -104.5, and the one where glibc's builds differ.
+        let mut worst = 0.0f64;
+        let mut mismatches = vec![];
+        let mut bits = 0x8000_0000u32;
+        let mut xs = vec![GENERIC_GLIBC_DIFFERS];
+        while f32::from_bits(bits) >= -104.5 {
+            xs.push(f32::from_bits(bits));
+            bits += 61;
+        }
+        for x in xs {
+            let e = exp_f32(x);
+            worst = worst.max(ulps(e, x));
+            #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
+            if e.to_bits() != x.exp().to_bits() {
+                mismatches.push(x);
+            }
+        }
+        assert!(worst < 0.502, "{worst} ulp");
+        assert!(worst > 0.5, "the sweep met rounding errors ({worst})");
+        // Without FMA, glibc runs its generic build, which differs at one x.
+        let allowed = if avx2_fma() { vec![] } else { vec![GENERIC_GLIBC_DIFFERS] };
+        assert!(mismatches.iter().all(|x| allowed.contains(x)), "{mismatches:?}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        // Subnormal results: e^-100 ≈ 3.7e-44, e^-103.5 rounds to the smallest.
+        assert!(ulps(exp_f32(-100.0), -100.0) < 0.502);
+        assert_eq!(exp_f32(-103.5), f32::from_bits(1));
+    }
+
+    #[test]
+    fn the_avx2_fma_build_gives_the_same_bits() {
+        let z: Vec<f32> =
+            (0..5 * BLOCK * GROUP + 77).map(|i| ((i * 7919) % 30_011) as f32 * -0.0037).collect();
+        let mut plain = (vec![0.0; z.len()], vec![0.0; z.len()], vec![]);
+        let mut fast = plain.clone();
+        for inv_t in [1.0, 1.0 / 0.7] {
+            exps(&z, 0.0, inv_t, &mut plain.0);
+            block_sums(&plain.0, &mut plain.1, &mut plain.2);
+            exps_and_sums_fastest(&z, 0.0, inv_t, &mut fast.0, &mut fast.1, &mut fast.2);
+            assert_eq!(plain, fast);
+        }
+        assert_eq!(max_and_bad(&z), max_and_bad_fastest(&z));
+    }
+
+    #[test]
+    fn block_sums_and_running_sums_are_sequential_per_block() {
+        let z: Vec<f32> = (0..3 * BLOCK * GROUP + 300).map(|i| (i % 97) as f32 * -0.05).collect();
+        let (mut e, mut p, mut b) = (vec![0.0; z.len()], vec![0.0; z.len()], vec![]);
+        exps(&z, 0.0, 1.0, &mut e);
+        block_sums(&e, &mut p, &mut b);
+        assert_eq!(b.len(), z.len().div_ceil(BLOCK));
+        for (blk, chunk) in e.chunks(BLOCK).enumerate() {
+            let mut acc = 0.0f64;
+            for (i, &v) in chunk.iter().enumerate() {
+                acc += f64::from(v);
+                assert_eq!(p[blk * BLOCK + i], acc);
+            }
+            assert_eq!(b[blk], acc);
+        }
+    }
+
+    #[test]
+    fn threads_give_the_same_rows_as_one_thread() {
+        let vocab = 3000;
+        let rows = 37;
+        let z: Vec<f32> =
+            (0..vocab * rows).map(|i| ((i * 7919 % 10_007) as f32 * 0.001).sin() * 6.0).collect();
+        let keys: Vec<RowKey> =
+            (0..rows as u32).map(|p| RowKey { seed: 3, sequence: 1, position: p }).collect();
+        for params in [
+            SamplingParams::new(Method::Sample, 256, 1.0).unwrap(),
+            SamplingParams::new(Method::Sample, 64, 0.6).unwrap(),
+            SamplingParams::new(Method::TopK, 20, 1.0).unwrap(),
+        ] {
+            let mut one = SampledRows::new();
+            CpuSampler::new().sample_rows_on(1, &z, vocab, &params, &keys, &mut one).unwrap();
+            for threads in [2, 3, 8] {
+                // Appended after a row already there, as the engine does per chunk.
+                let mut many = SampledRows::new();
+                let mut s = CpuSampler::new();
+                s.sample_rows_on(1, &z[..vocab], vocab, &params, &keys[..1], &mut many).unwrap();
+                s.sample_rows_on(threads, &z, vocab, &params, &keys, &mut many).unwrap();
+                assert_eq!(many.slice(1..rows + 1), one, "{threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_row_keeps_the_rows_before_it_with_threads() {
+        let vocab = 100;
+        let mut z = vec![0.5f32; vocab * 10];
+        z[6 * vocab + 3] = f32::NAN;
+        let keys = vec![RowKey { seed: 1, sequence: 0, position: 0 }; 10];
+        let params = SamplingParams::new(Method::Sample, 8, 1.0).unwrap();
+        let mut out = SampledRows::new();
+        let e = CpuSampler::new().sample_rows_on(4, &z, vocab, &params, &keys, &mut out);
+        assert!(matches!(e, Err(SamplerError::NonFiniteLogit { index: 3, .. })));
+        assert_eq!(out.num_rows(), 6);
     }
 }

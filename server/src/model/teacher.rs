@@ -141,6 +141,50 @@ struct Tile {
     mask: Tensor,
 }
 
+/// The mask of one tile, [queries, keys] of 0 / -inf (f32): query i sees key
+/// j when j ≤ i and, with a window W, i − j < W. Built on the host.
+fn mask_on_host(
+    queries: Range<usize>,
+    keys_start: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let keys = queries.end - keys_start;
+    let mut mask = vec![0f32; queries.len() * keys];
+    for (r, row) in mask.chunks_exact_mut(keys).enumerate() {
+        let i = queries.start + r;
+        for (c, m) in row.iter_mut().enumerate() {
+            let j = keys_start + c;
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                *m = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(mask, (queries.len(), keys), device)
+}
+
+/// [`mask_on_host`] computed by tensor ops where the tensors live, so a GPU
+/// neither waits for the host to fill the mask nor for its upload.
+fn mask_on_device(
+    queries: Range<usize>,
+    keys_start: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let (rows, keys) = (queries.len(), queries.end - keys_start);
+    let i = Tensor::arange(queries.start as i64, queries.end as i64, device)?.reshape((rows, 1))?;
+    let j = Tensor::arange(keys_start as i64, queries.end as i64, device)?.reshape((1, keys))?;
+    let back = i.broadcast_sub(&j)?; // i − j
+    let mut visible = back.ge(0i64)?;
+    if let Some(w) = window {
+        visible = (visible * back.lt(w as i64)?)?;
+    }
+    let open = Tensor::zeros((rows, keys), DType::F32, device)?;
+    let shut = Tensor::full(f32::NEG_INFINITY, (rows, keys), device)?;
+    visible.where_cond(&open, &shut)
+}
+
 /// The tiles of a batch for each distinct window, shared by all layers.
 struct AttentionPlan {
     tiles: Vec<(Option<usize>, Vec<Tile>)>,
@@ -167,19 +211,11 @@ impl AttentionPlan {
                         Some(w) => (q0 + 1).saturating_sub(w).max(seq.start),
                         None => seq.start,
                     };
-                    let keys = q1 - keys_start;
-                    let mut mask = vec![0f32; (q1 - q0) * keys];
-                    for (r, row) in mask.chunks_exact_mut(keys).enumerate() {
-                        let i = q0 + r;
-                        for (c, m) in row.iter_mut().enumerate() {
-                            let j = keys_start + c;
-                            let visible = j <= i && window.is_none_or(|w| i - j < w);
-                            if !visible {
-                                *m = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    let mask = Tensor::from_vec(mask, (q1 - q0, keys), device)?;
+                    let mask = if device.is_cpu() {
+                        mask_on_host(q0..q1, keys_start, window, device)?
+                    } else {
+                        mask_on_device(q0..q1, keys_start, window, device)?
+                    };
                     list.push(Tile { queries: q0..q1, keys_start, mask });
                     q0 = q1;
                 }
@@ -205,6 +241,18 @@ pub struct Teacher {
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
     inv_freq_local: Option<Vec<f32>>,
+    /// RoPE tables of positions 0..len, global and local.
+    rope_cache: std::sync::Mutex<[Option<RopeTable>; 2]>,
+    /// The CUDA sampling kernel, loaded at the first chunk sampled on a GPU.
+    #[cfg(feature = "cuda")]
+    gpu_sampler: std::sync::Mutex<Option<crate::sampler::gpu::CudaSampler>>,
+}
+
+/// cos and sin of positions 0..len (f32, [len, head_dim / 2]).
+struct RopeTable {
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// Inverse RoPE frequencies, in f32 as transformers computes them.
@@ -396,6 +444,9 @@ impl Teacher {
             layers,
             inv_freq,
             inv_freq_local,
+            rope_cache: std::sync::Mutex::new([None, None]),
+            #[cfg(feature = "cuda")]
+            gpu_sampler: std::sync::Mutex::new(None),
         })
     }
 
@@ -414,29 +465,42 @@ impl Teacher {
         &self.device
     }
 
-    /// cos and sin tables [tokens, head_dim / 2] (f32) for the batch positions.
-    fn rope_tables(
-        &self,
-        positions: &[u32],
-        inv_freq: &[f32],
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in inv_freq {
-                // The angle is an f32 product, as in transformers; cos and sin
-                // are then evaluated exactly and rounded once.
-                let angle = f64::from(p as f32 * f);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+    /// cos and sin tables [tokens, head_dim / 2] (f32) for the batch positions,
+    /// rows of a table of positions 0..L kept on the device (`local` picks the
+    /// local-attention frequencies) and grown to the next power of two when a
+    /// longer sequence comes, so a batch neither computes nor uploads them.
+    fn rope_tables(&self, positions: &[u32], local: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        let inv_freq = if local {
+            self.inv_freq_local.as_ref().expect("local RoPE frequencies: this is a bug")
+        } else {
+            &self.inv_freq
+        };
+        let needed = positions.iter().max().map_or(1, |&p| p as usize + 1);
+        let mut cache = self.rope_cache.lock().expect("RoPE cache lock poisoned: this is a bug");
+        let slot = &mut cache[usize::from(local)];
+        if slot.as_ref().is_none_or(|t| t.len < needed) {
+            let len = needed.next_power_of_two();
+            let half = inv_freq.len();
+            let mut cos = Vec::with_capacity(len * half);
+            let mut sin = Vec::with_capacity(len * half);
+            for p in 0..len {
+                for &f in inv_freq {
+                    // The angle is an f32 product, as in transformers; cos and
+                    // sin are then evaluated exactly and rounded once.
+                    let angle = f64::from(p as f32 * f);
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
             }
+            *slot = Some(RopeTable {
+                len,
+                cos: Tensor::from_vec(cos, (len, half), &self.device)?,
+                sin: Tensor::from_vec(sin, (len, half), &self.device)?,
+            });
         }
-        let n = positions.len();
-        Ok((
-            Tensor::from_vec(cos, (n, half), &self.device)?,
-            Tensor::from_vec(sin, (n, half), &self.device)?,
-        ))
+        let table = slot.as_ref().expect("filled above");
+        let idx = Tensor::from_slice(positions, positions.len(), &self.device)?;
+        Ok((table.cos.index_select(&idx, 0)?, table.sin.index_select(&idx, 0)?))
     }
 
     /// Runs the packed batch through the model: the final-normed hidden states
@@ -460,9 +524,9 @@ impl Teacher {
             x = x.broadcast_mul(&s)?;
         }
         let positions = batch.positions();
-        let global = self.rope_tables(&positions, &self.inv_freq)?;
+        let global = self.rope_tables(&positions, false)?;
         let local = match &self.inv_freq_local {
-            Some(f) => Some(self.rope_tables(&positions, f)?),
+            Some(_) => Some(self.rope_tables(&positions, true)?),
             None => None,
         };
         let mut windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
@@ -567,6 +631,18 @@ impl Teacher {
         Ok(softcap(&logits, self.config.final_softcap)?)
     }
 
+    /// The LM head's logits as the GPU sampler reads them: straight from the
+    /// matmul in the compute dtype, or in f32 when a final soft-cap applies. In
+    /// f32 they are exactly [`Self::logits`] (widening is exact).
+    #[cfg(feature = "cuda")]
+    fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError> {
+        if self.config.final_softcap.is_some() {
+            return self.logits(hidden_rows);
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(hidden_rows.matmul(&head.t()?)?)
+    }
+
     /// Rows per LM-head chunk so that a chunk holds about
     /// [`DEFAULT_HEAD_CHUNK_LOGITS`] logits.
     pub fn default_head_chunk_rows(&self) -> usize {
@@ -576,8 +652,10 @@ impl Teacher {
     /// Sends `rows` (indices into the batch's tokens) of `hidden` through the LM
     /// head and the sampler, `chunk_rows` at a time, appending one sampled row
     /// per entry of `rows` (keyed by `keys`) to `out`. At most
-    /// `chunk_rows × V` logits exist at once; on the CPU the sampler reads them
-    /// in place.
+    /// `chunk_rows × V` logits exist at once; the sampler reads them in place,
+    /// on the CPU with `sampler`, on a GPU with the CUDA kernel (`sampler` is
+    /// then used only for chunks the kernel cannot take, see
+    /// [`GpuSampleError::TooLarge`](crate::sampler::gpu::GpuSampleError)).
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
@@ -591,6 +669,10 @@ impl Teacher {
     ) -> Result<(), ModelError> {
         if rows.len() != keys.len() {
             return Err(ModelError::Batch(format!("{} rows but {} keys", rows.len(), keys.len())));
+        }
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            return self.sample_cuda(dev, hidden, rows, keys, params, chunk_rows, sampler, out);
         }
         let vocab = self.config.vocab_size;
         for (chunk, chunk_keys) in
@@ -611,6 +693,59 @@ impl Teacher {
                     sampler.sample_rows(&flat, vocab, params, chunk_keys, out)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Teacher {
+    /// [`Self::sample`] on a CUDA device: each chunk's logits stay on the GPU
+    /// and the kernel samples them where they are.
+    #[allow(clippy::too_many_arguments)]
+    fn sample_cuda(
+        &self,
+        dev: &candle_core::CudaDevice,
+        hidden: &Tensor,
+        rows: &[u32],
+        keys: &[RowKey],
+        params: &SamplingParams,
+        chunk_rows: usize,
+        sampler: &mut CpuSampler,
+        out: &mut SampledRows,
+    ) -> Result<(), ModelError> {
+        use crate::sampler::gpu::{CudaSampler, GpuSampleError};
+        let mut slot = self.gpu_sampler.lock().expect("GPU sampler lock poisoned: this is a bug");
+        if slot.is_none() {
+            *slot = Some(CudaSampler::new(dev)?);
+        }
+        let gpu = slot.as_mut().expect("loaded just now");
+        let vocab = self.config.vocab_size;
+        let fits = gpu.fits(params, vocab);
+        if !fits {
+            tracing::warn!(
+                vocab,
+                k = params.num_samples(),
+                "k is too large for the CUDA sampler's shared memory: sampling on the CPU"
+            );
+        }
+        for (chunk, chunk_keys) in
+            rows.chunks(chunk_rows.max(1)).zip(keys.chunks(chunk_rows.max(1)))
+        {
+            let idx = Tensor::from_slice(chunk, chunk.len(), &self.device)?;
+            let logits = self.head_logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
+            if fits {
+                match gpu.sample(&logits, params, chunk_keys, out) {
+                    Ok(()) => continue,
+                    Err(GpuSampleError::Sampler(e)) => return Err(e.into()),
+                    Err(GpuSampleError::Device(e)) => return Err(e.into()),
+                    Err(e @ (GpuSampleError::TooLarge { .. } | GpuSampleError::Unsupported(_))) => {
+                        tracing::warn!(error = %e, "sampling this chunk on the CPU");
+                    }
+                }
+            }
+            let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            sampler.sample_rows(&flat, vocab, params, chunk_keys, out)?;
         }
         Ok(())
     }
@@ -645,6 +780,22 @@ mod tests {
         let scaled = inverse_frequencies(&rope, 128);
         assert_eq!(scaled[0], plain[0], "wavelength 2π < 2048: kept");
         assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12, "longest wavelength: divided by 8");
+    }
+
+    #[test]
+    fn masks_built_by_tensor_ops_equal_the_host_masks() {
+        for window in [None, Some(1), Some(3), Some(100)] {
+            for (queries, keys_start) in [(0..6, 0), (4..9, 2), (10..11, 10), (3..40, 0)] {
+                let host = mask_on_host(queries.clone(), keys_start, window, &Device::Cpu).unwrap();
+                let ops =
+                    mask_on_device(queries.clone(), keys_start, window, &Device::Cpu).unwrap();
+                assert_eq!(
+                    host.to_vec2::<f32>().unwrap(),
+                    ops.to_vec2::<f32>().unwrap(),
+                    "window {window:?} queries {queries:?} keys from {keys_start}"
+                );
+            }
+        }
     }
 
     #[test]

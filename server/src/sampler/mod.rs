@@ -12,6 +12,9 @@
 //! batch, on the CPU or on the GPU.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod gpu_layout;
 pub mod philox;
 
 pub use cpu::CpuSampler;

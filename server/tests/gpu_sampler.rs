@@ -1,0 +1,459 @@
+//! The CUDA sampling kernel and the teacher on CUDA, against the CPU reference.
+//! Built only with the `cuda` feature and run on a GPU machine
+//! (`tests/gpu/run.sh` runs it, with compute-sanitizer too).
+//!
+//! - Random logits (teacher-like, flat, partly masked) for V = 32,000,
+//!   151,936 and 262,144 in f32, f16 and bf16, sample and top-k: the kernel's
+//!   ids and counts against the CPU sampler on the same values (the dtype's
+//!   values widened to f32, exactly what the kernel reads). Sample mode must
+//!   agree on at least 99.9% of rows, and every row that differs must differ
+//!   only by draws moved between ids adjacent in the CDF (a threshold at a
+//!   boundary); top-k must agree on every row. log p and lse within 1 ulp.
+//! - Real-teacher logits, from the file in `LOGITD_REAL_LOGITS` (a safetensors
+//!   file with `logits` [rows, V], made by the `dump_logits` example), when set.
+//! - Rows with NaN, +inf or only -inf fail as on the CPU.
+//! - The tiny fixture teachers on CUDA (f32 and bf16) against the CPU in f32,
+//!   and `Teacher::sample` on CUDA (the kernel) against the CPU sampler on the
+//!   same logits.
+//!
+//! Every comparison prints a line `AGREEMENT ...` that tests/gpu/run.sh
+//! gathers into its table.
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use logitd::{
+    model::{PackedBatch, Teacher},
+    sampler::{
+        CpuSampler, Method, RowKey, SampledRows, SamplerError, SamplingParams,
+        gpu::{CudaSampler, GpuSampleError},
+    },
+};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("this test needs a CUDA GPU (build with --features cuda)")
+}
+
+fn cuda_sampler(dev: &Device) -> CudaSampler {
+    let Device::Cuda(d) = dev else { unreachable!() };
+    CudaSampler::new(d).expect("loading the sampling kernel")
+}
+
+/// Rows of random logits of several kinds: teacher-like (a Zipf-shaped head
+/// over noise), flat (near-uniform: the hardest case, every id has mass), and
+/// teacher-like with 10% of ids masked to -inf.
+fn random_logits(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut z = vec![0f32; rows * vocab];
+    for (r, row) in z.chunks_exact_mut(vocab).enumerate() {
+        let kind = r % 4;
+        let scale: f32 = rng.random_range(0.5..3.0);
+        for (i, v) in row.iter_mut().enumerate() {
+            let g = gaussian(&mut rng);
+            *v = match kind {
+                0 | 3 => {
+                    // A random id order with a Zipf-like head.
+                    let rank = (i.wrapping_mul(2_654_435_761) ^ r) % vocab;
+                    -1.1 * ((rank + 1) as f32).ln() * scale + g
+                }
+                1 => 0.05 * g,
+                _ => 4.0 * scale * g,
+            };
+            if kind == 3 && rng.random_range(0..10) == 0 {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    z
+}
+
+fn gaussian(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+fn keys(rows: usize, seed: u64) -> Vec<RowKey> {
+    (0..rows as u32).map(|p| RowKey { seed, sequence: p % 7, position: p }).collect()
+}
+
+/// f32 ulps between a and b (both finite).
+fn ulps(a: f32, b: f32) -> u32 {
+    let key = |x: f32| {
+        let b = x.to_bits() as i64;
+        if b < 0x8000_0000 { b } else { 0x8000_0000 - b }
+    };
+    (key(a) - key(b)).unsigned_abs() as u32
+}
+
+#[derive(Debug, Default)]
+struct Agreement {
+    rows: usize,
+    identical: usize,
+    boundary: usize,
+    other: usize,
+    logprob_ulps: u32,
+    lse_ulps: u32,
+}
+
+impl Agreement {
+    fn fraction(&self) -> f64 {
+        self.identical as f64 / self.rows as f64
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "AGREEMENT {what} rows={} identical={} boundary={} other={} fraction={:.6} \
+             max_logprob_ulps={} max_lse_ulps={}",
+            self.rows,
+            self.identical,
+            self.boundary,
+            self.other,
+            self.fraction(),
+            self.logprob_ulps,
+            self.lse_ulps
+        );
+    }
+}
+
+/// Compares GPU rows with CPU rows of the same logits. A differing row counts
+/// as `boundary` when its draws moved by one between ids that are neighbours
+/// among the ids with mass (what a threshold at a CDF boundary does), else
+/// `other`.
+fn compare(
+    gpu: &SampledRows,
+    cpu: &SampledRows,
+    logits: &[f32],
+    vocab: usize,
+    t: f32,
+) -> Agreement {
+    assert_eq!(gpu.num_rows(), cpu.num_rows());
+    let mut a = Agreement { rows: cpu.num_rows(), ..Default::default() };
+    for r in 0..cpu.num_rows() {
+        let (g, c) = (gpu.row(r), cpu.row(r));
+        a.lse_ulps = a.lse_ulps.max(ulps(g.lse, c.lse));
+        if g.token_ids == c.token_ids && g.counts == c.counts {
+            a.identical += 1;
+            for (x, y) in g.logprobs.iter().zip(c.logprobs) {
+                a.logprob_ulps = a.logprob_ulps.max(ulps(*x, *y));
+            }
+            continue;
+        }
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        if moved_across_boundaries(g.token_ids, g.counts, c.token_ids, c.counts, row, t) {
+            a.boundary += 1;
+        } else {
+            a.other += 1;
+            eprintln!(
+                "row {r} differs beyond a boundary: gpu {:?}/{:?} cpu {:?}/{:?}",
+                g.token_ids, g.counts, c.token_ids, c.counts
+            );
+        }
+    }
+    a
+}
+
+/// Whether the two count vectors differ only by draws moved to the next or
+/// previous id with mass (at most 2 draws per row).
+fn moved_across_boundaries(
+    gi: &[u32],
+    gc: &[u32],
+    ci: &[u32],
+    cc: &[u32],
+    row: &[f32],
+    t: f32,
+) -> bool {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Ids with e_i > 0 (e underflows below about -103.97).
+    let massive: Vec<u32> = (0..row.len() as u32)
+        .filter(|&i| ((f64::from(row[i as usize]) - f64::from(m)) / f64::from(t)) > -103.9)
+        .collect();
+    let mut diff = std::collections::BTreeMap::<u32, i64>::new();
+    for (i, c) in gi.iter().zip(gc) {
+        *diff.entry(*i).or_default() += i64::from(*c);
+    }
+    for (i, c) in ci.iter().zip(cc) {
+        *diff.entry(*i).or_default() -= i64::from(*c);
+    }
+    diff.retain(|_, d| *d != 0);
+    let moved: i64 = diff.values().map(|d| d.abs()).sum();
+    if moved == 0 || moved > 4 || diff.values().sum::<i64>() != 0 {
+        return false;
+    }
+    // Pair the ids in order: each pair is one boundary, adjacent ids with mass,
+    // one losing what the other gains.
+    let pos = |id: u32| massive.binary_search(&id).ok();
+    let d: Vec<(u32, i64)> = diff.into_iter().collect();
+    d.len().is_multiple_of(2)
+        && d.chunks_exact(2).all(|p| {
+            let adjacent = matches!((pos(p[0].0), pos(p[1].0)), (Some(a), Some(b)) if b == a + 1);
+            adjacent && p[0].1 == -p[1].1
+        })
+}
+
+/// Samples `z` (f32 on the host) on the GPU in `dtype` and on the CPU from the
+/// same dtype's values; returns (gpu, cpu, the values the CPU saw).
+fn both(
+    dev: &Device,
+    gpu: &mut CudaSampler,
+    z: &[f32],
+    vocab: usize,
+    dtype: DType,
+    params: &SamplingParams,
+    keys: &[RowKey],
+) -> (SampledRows, SampledRows, Vec<f32>) {
+    let rows = keys.len();
+    let t = Tensor::from_slice(z, (rows, vocab), dev).unwrap().to_dtype(dtype).unwrap();
+    let mut g = SampledRows::new();
+    gpu.sample(&t, params, keys, &mut g).unwrap();
+    let seen = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut c = SampledRows::new();
+    CpuSampler::new().sample_rows(&seen, vocab, params, keys, &mut c).unwrap();
+    (g, c, seen)
+}
+
+#[test]
+fn kernel_agrees_with_the_reference_on_random_logits() {
+    let dev = cuda();
+    let mut gpu = cuda_sampler(&dev);
+    let rows =
+        std::env::var("LOGITD_GPU_TEST_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    for vocab in [32_000usize, 151_936, 262_144] {
+        let z = random_logits(rows, vocab, vocab as u64);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (k, t) in [(256u32, 1.0f32), (256, 0.7), (4096, 1.0), (1, 1.0)] {
+                let rows = if k == 256 && t == 1.0 { rows } else { rows.min(512) };
+                let params = SamplingParams::new(Method::Sample, k, t).unwrap();
+                let (g, c, seen) =
+                    both(&dev, &mut gpu, &z[..rows * vocab], vocab, dtype, &params, &keys(rows, 5));
+                let a = compare(&g, &c, &seen, vocab, t);
+                a.print(&format!("sample V={vocab} dtype={dtype:?} k={k} T={t}"));
+                for r in 0..g.num_rows() {
+                    assert_eq!(g.row(r).counts.iter().sum::<u32>(), k, "row {r}: counts sum to k");
+                }
+                assert_eq!(a.other, 0, "rows that differ beyond a CDF boundary");
+                assert!(a.fraction() >= 0.999, "identical rows: {}", a.fraction());
+                assert!(a.logprob_ulps <= 1 && a.lse_ulps <= 1, "{a:?}");
+            }
+            let params = SamplingParams::new(Method::TopK, 256, 1.0).unwrap();
+            let n = rows.min(1024);
+            let (g, c, seen) =
+                both(&dev, &mut gpu, &z[..n * vocab], vocab, dtype, &params, &keys(n, 5));
+            let a = compare(&g, &c, &seen, vocab, 1.0);
+            a.print(&format!("topk V={vocab} dtype={dtype:?} k=256"));
+            assert_eq!(a.identical, a.rows, "top-k rows must be identical");
+            assert!(a.logprob_ulps <= 1 && a.lse_ulps <= 1, "{a:?}");
+        }
+    }
+}
+
+#[test]
+fn kernel_handles_ragged_rows_ties_and_tiny_vocabularies() {
+    let dev = cuda();
+    let mut gpu = cuda_sampler(&dev);
+    // Odd sizes (no vector loads, partial tiles), ties for top-k, k > V.
+    for vocab in [1usize, 2, 7, 255, 257, 1001, 4099] {
+        let rows = 64;
+        let mut z = random_logits(rows, vocab, 9 + vocab as u64);
+        for (i, v) in z.iter_mut().enumerate() {
+            if i % 3 == 0 && v.is_finite() {
+                *v = (*v * 2.0).round() * 0.5; // many equal logits
+            }
+        }
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for params in [
+                SamplingParams::new(Method::Sample, 300, 1.0).unwrap(),
+                SamplingParams::new(Method::TopK, 5, 1.0).unwrap(),
+                SamplingParams::new(Method::TopK, 5000, 1.0).unwrap(),
+            ] {
+                let (g, c, seen) = both(&dev, &mut gpu, &z, vocab, dtype, &params, &keys(rows, 1));
+                let a = compare(&g, &c, &seen, vocab, 1.0);
+                a.print(&format!(
+                    "ragged V={vocab} dtype={dtype:?} {:?} k={}",
+                    params.method(),
+                    params.num_samples()
+                ));
+                assert_eq!(a.other, 0);
+                if params.method() == Method::TopK {
+                    assert_eq!(a.identical, a.rows);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_rows_fail_as_on_the_cpu() {
+    let dev = cuda();
+    let mut gpu = cuda_sampler(&dev);
+    let vocab = 5000;
+    let params = SamplingParams::new(Method::Sample, 64, 1.0).unwrap();
+    for (bad, want) in
+        [(Some((4321, f32::NAN)), "nan"), (Some((17, f32::INFINITY)), "inf"), (None, "masked")]
+    {
+        let mut z = random_logits(4, vocab, 3);
+        match bad {
+            Some((i, v)) => {
+                z[2 * vocab + i] = v;
+                z[2 * vocab + i + 100] = v; // the first one is reported
+            }
+            None => z[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY),
+        }
+        let t = Tensor::from_slice(&z, (4, vocab), &dev).unwrap();
+        let mut g = SampledRows::new();
+        let e = gpu.sample(&t, &params, &keys(4, 1), &mut g).unwrap_err();
+        let mut c = SampledRows::new();
+        let ce =
+            CpuSampler::new().sample_rows(&z, vocab, &params, &keys(4, 1), &mut c).unwrap_err();
+        let GpuSampleError::Sampler(ge) = e else { panic!("{want}: {e}") };
+        match (&ge, &ce) {
+            (
+                SamplerError::NonFiniteLogit { index: a, value: x },
+                SamplerError::NonFiniteLogit { index: b, value: y },
+            ) => {
+                assert_eq!(a, b, "{want}");
+                assert_eq!(x.to_bits(), y.to_bits(), "{want}");
+            }
+            _ => assert_eq!(ge, ce, "{want}"),
+        }
+        assert_eq!(g.num_rows(), 2, "{want}: the rows before the bad one are kept");
+        let a = compare(&g, &c, &z, vocab, 1.0);
+        assert_eq!(a.identical, 2, "{want}: {a:?}");
+    }
+}
+
+#[test]
+fn kernel_agrees_on_real_teacher_logits() {
+    let Some(paths) = std::env::var_os("LOGITD_REAL_LOGITS") else {
+        println!("AGREEMENT real skipped: LOGITD_REAL_LOGITS is not set (see tests/gpu/README.md)");
+        return;
+    };
+    let dev = cuda();
+    let mut gpu = cuda_sampler(&dev);
+    for path in std::env::split_paths(&paths) {
+        let file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let logits = file["logits"].to_dtype(DType::F32).unwrap();
+        let (rows, vocab) = logits.dims2().unwrap();
+        let z = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (k, t) in [(256u32, 1.0f32), (256, 0.7), (4096, 1.0)] {
+                let params = SamplingParams::new(Method::Sample, k, t).unwrap();
+                let (g, c, seen) = both(&dev, &mut gpu, &z, vocab, dtype, &params, &keys(rows, 77));
+                let a = compare(&g, &c, &seen, vocab, t);
+                a.print(&format!("real {name} V={vocab} dtype={dtype:?} k={k} T={t}"));
+                assert_eq!(a.other, 0);
+                assert!(a.fraction() >= 0.999, "{a:?}");
+            }
+            let params = SamplingParams::new(Method::TopK, 256, 1.0).unwrap();
+            let (g, c, seen) = both(&dev, &mut gpu, &z, vocab, dtype, &params, &keys(rows, 77));
+            let a = compare(&g, &c, &seen, vocab, 1.0);
+            a.print(&format!("real {name} V={vocab} dtype={dtype:?} topk k=256"));
+            assert_eq!(a.identical, a.rows);
+        }
+    }
+}
+
+/// The tiny fixtures: in the source tree this binary was built from, or, when
+/// the binary was carried to another machine, under `server/` of the current
+/// directory (tests/gpu/run.sh runs from the repository root).
+fn fixtures() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+    if built.exists() { built } else { PathBuf::from("server/tests/fixtures/tiny") }
+}
+
+fn fixture_batch(dir: &Path) -> PackedBatch {
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let mut sequences = vec![];
+    for i in 0.. {
+        let Some(tokens) = expected.get(&format!("tokens_{i}")) else { break };
+        sequences.push(
+            tokens.to_vec1::<i64>().unwrap().into_iter().map(|t| t as u32).collect::<Vec<_>>(),
+        );
+    }
+    PackedBatch::new(&sequences).unwrap()
+}
+
+fn logits_of(teacher: &Teacher, batch: &PackedBatch) -> Vec<Vec<f32>> {
+    let hidden = teacher.hidden_states(batch).unwrap();
+    teacher.logits(&hidden).unwrap().to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// The teacher on CUDA (f32 and bf16) against the CPU in f32 on every tiny
+/// fixture. f32 must agree to 1e-3; bf16 within bf16 tolerance, here taken as
+/// max |Δ| ≤ 5% of the largest |logit| (bf16 keeps 8 significant bits, and each
+/// layer rounds its activations).
+#[test]
+fn teacher_on_cuda_matches_the_cpu() {
+    let dev = cuda();
+    for name in [
+        "llama",
+        "llama3_rope",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3",
+        "gemma3_multimodal",
+    ] {
+        let dir = fixtures().join(name);
+        let batch = fixture_batch(&dir);
+        let cpu = logits_of(&Teacher::load(&dir, &Device::Cpu, DType::F32).unwrap(), &batch);
+        let scale = cpu.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for dtype in [DType::F32, DType::BF16] {
+            let gpu = logits_of(&Teacher::load(&dir, &dev, dtype).unwrap(), &batch);
+            let (mut worst, mut sum, mut n) = (0f32, 0f64, 0usize);
+            for (g, c) in gpu.iter().flatten().zip(cpu.iter().flatten()) {
+                let d = (g - c).abs();
+                worst = worst.max(d);
+                sum += f64::from(d);
+                n += 1;
+            }
+            println!(
+                "TEACHER {name} dtype={dtype:?} max_abs_diff={worst:e} mean_abs_diff={:e} max_abs_logit={scale}",
+                sum / n as f64
+            );
+            let bound = if dtype == DType::F32 { 1e-3 } else { 0.05 * scale };
+            assert!(worst <= bound, "{name} {dtype:?}: max |Δ| {worst} > {bound}");
+        }
+    }
+}
+
+/// `Teacher::sample` on CUDA runs the head in chunks and samples each chunk on
+/// the GPU; the rows must be the CPU sampler's rows of the same logits.
+#[test]
+fn teacher_sample_on_cuda_is_the_reference_on_the_same_logits() {
+    let dev = cuda();
+    let dir = fixtures().join("gemma2");
+    let teacher = Teacher::load(&dir, &dev, DType::F32).unwrap();
+    let batch = fixture_batch(&dir);
+    let hidden = teacher.hidden_states(&batch).unwrap();
+    let rows: Vec<u32> = (0..batch.num_tokens() as u32).rev().collect();
+    let keys: Vec<RowKey> =
+        rows.iter().map(|&p| RowKey { seed: 42, sequence: 3, position: p }).collect();
+    let vocab = teacher.config().vocab_size;
+    for params in [
+        SamplingParams::new(Method::Sample, 256, 1.0).unwrap(),
+        SamplingParams::new(Method::TopK, 7, 1.0).unwrap(),
+    ] {
+        for chunk in [1, 5, 1000] {
+            let mut g = SampledRows::new();
+            teacher
+                .sample(&hidden, &rows, &keys, &params, chunk, &mut CpuSampler::new(), &mut g)
+                .unwrap();
+            let idx = Tensor::from_slice(&rows, rows.len(), &dev).unwrap();
+            let z = teacher.logits(&hidden.index_select(&idx, 0).unwrap()).unwrap();
+            let z =
+                z.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut c = SampledRows::new();
+            CpuSampler::new().sample_rows(&z, vocab, &params, &keys, &mut c).unwrap();
+            let a = compare(&g, &c, &z, vocab, 1.0);
+            a.print(&format!("teacher.sample gemma2 {:?} chunk={chunk}", params.method()));
+            assert_eq!(a.other, 0);
+            assert_eq!(a.identical, a.rows);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+"""Turns the JSON lines of tests/gpu/run.sh into its markdown table.
+
+    python tests/gpu/report.py RESULTS.jsonl --device NAME --date YYYY-MM-DD
+    python tests/gpu/report.py --from-test < gpu_sampler-output   # AGREEMENT/TEACHER lines -> JSON
+"""
+
+import argparse
+import json
+import re
+import sys
+
+
+def from_test():
+    for line in sys.stdin:
+        line = line.strip()
+        if line.startswith("AGREEMENT "):
+            body = line[len("AGREEMENT "):]
+            if " skipped" in body:
+                print(json.dumps({"bench": "agreement", "what": body, "skipped": True}))
+                continue
+            fields = dict(re.findall(r"(\w+)=(\S+)", body))
+            what = re.sub(r"\s*rows=.*$", "", body)
+            print(json.dumps({"bench": "agreement", "what": what, **fields}))
+        elif line.startswith("TEACHER "):
+            fields = dict(re.findall(r"(\w+)=(\S+)", line))
+            name = line.split()[1]
+            print(json.dumps({"bench": "teacher_vs_cpu", "model": name, **fields}))
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" ---: " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def fmt(x, spec=".2f"):
+    return "—" if x is None else format(x, spec)
+
+
+def report(path, device, date):
+    recs = [json.loads(l) for l in open(path) if l.strip().startswith("{")]
+    by = lambda b: [r for r in recs if r.get("bench") == b]
+    # Later runs of a measurement replace earlier ones.
+    def last(items, key):
+        d = {}
+        for r in items:
+            d[key(r)] = r
+        return list(d.values())
+
+    print(f"# logitd on {device}, {date}\n")
+    print("Measured by tests/gpu/run.sh in one session; ratios compare numbers from that same run.\n")
+
+    agree = last(by("agreement"), lambda r: r["what"])
+    if agree:
+        print("## Kernel vs CPU reference (identical ids and counts)\n")
+        rows = []
+        for r in agree:
+            if r.get("skipped"):
+                rows.append((r["what"], "—", "—", "—", "—", "—"))
+            else:
+                rows.append((r["what"], r["rows"], r["identical"], r["boundary"], r["other"],
+                             f'{float(r["fraction"]) * 100:.3f}%'))
+        print(table(["case", "rows", "identical", "differ at a CDF boundary", "differ otherwise", "identical"], rows))
+        print()
+    san = last(by("sanitizer"), lambda r: r["tool"])
+    if san:
+        print("compute-sanitizer: " + "; ".join(f'{r["tool"]} {r["result"]}' for r in san) + "\n")
+    tv = last(by("teacher_vs_cpu"), lambda r: (r["model"], r["dtype"]))
+    if tv:
+        print("## Teacher on CUDA vs CPU f32 (tiny fixtures)\n")
+        print(table(["model", "dtype", "max abs diff", "mean abs diff", "max abs logit"],
+                    [(r["model"], r["dtype"], r["max_abs_diff"], r["mean_abs_diff"], r["max_abs_logit"]) for r in tv]))
+        print()
+
+    copy = last(by("copy"), lambda r: 0)
+    samp = last(by("sampler"), lambda r: (r["method"], r["dtype"], r["vocab"], r["rows"]))
+    torch = {(r["dtype"], r["vocab"], r["rows"]): r for r in by("torch_sampler")}
+    tmap = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    if copy:
+        c = copy[0]
+        print(f'## Sampling kernel (k = 256)\n\nDevice-to-device copy: {c["copy_gb_s"]} GB/s copied '
+              f'({c["read_write_gb_s"]} GB/s of reads + writes). Floor = one read of the row at that '
+              'read + write rate.\n')
+        rows = []
+        for r in sorted(samp, key=lambda r: (r["method"], r["vocab"], r["dtype"], r["rows"])):
+            t = torch.get((tmap.get(r["dtype"], r["dtype"]), r["vocab"], r["rows"])) if r["method"] == "Sample" else None
+            speedup = t["us_per_row"] / r["call_us_per_row"] if t else None
+            rows.append((r["method"], r["vocab"], r["dtype"], r["rows"], fmt(r["kernel_us_per_row"], ".3f"),
+                         fmt(r["call_us_per_row"], ".3f"), fmt(r["floor_us_per_row"], ".3f"),
+                         f'{r["efficiency"] * 100:.0f}%', fmt(t["us_per_row"] if t else None, ".2f"),
+                         fmt(speedup, ".1f") + ("×" if speedup else "")))
+        print(table(["method", "V", "dtype", "rows", "kernel µs/row", "call µs/row", "floor µs/row",
+                     "floor/kernel", "PyTorch µs/row", "PyTorch / call"], rows))
+        print()
+        cpu = by("cpu_sampler")
+        if cpu:
+            c = cpu[-1]
+            print(f'CPU reference on the same machine: {c["us_per_row"]} µs/row at V = {c["vocab"]} '
+                  f'({c["threads"]} threads).\n')
+
+    fw = last(by("forward"), lambda r: r["model"])
+    hf = {r["model"]: r for r in by("hf_forward")}
+    eng = {r["model"]: r for r in by("engine")}
+    e2e = {r.get("label"): r for r in by("e2e")}
+    if fw:
+        print("## Teacher forward, bf16 (random weights)\n")
+        rows = []
+        for r in fw:
+            h = hf.get(r["model"])
+            ratio = lambda a, b: fmt(a / b, ".2f") + "×" if a and b else "—"
+            e = eng.get(r["model"])
+            s = e2e.get(r["model"])
+            rows.append((r["model"], f'{r["sequences"]}×{r["length"]}',
+                         fmt(r["tokens_per_s_forward"], ".0f"), fmt(h and h["tokens_per_s_forward"], ".0f"),
+                         ratio(r["tokens_per_s_forward"], h and h["tokens_per_s_forward"]),
+                         fmt(r["tokens_per_s_forward_head_sample"], ".0f"),
+                         fmt(h and h["tokens_per_s_forward_head_sample"], ".0f"),
+                         ratio(r["tokens_per_s_forward_head_sample"], h and h["tokens_per_s_forward_head_sample"]),
+                         r["mfu_forward"] if r["mfu_forward"] is None else f'{r["mfu_forward"] * 100:.1f}%',
+                         fmt(e and e["tokens_per_s"], ".0f"), fmt(s and s["tokens_per_s"], ".0f"),
+                         ratio(s and s["tokens_per_s"], e and e["tokens_per_s"])))
+        print(table(["teacher", "batch", "logitd fwd tok/s", "HF fwd tok/s", "ratio",
+                     "logitd fwd+head+sample tok/s", "HF fwd+head+sample tok/s", "ratio", "MFU fwd",
+                     "engine tok/s", "server tok/s", "server/engine"], rows))
+        print()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("jsonl", nargs="?")
+    ap.add_argument("--from-test", action="store_true")
+    ap.add_argument("--device", default="")
+    ap.add_argument("--date", default="")
+    a = ap.parse_args()
+    if a.from_test:
+        from_test()
+    else:
+        report(a.jsonl, a.device, a.date)
+
+
+if __name__ == "__main__":
+    main()

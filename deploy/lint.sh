@@ -97,5 +97,5 @@ print(f"{n} files in the build context")
 cmd=$(grep -o 'cargo build --release --locked -p logitd' deploy/docker/Dockerfile.cpu)
 grep -q "$cmd --features cuda" deploy/docker/Dockerfile.cuda
 grep -q '^COPY \. \.$' deploy/docker/Dockerfile.cpu
-(cd "$ctx" && CARGO_TARGET_DIR="$OLDPWD/target" ${cmd/build --release/check} --quiet)
+(cd "$ctx" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$OLDPWD/target}" ${cmd/build --release/check} --quiet)
 echo "deploy lint: OK"

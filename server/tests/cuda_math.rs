@@ -6,12 +6,13 @@
 //! kernel includes that file; this test compiles the same file for the host
 //! with the system C compiler (contraction off, as nvcc compiles the kernel
 //! with `--fmad=false`) and compares it, bit for bit, with the Rust reference
-//! (`f32::exp`, `philox4x32_10`, the contract's formulas). It does not run the
+//! (`cpu::exp_f32`, `philox4x32_10`, the contract's formulas). It does not run the
 //! kernel; `server/tests/gpu_sampler.rs` does that on a GPU.
 //!
 //! The exponential is the part that decides whether CPU and GPU draw the same
-//! ids: the reference takes glibc's `expf`, and the kernel reproduces glibc's
-//! algorithm in double precision with glibc's FMA contractions. Set
+//! ids: the reference's `exp_f32` and the kernel's `logitd_expf` are both
+//! glibc's expf algorithm in double precision with the FMA build's fused
+//! multiply-adds (also `f32::exp` on x86-64 Linux with FMA). Set
 //! `LOGITD_FULL_EXPF_SWEEP=1` to compare every float in [-104, 0] (1.1e9
 //! values, a few minutes) instead of one in 257.
 
@@ -21,7 +22,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use logitd::sampler::philox::philox4x32_10;
+use logitd::sampler::{cpu::exp_f32, philox::philox4x32_10};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 /// The harness, compiled once per test run.
@@ -67,27 +68,12 @@ fn words(bytes: &[u8]) -> Vec<u32> {
     bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
-/// The expf of glibc's FMA build differs from its generic build on exactly
-/// this input in [-104, 0]; the kernel follows the FMA build.
+/// glibc's generic (non-FMA) expf differs from its FMA build, which the
+/// reference and the kernel follow, at this one input of [-104, 0].
 const GENERIC_GLIBC_DIFFERS: f32 = f32::from_bits(0xc27c_65d9); // -0x1.f8cbb2p+5
 
-fn reference_uses_fma_expf() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        true
-    }
-}
-
 #[test]
-#[cfg_attr(
-    not(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64")),
-    ignore = "the kernel reproduces x86-64 glibc's expf"
-)]
-fn device_expf_is_the_reference_expf_bit_for_bit() {
+fn device_expf_is_the_reference_exp_f32_bit_for_bit() {
     let bin = harness();
     let full = std::env::var_os("LOGITD_FULL_EXPF_SWEEP").is_some();
     let stride: u32 = if full { 1 } else { 257 };
@@ -136,7 +122,7 @@ fn device_expf_is_the_reference_expf_bit_for_bit() {
         let input: Vec<u8> = xs.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
         let got = words(&run(&bin, "expf", input, xs.len(), 4));
         for (x, g) in xs.iter().zip(got) {
-            let want = x.exp().to_bits();
+            let want = exp_f32(*x).to_bits();
             checked += 1;
             if g != want {
                 mismatches.push((*x, f32::from_bits(g), f32::from_bits(want)));
@@ -147,15 +133,12 @@ fn device_expf_is_the_reference_expf_bit_for_bit() {
         }
     }
     println!("compared {checked} inputs in [-104, 0] and specials; {} differ", mismatches.len());
-    let allowed: Vec<f32> =
-        if reference_uses_fma_expf() { vec![] } else { vec![GENERIC_GLIBC_DIFFERS] };
-    let unexpected: Vec<_> = mismatches.iter().filter(|m| !allowed.contains(&m.0)).collect();
-    assert!(unexpected.is_empty(), "device expf differs from f32::exp: {unexpected:?}");
+    assert!(mismatches.is_empty(), "device expf differs from the reference's: {mismatches:?}");
 }
 
 /// The reference's e_i (server/src/sampler/cpu.rs, step 1).
 fn reference_weight(z: f32, m: f32, inv_t: f64) -> f32 {
-    (((f64::from(z) - f64::from(m)) * inv_t) as f32).exp()
+    exp_f32(((f64::from(z) - f64::from(m)) * inv_t) as f32)
 }
 
 fn random_pair(rng: &mut StdRng) -> (f32, f32) {
@@ -182,10 +165,6 @@ fn random_pair(rng: &mut StdRng) -> (f32, f32) {
 }
 
 #[test]
-#[cfg_attr(
-    not(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64")),
-    ignore = "the kernel reproduces x86-64 glibc's expf"
-)]
 fn device_weight_is_the_reference_weight_at_every_temperature() {
     let bin = harness();
     let mut rng = StdRng::seed_from_u64(11);
@@ -209,8 +188,7 @@ fn device_weight_is_the_reference_weight_at_every_temperature() {
     let mut bad = Vec::new();
     for (&(z, m, t), g) in cases.iter().zip(got) {
         let want = reference_weight(z, m, 1.0 / f64::from(t));
-        let allowed = !reference_uses_fma_expf() && generic_glibc_differs_at(z, m, t);
-        if want.to_bits() != g && !allowed {
+        if want.to_bits() != g {
             bad.push((z, m, t, f32::from_bits(g), want));
         }
     }
@@ -221,11 +199,6 @@ fn device_weight_is_the_reference_weight_at_every_temperature() {
         cases.len(),
         &bad[..bad.len().min(5)]
     );
-}
-
-/// Whether the exponential's argument of (z, m, T) is [`GENERIC_GLIBC_DIFFERS`].
-fn generic_glibc_differs_at(z: f32, m: f32, t: f32) -> bool {
-    (((f64::from(z) - f64::from(m)) / f64::from(t)) as f32) == GENERIC_GLIBC_DIFFERS
 }
 
 #[test]

@@ -57,15 +57,15 @@ LOGITD_HD uint32_t logitd_f32_bits(float f) {
 // ---------------------------------------------------------------------------
 // expf, bit for bit as the CPU reference computes it.
 //
-// The reference's e_i = f32::exp(x) calls the C library's expf. On x86-64 glibc
-// (2.28 and later) that is the table-driven algorithm of Szabolcs Nagy (ARM
-// optimized-routines), and on CPUs with FMA glibc runs its FMA build, in which
-// the compiler fused the reduction r = InvLn2N * x - kd and the polynomial.
-// Written out here with those fusions, this function returns glibc's expf bit
-// for bit on every x in [-104, 0] (measured against glibc 2.36's __expf_fma on
-// all 1,120,927,745 floats of that range; the non-FMA build of glibc differs
-// from it on exactly one of them, x = -0x1.f8cbb2p+5). The sampler only ever
-// takes exp of x <= 0.
+// The reference's e_i is server/src/sampler/cpu.rs's exp_f32: x86-64 glibc's
+// expf (2.28 and later; Szabolcs Nagy's table-driven algorithm from ARM
+// optimized-routines) as glibc's FMA build computes it, the compiler having
+// fused the reduction r = InvLn2N * x - kd and the polynomial. Written out
+// here with the same fusions, this function returns the same bits on every x
+// in [-104, 0] (server/tests/cuda_math.rs compares it with exp_f32; against
+// glibc 2.36's own expf on all 1,120,927,745 floats of that range it differed
+// nowhere, while glibc's generic build differs from it at x = -0x1.f8cbb2p+5).
+// The sampler only ever takes exp of x <= 0.
 //
 // 2^(i/32), i = 0..31, rounded to double, each minus i << 47, so that adding
 // ki << 47 both restores the table value and sets the power of two.

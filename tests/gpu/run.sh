@@ -37,14 +37,22 @@ STAGES=${*:-test sanitize sampler teachers forward e2e report}
 # The CUDA 13 libraries PyTorch ships (the binaries were linked against their sonames).
 CULIB=$("$PYTHON" - <<'PY' 2>/dev/null || true
 import glob, os, site
+libs = ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13")
+dirs = []
 for base in site.getsitepackages():
-    for d in glob.glob(os.path.join(base, "nvidia", "**", "libcublas.so.13"), recursive=True):
-        print(os.path.dirname(d)); raise SystemExit
+    for lib in libs:
+        for f in glob.glob(os.path.join(base, "nvidia", "**", lib), recursive=True):
+            if os.path.dirname(f) not in dirs:
+                dirs.append(os.path.dirname(f))
+print(":".join(dirs))
 PY
 )
-[[ -n $CULIB ]] && export LD_LIBRARY_PATH=$CULIB:${LD_LIBRARY_PATH:-}
+if [[ -n $CULIB ]]; then export LD_LIBRARY_PATH=$CULIB:${LD_LIBRARY_PATH:-}; fi
 
-for f in "$BIN"/*.xz; do [[ -e $f ]] && { xz -dkf "$f"; chmod +x "${f%.xz}"; }; done
+for f in "$BIN"/*.xz; do
+  if [[ -e $f ]]; then xz -dkf "$f"; chmod +x "${f%.xz}"; fi
+done
+command -v nvidia-smi >/dev/null || { echo "run.sh: no nvidia-smi, so no NVIDIA GPU here" >&2; exit 1; }
 DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 DATE=$(date -u +%Y-%m-%d)
 RESULTS=tests/gpu/results

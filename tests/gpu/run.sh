@@ -34,6 +34,8 @@ REPS=${REPS:-5}
 E2E_SECONDS=${E2E_SECONDS:-30}
 STAGES=${*:-test sanitize sampler teachers forward e2e report}
 
+command -v nvidia-smi >/dev/null || { echo "run.sh: no nvidia-smi, so no NVIDIA GPU here" >&2; exit 1; }
+
 # The CUDA 13 libraries PyTorch ships (the binaries were linked against their sonames).
 CULIB=$("$PYTHON" - <<'PY' 2>/dev/null || true
 import glob, os, site
@@ -52,7 +54,6 @@ if [[ -n $CULIB ]]; then export LD_LIBRARY_PATH=$CULIB:${LD_LIBRARY_PATH:-}; fi
 for f in "$BIN"/*.xz; do
   if [[ -e $f ]]; then xz -dkf "$f"; chmod +x "${f%.xz}"; fi
 done
-command -v nvidia-smi >/dev/null || { echo "run.sh: no nvidia-smi, so no NVIDIA GPU here" >&2; exit 1; }
 DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 DATE=$(date -u +%Y-%m-%d)
 RESULTS=tests/gpu/results

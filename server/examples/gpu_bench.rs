@@ -10,8 +10,8 @@
 //! - `sampler`: the device-to-device copy bandwidth of `cuMemcpyDtoD` (1 GiB,
 //!   read + write counted), then the sampling kernel on random teacher-like
 //!   logits for V = 32,000, 151,936 and 262,144 in bf16, f16 and f32, k = 256
-//!   (sample and top-k), at the server's chunk size (≈ 32 Mi logits) and at
-//!   2,048 rows: the kernel's own time per row (CUDA events), the whole call
+//!   (sample and top-k), in chunks of 32 Mi logits (the CPU's chunk) and of
+//!   256 Mi (the GPU's): the kernel's own time per row (CUDA events), the whole call
 //!   per row (keys up, launch, the mapped results decoded into rows), and the
 //!   floor: one read of the row's bytes at the copy's read+write bandwidth.
 //! - `forward`: the teacher in bf16 on cuda:0, SEQUENCES × LENGTH random
@@ -97,8 +97,8 @@ fn sampler(args: &[String]) -> anyhow::Result<()> {
     let mut gpu = CudaSampler::new(&d)?;
     gpu.set_timing(true);
     for vocab in [32_000usize, 151_936, 262_144] {
-        let chunk_rows = ((1usize << 25) / vocab).max(1);
-        for rows in [chunk_rows, 2048] {
+        // The CPU's chunk (32 Mi logits) and the GPU's (256 Mi).
+        for rows in [(1usize << 25) / vocab, (1usize << 28) / vocab] {
             let z = teacher_like(rows, vocab, vocab as u64 + rows as u64);
             let base = Tensor::from_slice(&z, (rows, vocab), &dev)?;
             drop(z);

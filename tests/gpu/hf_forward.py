@@ -3,8 +3,8 @@ bf16 (SDPA attention), on SEQUENCES x LENGTH random tokens, the peer of
 `gpu_bench forward`: tokens/s to the hidden states, and to the logits of every
 position plus sampling them as torch_sampler.py does (softmax, multinomial
 k = 256 with replacement, counts, log p, to the host), with the LM head and the
-sampling in row chunks of about 32 Mi logits, as logitd runs them (all logits
-at once do not fit in memory for long batches).
+sampling in row chunks of about 256 Mi logits, as logitd runs them on a GPU
+(all logits at once do not fit in memory for long batches).
 
     python tests/gpu/hf_forward.py MODEL_DIR SEQUENCES LENGTH REPS
 """
@@ -29,7 +29,7 @@ def main():
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator(device="cuda").manual_seed(3)
     ids = torch.randint(0, vocab, (sequences, length), device="cuda", generator=g)
-    chunk = max(1, (1 << 25) // vocab)
+    chunk = max(1, (1 << 28) // vocab)
     head = model.get_output_embeddings()
 
     def hidden():

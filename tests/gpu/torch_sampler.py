@@ -44,8 +44,7 @@ def main():
     a = ap.parse_args()
     name = torch.cuda.get_device_name(0)
     for vocab in (32_000, 151_936, 262_144):
-        chunk_rows = max(1, (1 << 25) // vocab)
-        for rows in (chunk_rows, 2048):
+        for rows in ((1 << 25) // vocab, (1 << 28) // vocab):
             base = teacher_like(rows, vocab, vocab + rows)
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 z = base.to(dtype)

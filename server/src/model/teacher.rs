@@ -14,6 +14,12 @@ use crate::sampler::{CpuSampler, RowKey, SampledRows, SamplingParams};
 /// f32 values (128 MiB), i.e. 128 rows at V = 262,144 and 682 at V = 49,152.
 pub const DEFAULT_HEAD_CHUNK_LOGITS: usize = 1 << 25;
 
+/// Logits per LM-head chunk on a GPU: 256 Mi (512 MiB in bf16), 1,024 rows at
+/// V = 262,144, so the sampling kernel (one block per row) has several waves of
+/// rows for the GPU's SMs rather than one partial wave, and the head matmul is
+/// large enough to run at cuBLAS speed.
+pub const DEFAULT_GPU_HEAD_CHUNK_LOGITS: usize = 1 << 28;
+
 /// Scores per attention tile, at most (heads × query rows × keys): bounds the
 /// memory of attention to O(chunk × len) instead of O(len²) per head.
 const ATTENTION_TILE_ELEMENTS: usize = 1 << 25;
@@ -644,9 +650,15 @@ impl Teacher {
     }
 
     /// Rows per LM-head chunk so that a chunk holds about
-    /// [`DEFAULT_HEAD_CHUNK_LOGITS`] logits.
+    /// [`DEFAULT_HEAD_CHUNK_LOGITS`] logits ([`DEFAULT_GPU_HEAD_CHUNK_LOGITS`]
+    /// on a GPU).
     pub fn default_head_chunk_rows(&self) -> usize {
-        (DEFAULT_HEAD_CHUNK_LOGITS / self.config.vocab_size).max(1)
+        let logits = if self.device.is_cpu() {
+            DEFAULT_HEAD_CHUNK_LOGITS
+        } else {
+            DEFAULT_GPU_HEAD_CHUNK_LOGITS
+        };
+        (logits / self.config.vocab_size).max(1)
     }
 
     /// Sends `rows` (indices into the batch's tokens) of `hidden` through the LM

@@ -38,8 +38,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request};
 
 /// Closed-loop load generator for a logitd server.
+///
+/// N callers each send a request of a fixed shape (sequences × length tokens,
+/// k draws) and wait for its answer (unary), or keep `--depth` requests in
+/// flight on one stream each (`--mode stream`), for `--duration-s` seconds or
+/// `--requests` requests. Calls are never retried; failures are counted by
+/// status. Prints positions/s, latency p50/p90/p99, response bytes and distinct
+/// ids per position, and errors; `--json PATH` (`-`: stdout) writes the same as
+/// JSON.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "logitd-bench", version, about)]
+#[command(name = "logitd-bench", version)]
 struct Args {
     /// Server URI(s), comma-separated (several are balanced per call).
     #[arg(long, env = "LOGITD_SERVER", value_delimiter = ',', required = true)]

@@ -2,18 +2,21 @@
 //! side-by-side comparison in `tests/bench/compare.sh`.
 //!
 //! ```text
-//! engine_bench engine  MODEL CORPUS.jsonl SEQUENCES LENGTH K DURATION_S [WARMUP]
+//! engine_bench engine  MODEL CORPUS.jsonl SEQUENCES LENGTH K DURATION_S|stdin [WARMUP]
 //! engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S
 //! ```
 //!
-//! `engine` runs batches of SEQUENCES × LENGTH tokens (the same sequences
-//! `logitd-bench --input CORPUS --sequences S --length L` sends: request r is
-//! made of corpus lines r·S … r·S + S − 1, cycling, each cut to LENGTH tokens)
-//! through [`Engine::run`] — forward, chunked LM head and sampler, exactly as
-//! the server's engine thread does, but with no queue, no batcher and no gRPC —
-//! for DURATION_S seconds after WARMUP (default 1) batches. Then it runs a few
-//! more batches step by step to say where the time goes: forward, LM head,
-//! sampler, and the response encoding (rows → protobuf bytes) the service adds.
+//! `engine` runs batches of SEQUENCES × LENGTH tokens (the sequences
+//! `logitd-bench --input CORPUS --length L` sends: batch r is made of corpus
+//! lines r·S … r·S + S − 1, cycling, each cut to LENGTH tokens) through
+//! [`Engine::run`] — forward, chunked LM head and sampler, exactly as the
+//! server's engine thread does, but with no queue, no batcher and no gRPC — for
+//! DURATION_S seconds after WARMUP (default 1) batches. Then it runs two more
+//! batches step by step to say where the time goes: forward, LM head, sampler,
+//! and the response encoding (rows → protobuf bytes) the service adds. With
+//! `stdin` instead of a duration it keeps the model loaded and measures once
+//! per line read from stdin (each line a duration in seconds), printing a JSON
+//! line each time, so a driver can interleave it finely with other measurements.
 //!
 //! `sampler` reads row-major little-endian f32 logits (rows × VOCAB) and samples
 //! every row with the CPU reference sampler (k draws, T = 1) as the engine does
@@ -104,109 +107,139 @@ fn encode(results: Vec<SampledRows>) -> usize {
 
 fn engine(args: &[String]) -> anyhow::Result<()> {
     let [model, corpus, sequences, length, k, duration] = &args[..6] else {
-        bail!("usage: engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S [WARMUP]");
+        bail!("usage: engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S|stdin [WARMUP]");
     };
     let (sequences, length): (usize, usize) = (sequences.parse()?, length.parse()?);
-    let (k, duration): (u32, f64) = (k.parse()?, duration.parse()?);
+    let k: u32 = k.parse()?;
     let warmup: u64 = args.get(6).map_or(Ok(1), |s| s.parse())?;
     let pool = read_pool(Path::new(corpus), length)?;
     let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
-    let vocab = teacher.config().vocab_size;
-    let chunk_rows = teacher.default_head_chunk_rows();
     let mut engine = Engine::new(teacher, None);
     let params = SamplingParams::new(Method::Sample, k, 1.0)?;
-
-    let mut r = 0u64;
+    let mut bench = Bench { model, pool, sequences, length, k, params, r: 0 };
     for _ in 0..warmup {
-        engine.run(&items(&pool, r, sequences, params))?;
-        r += 1;
+        engine.run(&items(&bench.pool, bench.r, sequences, params))?;
+        bench.r += 1;
     }
-    // (b): Engine::run only, back to back, for the duration.
-    let (mut batches, mut positions, mut entries) = (0u64, 0u64, 0u64);
-    let started = Instant::now();
-    while started.elapsed().as_secs_f64() < duration || batches == 0 {
-        let results = engine.run(&items(&pool, r, sequences, params))?;
-        for rows in &results {
-            positions += rows.num_rows() as u64;
-            entries += rows.num_entries() as u64;
-        }
-        batches += 1;
-        r += 1;
-    }
-    let secs = started.elapsed().as_secs_f64();
-
-    // Where the time goes: the same work step by step (two batches).
-    let teacher = engine.teacher();
-    let mut sampler = CpuSampler::new();
-    let (mut forward_s, mut head_s, mut sample_s, mut encode_s) = (0.0, 0.0, 0.0, 0.0);
-    let (mut split_positions, mut bytes) = (0u64, 0u64);
-    for _ in 0..2 {
-        let work = items(&pool, r, sequences, params);
-        r += 1;
-        let seqs: Vec<&[u32]> = work.iter().map(|w| w.tokens.as_slice()).collect();
-        let batch = PackedBatch::new(&seqs)?;
-        let t = Instant::now();
-        let hidden = teacher.hidden_states(&batch)?;
-        forward_s += t.elapsed().as_secs_f64();
-        let mut results = Vec::new();
-        for (s, w) in work.iter().enumerate() {
-            let start = batch.sequence(s).start as u32;
-            let rows: Vec<u32> = (0..w.tokens.len() as u32).map(|p| start + p).collect();
-            let keys: Vec<RowKey> = (0..w.tokens.len() as u32)
-                .map(|p| RowKey { seed: w.seed, sequence: w.key_sequence, position: p })
-                .collect();
-            let mut out = SampledRows::new();
-            for (chunk, chunk_keys) in rows.chunks(chunk_rows).zip(keys.chunks(chunk_rows)) {
-                let t = Instant::now();
-                let idx = Tensor::from_slice(chunk, chunk.len(), teacher.device())?;
-                let logits = teacher.logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
-                let flat = logits.flatten_all()?;
-                let (storage, layout) = flat.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("not on the CPU") };
-                let data = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-                head_s += t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                sampler.sample_rows(
-                    &data[..chunk.len() * vocab],
-                    vocab,
-                    &params,
-                    chunk_keys,
-                    &mut out,
-                )?;
-                sample_s += t.elapsed().as_secs_f64();
+    if duration == "stdin" {
+        for line in std::io::stdin().lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
             }
-            split_positions += out.num_rows() as u64;
-            results.push(out);
+            bench.measure(&mut engine, line.trim().parse()?)?;
         }
-        let t = Instant::now();
-        bytes += encode(results) as u64;
-        encode_s += t.elapsed().as_secs_f64();
+        Ok(())
+    } else {
+        bench.measure(&mut engine, duration.parse()?)
     }
-    let per_position_us = |s: f64| s / split_positions as f64 * 1e6;
-    println!(
-        "{}",
-        serde_json::json!({
-            "model": model,
-            "threads": candle_core::utils::get_num_threads(),
-            "sequences": sequences,
-            "length": length,
-            "num_samples": k,
-            "vocab_size": vocab,
-            "batches": batches,
-            "positions": positions,
-            "elapsed_s": secs,
-            "positions_per_s": positions as f64 / secs,
-            "distinct_ids_per_position": entries as f64 / positions as f64,
-            "breakdown_us_per_position": {
-                "forward": per_position_us(forward_s),
-                "lm_head": per_position_us(head_s),
-                "sampler": per_position_us(sample_s),
-                "encode": per_position_us(encode_s),
-            },
-            "encoded_bytes_per_position": bytes as f64 / split_positions as f64,
-        })
-    );
-    Ok(())
+}
+
+struct Bench<'a> {
+    model: &'a str,
+    pool: Vec<Vec<u32>>,
+    sequences: usize,
+    length: usize,
+    k: u32,
+    params: SamplingParams,
+    /// The next batch's number.
+    r: u64,
+}
+
+impl Bench<'_> {
+    /// (b) for `duration` seconds, then the step-by-step breakdown; one JSON line.
+    fn measure(&mut self, engine: &mut Engine, duration: f64) -> anyhow::Result<()> {
+        let (pool, sequences, params) = (&self.pool, self.sequences, self.params);
+        // (b): Engine::run only, back to back, for the duration.
+        let (mut batches, mut positions, mut entries) = (0u64, 0u64, 0u64);
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < duration || batches == 0 {
+            let results = engine.run(&items(pool, self.r, sequences, params))?;
+            for rows in &results {
+                positions += rows.num_rows() as u64;
+                entries += rows.num_entries() as u64;
+            }
+            batches += 1;
+            self.r += 1;
+        }
+        let secs = started.elapsed().as_secs_f64();
+
+        // Where the time goes: the same work step by step (two batches).
+        let teacher = engine.teacher();
+        let vocab = teacher.config().vocab_size;
+        let chunk_rows = teacher.default_head_chunk_rows();
+        let mut sampler = CpuSampler::new();
+        let (mut forward_s, mut head_s, mut sample_s, mut encode_s) = (0.0, 0.0, 0.0, 0.0);
+        let (mut split_positions, mut bytes) = (0u64, 0u64);
+        for _ in 0..2 {
+            let work = items(pool, self.r, sequences, params);
+            self.r += 1;
+            let seqs: Vec<&[u32]> = work.iter().map(|w| w.tokens.as_slice()).collect();
+            let batch = PackedBatch::new(&seqs)?;
+            let t = Instant::now();
+            let hidden = teacher.hidden_states(&batch)?;
+            forward_s += t.elapsed().as_secs_f64();
+            let mut results = Vec::new();
+            for (s, w) in work.iter().enumerate() {
+                let start = batch.sequence(s).start as u32;
+                let rows: Vec<u32> = (0..w.tokens.len() as u32).map(|p| start + p).collect();
+                let keys: Vec<RowKey> = (0..w.tokens.len() as u32)
+                    .map(|p| RowKey { seed: w.seed, sequence: w.key_sequence, position: p })
+                    .collect();
+                let mut out = SampledRows::new();
+                for (chunk, chunk_keys) in rows.chunks(chunk_rows).zip(keys.chunks(chunk_rows)) {
+                    let t = Instant::now();
+                    let idx = Tensor::from_slice(chunk, chunk.len(), teacher.device())?;
+                    let logits = teacher.logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
+                    let flat = logits.flatten_all()?;
+                    let (storage, layout) = flat.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else { bail!("not on the CPU") };
+                    let data = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+                    head_s += t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    sampler.sample_rows(
+                        &data[..chunk.len() * vocab],
+                        vocab,
+                        &params,
+                        chunk_keys,
+                        &mut out,
+                    )?;
+                    sample_s += t.elapsed().as_secs_f64();
+                }
+                split_positions += out.num_rows() as u64;
+                results.push(out);
+            }
+            let t = Instant::now();
+            bytes += encode(results) as u64;
+            encode_s += t.elapsed().as_secs_f64();
+        }
+        let per_position_us = |s: f64| s / split_positions as f64 * 1e6;
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": self.model,
+                "threads": candle_core::utils::get_num_threads(),
+                "sequences": sequences,
+                "length": self.length,
+                "num_samples": self.k,
+                "vocab_size": vocab,
+                "batches": batches,
+                "positions": positions,
+                "elapsed_s": secs,
+                "positions_per_s": positions as f64 / secs,
+                "distinct_ids_per_position": entries as f64 / positions as f64,
+                "breakdown_us_per_position": {
+                    "forward": per_position_us(forward_s),
+                    "lm_head": per_position_us(head_s),
+                    "sampler": per_position_us(sample_s),
+                    "encode": per_position_us(encode_s),
+                },
+                "encoded_bytes_per_position": bytes as f64 / split_positions as f64,
+            })
+        );
+        std::io::Write::flush(&mut std::io::stdout())?;
+        Ok(())
+    }
 }
 
 fn sampler(args: &[String]) -> anyhow::Result<()> {

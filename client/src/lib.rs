@@ -11,9 +11,12 @@
 //!   those targets, as a differentiable candle scalar.
 //! - [`shard`]: targets on disk (safetensors shards), written once and read by
 //!   several training runs.
+//! - [`corpus`]: token corpora as JSON lines (the input of `logitd-client dump`
+//!   and `logitd-bench`).
 //! - [`student`]: a small Llama-style student (composed ops) for examples and tests.
 
 mod client;
+pub mod corpus;
 mod loss;
 mod prefetch;
 pub mod shard;

@@ -19,7 +19,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    io::BufRead,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -30,7 +29,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use logitd_client::{ClientConfig, RawTeacherClient, TeacherClient, sequence_seed};
+use logitd_client::{
+    ClientConfig, RawTeacherClient, TeacherClient, corpus::read_corpus, sequence_seed,
+};
 use logitd_proto::v1::{SampleLogitsRequest, SampleLogitsResponse, Sequence};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -178,6 +179,7 @@ fn sequence_pool(args: &Args, vocab: u32) -> anyhow::Result<Vec<Vec<u32>>> {
     };
     let pool: Vec<Vec<u32>> = read_corpus(path)?
         .into_iter()
+        .map(|(t, _)| t)
         .filter(|t| t.len() >= args.length)
         .map(|mut t| {
             t.truncate(args.length);
@@ -188,29 +190,6 @@ fn sequence_pool(args: &Args, vocab: u32) -> anyhow::Result<Vec<Vec<u32>>> {
         bail!("{} holds no sequence of at least {} tokens", path.display(), args.length);
     }
     Ok(pool)
-}
-
-fn read_corpus(path: &Path) -> anyhow::Result<Vec<Vec<u32>>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
-        let ids = match v {
-            serde_json::Value::Object(mut o) => o
-                .remove("token_ids")
-                .with_context(|| format!("{}:{}: no token_ids", path.display(), n + 1))?,
-            v => v,
-        };
-        out.push(serde_json::from_value(ids).with_context(|| {
-            format!("{}:{}: expected an array of token ids", path.display(), n + 1)
-        })?);
-    }
-    Ok(out)
 }
 
 /// Builds request number `r`.

@@ -5,16 +5,16 @@
 //! as safetensors shards (see `logitd_client::shard`), with a progress bar.
 
 use std::{
-    io::BufRead,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use logitd_client::{
     ClientConfig, Prefetcher, SampleOptions, TeacherClient, TrainingBatch,
+    corpus::read_corpus,
     shard::{ShardMeta, ShardWriter},
 };
 
@@ -71,33 +71,6 @@ struct Dump {
     /// Refuse a server whose tokenizer digest differs.
     #[arg(long)]
     expect_tokenizer_sha256: Option<String>,
-}
-
-fn read_corpus(path: &PathBuf) -> anyhow::Result<Vec<(Vec<u32>, u32)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
-        let (ids, first) = match &v {
-            serde_json::Value::Array(_) => (&v, 0),
-            serde_json::Value::Object(o) => (
-                o.get("token_ids")
-                    .with_context(|| format!("{}:{}: no token_ids", path.display(), n + 1))?,
-                o.get("first_position").and_then(|f| f.as_u64()).unwrap_or(0) as u32,
-            ),
-            _ => bail!("{}:{}: expected an array or an object", path.display(), n + 1),
-        };
-        let ids: Vec<u32> = serde_json::from_value(ids.clone()).with_context(|| {
-            format!("{}:{}: token_ids must be non-negative integers", path.display(), n + 1)
-        })?;
-        out.push((ids, first));
-    }
-    Ok(out)
 }
 
 #[tokio::main]

@@ -2,10 +2,10 @@
 //! distinct ids, bytes and errors it reports are the ones the server's answers
 //! imply.
 
+mod common;
+
 use std::{path::Path, process::Command};
 
-use clap::Parser;
-use logitd::config::{Cli, Command as ServerCommand};
 use logitd_client::{ClientConfig, TeacherClient};
 use logitd_proto::v1::{SampleLogitsRequest, Sequence};
 use prost::Message;
@@ -34,29 +34,7 @@ fn latencies_are_ordered(v: &serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bench_reports_what_the_server_answered() {
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/tests/fixtures/tiny/llama");
-    let argv = [
-        "logitd",
-        "serve",
-        "--model",
-        model,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    let ServerCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(logitd::server::serve_until(
-        *args,
-        move |b| {
-            let _ = tx.send(b.grpc);
-        },
-        std::future::pending(),
-    ));
-    let uri = format!("http://{}", rx.await.unwrap());
+    let (uri, server) = common::tiny_server().await;
     let client = loop {
         if let Ok(c) = TeacherClient::connect(ClientConfig::new([uri.clone()])).await {
             break c;

@@ -1,39 +1,17 @@
 //! `logitd-client dump` end to end: a corpus through a real (in-process) server
 //! into shards equal to what the client fetches live.
 
+mod common;
+
 use std::process::Command;
 
-use clap::Parser;
-use logitd::config::{Cli, Command as ServerCommand};
 use logitd_client::{
     ClientConfig, SampleOptions, TeacherClient, sequence_seed, shard::ShardReader,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dump_writes_the_targets_the_server_gives() {
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/tests/fixtures/tiny/llama");
-    let argv = [
-        "logitd",
-        "serve",
-        "--model",
-        model,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    let ServerCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(logitd::server::serve_until(
-        *args,
-        move |b| {
-            let _ = tx.send(b.grpc);
-        },
-        std::future::pending(),
-    ));
-    let uri = format!("http://{}", rx.await.unwrap());
+    let (uri, server) = common::tiny_server().await;
 
     let dir = std::env::temp_dir().join(format!("logitd-dump-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

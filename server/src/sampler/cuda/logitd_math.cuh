@@ -80,16 +80,33 @@ LOGITD_TABLE unsigned long long LOGITD_EXP2F_TAB[32] = {
     0x3fef5818dcfba487ULL, 0x3fef7c97337b9b5fULL, 0x3fefa4afa2a490daULL, 0x3fefd0765b6e4540ULL,
 };
 
-// exp(x) for x <= 0 (x may be -inf; never NaN).
-LOGITD_HD float logitd_expf(float x) {
+// (double)(float)y, the double of y rounded to f32, without the two
+// conversions (a conversion to or from f64 issues at a quarter of the FP64
+// rate on sm_80/sm_90): in the range where f32 is normal, the 52-bit
+// significand is rounded to 23 bits, to nearest even, in the integers, which
+// is what the conversion does; elsewhere (tiny, huge or non-finite y) by the
+// conversions themselves.
+LOGITD_HD double logitd_round_f32(double y) {
+  const double a = y < 0.0 ? -y : y;
+  if (a >= 0x1p-126 && a < 0x1p127) {
+    uint64_t b = logitd_as_u64(y);
+    b += 0x0FFFFFFFull + ((b >> 29) & 1u);
+    b &= ~0x1FFFFFFFull;
+    return logitd_as_f64(b);
+  }
+  return (double)(float)y;
+}
+
+// exp(x) rounded to f32, as a double, for x <= 0 given as the double of an
+// f32 (x may be -inf; never NaN).
+LOGITD_HD double logitd_expf_d(double xd) {
   // Below log(2^-150) the result rounds to 0 (glibc: __math_uflowf); -inf too.
-  if (x < -0x1.9fe368p6f) return 0.0f;
+  if (xd < (double)-0x1.9fe368p6f) return 0.0;
   const double inv_ln2_n = 0x1.71547652b82fep+0 * 32.0;
   const double shift = 0x1.8p+52;
   const double c0 = 0x1.c6af84b912394p-5 / 32.0 / 32.0 / 32.0;
   const double c1 = 0x1.ebfce50fac4f3p-3 / 32.0 / 32.0;
   const double c2 = 0x1.62e42ff0c52d6p-1 / 32.0;
-  double xd = (double)x;
   // x*N/ln2 = k + r with r in [-1/2, 1/2] and integer k.
   double kd = LOGITD_FMA(inv_ln2_n, xd, shift);
   uint64_t ki = logitd_as_u64(kd);
@@ -104,20 +121,36 @@ LOGITD_HD float logitd_expf(float x) {
   double y = LOGITD_FMA(c2, r, 1.0);
   y = LOGITD_FMA(z, r2, y);
   y = y * s;
-  return (float)y;
+  // 0 < y < 2: only the low end leaves f32's normal range.
+  if (y >= 0x1p-126) {
+    uint64_t b = logitd_as_u64(y);
+    b += 0x0FFFFFFFull + ((b >> 29) & 1u);
+    b &= ~0x1FFFFFFFull;
+    return logitd_as_f64(b);
+  }
+  return (double)(float)y;
 }
 
-// e_i of the reference: exp(((z - m) * inv_t) as f32). With T = 1 the f32
-// difference z - m is the same number: the double difference rounded to f32 is
-// correctly rounded (53 >= 2 * 24 + 2, so double rounding is innocuous).
-LOGITD_HD float logitd_weight(float z, float m, double inv_t, int t_is_one) {
-  float x;
+// exp(x) for x <= 0 (x may be -inf; never NaN).
+LOGITD_HD float logitd_expf(float x) { return (float)logitd_expf_d((double)x); }
+
+// e_i of the reference, exp(((z - m) * inv_t) as f32), as the double of that
+// f32 (what the kernel sums). With T = 1 the f32 difference z - m is the same
+// number: the double difference rounded to f32 is correctly rounded
+// (53 >= 2 * 24 + 2, so double rounding is innocuous).
+LOGITD_HD double logitd_weight_d(float z, float m, double inv_t, int t_is_one) {
+  double x;
   if (t_is_one) {
-    x = z - m;
+    x = (double)(z - m);
   } else {
-    x = (float)(((double)z - (double)m) * inv_t);
+    x = logitd_round_f32(((double)z - (double)m) * inv_t);
   }
-  return logitd_expf(x);
+  return logitd_expf_d(x);
+}
+
+// e_i as an f32.
+LOGITD_HD float logitd_weight(float z, float m, double inv_t, int t_is_one) {
+  return (float)logitd_weight_d(z, m, inv_t, t_is_one);
 }
 
 // log p_i of the reference: ((z - m) * inv_t - ln S) as f32, in double.

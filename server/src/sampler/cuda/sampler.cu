@@ -42,6 +42,10 @@
 #define LOGITD_WARPS (LOGITD_THREADS / 32)
 #define LOGITD_TILE 256
 #define LOGITD_UNROLL 4
+// Resident blocks per SM the compiler must allow (registers <= 65536 / (512 *
+// 2) = 64 a thread): while one block scans its tile sums or walks tiles,
+// another streams its row from memory.
+#define LOGITD_MIN_BLOCKS 2
 #define LOGITD_EMPTY 0xFFFFFFFFu
 #define LOGITD_FULL 0xFFFFFFFFu
 
@@ -304,14 +308,14 @@ __device__ void walk_tile(const typename D::raw* __restrict__ row, const RowCtx&
   const unsigned id0 = tile * LOGITD_TILE + lane * 8;
   float z[8];
   load8<D>(row, c.vocab, id0, c.vec_ok, z);
-  float e[8];
+  double e[8];
   double lane_sum = 0.0;
   int last = -1;
 #pragma unroll
   for (int v = 0; v < 8; ++v) {
-    e[v] = logitd_weight(z[v], c.m, c.inv_t, c.t_is_one);
-    if (e[v] > 0.0f) {
-      lane_sum += (double)e[v];
+    e[v] = logitd_weight_d(z[v], c.m, c.inv_t, c.t_is_one);
+    if (e[v] > 0.0) {
+      lane_sum += e[v];
       last = (int)(id0 + v);
     }
   }
@@ -332,8 +336,8 @@ __device__ void walk_tile(const typename D::raw* __restrict__ row, const RowCtx&
     double run = 0.0;
 #pragma unroll
     for (int v = 0; v < 8; ++v) {
-      if (e[v] > 0.0f) {
-        run += (double)e[v];
+      if (e[v] > 0.0) {
+        run += e[v];
         double raw = ((int)(id0 + v) == last) ? INFINITY : excl + run;
         lane_max = fmax(lane_max, raw);
       }
@@ -355,8 +359,8 @@ __device__ void walk_tile(const typename D::raw* __restrict__ row, const RowCtx&
   double run = 0.0;
 #pragma unroll
   for (int v = 0; v < 8; ++v) {
-    if (e[v] > 0.0f) {
-      run += (double)e[v];
+    if (e[v] > 0.0) {
+      run += e[v];
       double raw = ((int)(id0 + v) == last) ? INFINITY : excl + run;
       cur = fmax(cur, raw);
       unsigned js = j;
@@ -461,7 +465,7 @@ __device__ void sample_row(const typename D::raw* __restrict__ logits, unsigned 
       if (r < c.n_tiles) {
         double s = 0.0;
 #pragma unroll
-        for (int v = 0; v < 8; ++v) s += (double)logitd_weight(z[u][v], c.m, inv_t, t_is_one);
+        for (int v = 0; v < 8; ++v) s += logitd_weight_d(z[u][v], c.m, inv_t, t_is_one);
         s = warp_sum_d(s);
         if (lane == 0) tile_end[c.n_tiles - 1 - r] = s;
       }
@@ -613,9 +617,16 @@ __device__ void sample_row(const typename D::raw* __restrict__ logits, unsigned 
       load8<D>(row, vocab, t * LOGITD_TILE + lane * 8, c.vec_ok, z);
 #pragma unroll
       for (int v = 0; v < 8; ++v) {
-        if (z[v] > -INFINITY) {
-          unsigned key = key_of<D>(z[v]);
-          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        // Warp-aggregated: the lanes counting into the same bin add once
+        // (logits crowd into a few bins, and same-address shared atomics
+        // serialise).
+        unsigned key = key_of<D>(z[v]);
+        const bool counted = z[v] > -INFINITY && (key & mask) == prefix;
+        const unsigned bin = (key >> shift) & 255u;
+        const unsigned active = __ballot_sync(LOGITD_FULL, counted);
+        if (counted) {
+          const unsigned peers = __match_any_sync(active, bin);
+          if (lane == (unsigned)(__ffs(peers) - 1)) atomicAdd(&hist[bin], (unsigned)__popc(peers));
         }
       }
     }
@@ -697,7 +708,7 @@ __device__ void sample_row(const typename D::raw* __restrict__ logits, unsigned 
 }
 
 #define LOGITD_ENTRY(NAME, D)                                                                    \
-  extern "C" __global__ void __launch_bounds__(LOGITD_THREADS, 1)                                \
+  extern "C" __global__ void __launch_bounds__(LOGITD_THREADS, LOGITD_MIN_BLOCKS)                                \
       NAME(const D::raw* __restrict__ logits, unsigned vocab, const unsigned* __restrict__ keys, \
            unsigned method, unsigned k, double inv_t, int t_is_one, unsigned* cursor,           \
            unsigned* out_ids, unsigned* out_counts, float* out_lps, unsigned* meta) {           \

@@ -64,6 +64,14 @@ fn run(bin: &PathBuf, mode: &str, input: Vec<u8>, records: usize, out_len: usize
     out
 }
 
+/// A harness record of an f32's bits followed by an f64's bits.
+fn f32_and_f64(rec: &[u8]) -> (u32, u64) {
+    (
+        u32::from_le_bytes(rec[..4].try_into().unwrap()),
+        u64::from_le_bytes(rec[4..].try_into().unwrap()),
+    )
+}
+
 fn words(bytes: &[u8]) -> Vec<u32> {
     bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
 }
@@ -120,12 +128,14 @@ fn device_expf_is_the_reference_exp_f32_bit_for_bit() {
         }
         start = b;
         let input: Vec<u8> = xs.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
-        let got = words(&run(&bin, "expf", input, xs.len(), 4));
-        for (x, g) in xs.iter().zip(got) {
-            let want = exp_f32(*x).to_bits();
+        let got = run(&bin, "expf", input, xs.len(), 12);
+        for (x, rec) in xs.iter().zip(got.chunks_exact(12)) {
+            let (g, gd) = f32_and_f64(rec);
+            let want = exp_f32(*x);
             checked += 1;
-            if g != want {
-                mismatches.push((*x, f32::from_bits(g), f32::from_bits(want)));
+            // The kernel sums the f64 form, which must be the f32 result exactly.
+            if g != want.to_bits() || gd != f64::from(want).to_bits() {
+                mismatches.push((*x, f32::from_bits(g), f64::from_bits(gd), want));
             }
         }
         if b == u32::MAX {
@@ -184,12 +194,13 @@ fn device_weight_is_the_reference_weight_at_every_temperature() {
         input.extend(u32::from(t == 1.0).to_le_bytes());
         input.extend(0u32.to_le_bytes());
     }
-    let got = words(&run(&bin, "weight", input, cases.len(), 4));
+    let got = run(&bin, "weight", input, cases.len(), 12);
     let mut bad = Vec::new();
-    for (&(z, m, t), g) in cases.iter().zip(got) {
+    for (&(z, m, t), rec) in cases.iter().zip(got.chunks_exact(12)) {
+        let (g, gd) = f32_and_f64(rec);
         let want = reference_weight(z, m, 1.0 / f64::from(t));
-        if want.to_bits() != g {
-            bad.push((z, m, t, f32::from_bits(g), want));
+        if want.to_bits() != g || f64::from(want).to_bits() != gd {
+            bad.push((z, m, t, f32::from_bits(g), f64::from_bits(gd), want));
         }
     }
     assert!(
@@ -197,6 +208,62 @@ fn device_weight_is_the_reference_weight_at_every_temperature() {
         "{} of {} differ, e.g. {:?}",
         bad.len(),
         cases.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
+/// The kernel's rounding of a double to f32 in the integers is the conversion
+/// `(d as f32) as f64`: ties both ways, the ends of f32's normal range, huge
+/// and tiny values, both signs.
+#[test]
+fn device_round_to_f32_is_the_conversion() {
+    let bin = harness();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut xs: Vec<f64> = vec![
+        0.0,
+        -0.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+        f64::from(f32::MAX),
+        f64::from(f32::MIN_POSITIVE),
+        -f64::from(f32::MIN_POSITIVE),
+        2f64.powi(127),
+        -2f64.powi(127),
+        2f64.powi(-127),
+        2f64.powi(-150),
+        1.0,
+        -104.0,
+    ];
+    for _ in 0..1_000_000 {
+        let exp = rng.random_range(1023 - 160..1023 + 140u64);
+        let mant: u64 = rng.random::<u64>() & ((1 << 52) - 1);
+        // Three draws in four sit at or next to a tie of the f32 rounding.
+        let mant = match rng.random_range(0..4) {
+            0 => (mant & !0x1FFF_FFFF) | 0x1000_0000,
+            1 => (mant & !0x1FFF_FFFF) | 0x0FFF_FFFF,
+            2 => (mant & !0x1FFF_FFFF) | 0x1000_0001,
+            _ => mant,
+        };
+        let sign = u64::from(rng.random::<bool>()) << 63;
+        xs.push(f64::from_bits(sign | (exp << 52) | mant));
+    }
+    let input: Vec<u8> = xs.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+    let got = run(&bin, "round", input, xs.len(), 8);
+    let bad: Vec<(f64, f64, f64)> = xs
+        .iter()
+        .zip(got.chunks_exact(8))
+        .map(|(x, g)| {
+            (*x, f64::from_bits(u64::from_le_bytes(g.try_into().unwrap())), f64::from(*x as f32))
+        })
+        .filter(|(_, g, w)| g.to_bits() != w.to_bits())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ, e.g. {:?}",
+        bad.len(),
+        xs.len(),
         &bad[..bad.len().min(5)]
     );
 }

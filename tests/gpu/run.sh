@@ -82,10 +82,14 @@ json_str() { "$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"
 say "logitd GPU run: stages: $STAGES; budget ${BUDGET}s; results in $RESULTS${DRY:+; DRY RUN (no GPU)}"
 
 # ---------------------------------------------------------------------------
-# Binaries: unpack, and put the CUDA libraries on the loader path.
+# Binaries and data: unpack, and put the CUDA libraries on the loader path.
 for f in "$BIN"/*.xz; do
   [[ -e $f ]] || continue
   if [[ ! -x ${f%.xz} || $f -nt ${f%.xz} ]]; then xz -dkf "$f" && chmod +x "${f%.xz}"; fi
+done
+for f in "$DATA"/*.xz; do
+  [[ -e $f ]] || continue
+  if [[ ! -s ${f%.xz} || $f -nt ${f%.xz} ]]; then xz -dkf "$f"; fi
 done
 
 # The dry run's stand-in CUDA libraries: one shared object, installed under

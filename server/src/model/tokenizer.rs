@@ -4,8 +4,11 @@
 //!
 //! Tokenizer: `tokenizer.json` of a Hugging Face directory (or one given
 //! explicitly); for a GGUF file with a GPT-2 style BPE tokenizer
-//! (`tokenizer.ggml.model = gpt2`, e.g. SmolLM2, Llama 3, Qwen) it is rebuilt from
-//! the GGUF's tokens and merges. Other GGUF tokenizers need an explicit file.
+//! (`tokenizer.ggml.model = gpt2`) it is rebuilt from the GGUF's tokens and
+//! merges, with the pre-tokenizer `tokenizer.ggml.pre` names: GPT-2's split for
+//! `gpt2`, `smollm` (SmolLM2) or none; Llama 3's split for `llama-bpe`; Qwen 2/3's
+//! split and NFC for `qwen2` (each as in that family's released tokenizer.json).
+//! Other GGUF tokenizers need an explicit file.
 //!
 //! - Hugging Face directory: SHA-256 of `tokenizer.json`'s bytes.
 //! - GGUF: SHA-256 of the `tokenizer.*` metadata in a canonical text form: keys
@@ -120,11 +123,24 @@ fn strings(content: &Content, key: &str) -> Result<Vec<String>, ModelError> {
         .collect()
 }
 
+/// Llama 3's pre-tokenizer split (`tokenizer.ggml.pre = llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen 2/2.5/3's pre-tokenizer split (`tokenizer.ggml.pre = qwen2`): digits one by one.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Rebuilds a byte-level BPE tokenizer from `tokenizer.ggml.{tokens,merges,token_type}`.
 fn gguf_bpe_tokenizer(content: &Content) -> Result<tokenizers::Tokenizer, ModelError> {
     use tokenizers::{
-        AddedToken, decoders::byte_level::ByteLevel as ByteLevelDecoder, models::bpe::BPE,
-        pre_tokenizers::byte_level::ByteLevel,
+        AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior,
+        decoders::byte_level::ByteLevel as ByteLevelDecoder,
+        models::bpe::BPE,
+        normalizers::unicode::NFC,
+        pre_tokenizers::{
+            byte_level::ByteLevel,
+            sequence::Sequence,
+            split::{Split, SplitPattern},
+        },
     };
     let kind = content
         .metadata
@@ -149,7 +165,38 @@ fn gguf_bpe_tokenizer(content: &Content) -> Result<tokenizers::Tokenizer, ModelE
         .build()
         .map_err(|e| ModelError::Gguf(format!("BPE from tokenizer metadata: {e}")))?;
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    let pre = content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    // The split each family's own tokenizer.json applies before the byte-level
+    // mapping (the regexes are copied from Llama 3.2's and Qwen 2.5's files).
+    let split = |regex: &str| -> Result<PreTokenizerWrapper, ModelError> {
+        let split =
+            Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| ModelError::Gguf(format!("pre-tokenizer `{pre}`: {e}")))?;
+        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+    };
+    match pre.as_str() {
+        "" | "default" | "gpt2" | "smollm" => {
+            tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+        "llama-bpe" | "llama3" | "llama-v3" => {
+            tokenizer.with_pre_tokenizer(Some(split(LLAMA3_SPLIT)?));
+        }
+        "qwen2" => {
+            tokenizer.with_normalizer(Some(NFC));
+            tokenizer.with_pre_tokenizer(Some(split(QWEN2_SPLIT)?));
+        }
+        other => {
+            return Err(ModelError::Config(format!(
+                "this GGUF's pre-tokenizer (tokenizer.ggml.pre = {other:?}) is not one logitd rebuilds \
+                 (gpt2, smollm, llama-bpe, qwen2); pass --tokenizer tokenizer.json"
+            )));
+        }
+    }
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     // Control tokens (type 3, e.g. <|im_start|>) are matched whole, never split.
     if let Some(types) =

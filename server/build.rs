@@ -2,7 +2,8 @@
 //! (src/sampler/cuda/sampler.cu) to PTX in OUT_DIR with nvcc, for the virtual
 //! architecture compute_$CUDA_COMPUTE_CAP (default 90: H100/H200; 80 for A100,
 //! 89 for L4). The driver compiles the PTX for the GPU at first use. Without the
-//! feature nothing is built and nvcc is not needed.
+//! feature nothing is built and nvcc is not needed. CI compiles the same file
+//! with warnings as errors and reports its registers (tests/gpu/ci-compile.sh).
 
 use std::{env, path::PathBuf, process::Command};
 
@@ -36,8 +37,8 @@ fn main() {
         .unwrap_or_else(|e| {
             panic!(
                 "the `cuda` feature compiles the sampling kernel with nvcc, which did not run \
-                 (`{nvcc}`: {e}); put nvcc on PATH or set NVCC (../shared/cuda/build.sh or \
-                 tests/gpu/build.sh does both without a GPU)"
+                 (`{nvcc}`: {e}); put nvcc (CUDA 12 or 13) on PATH or set NVCC; without a CUDA \
+                 toolkit, tests/gpu/cuda-env.sh provides one from PyPI wheels"
             )
         });
     assert!(status.success(), "nvcc failed on {}", dir.join("sampler.cu").display());

@@ -2,11 +2,18 @@
 //! Each prints JSON lines that run.sh turns into its table.
 //!
 //! ```text
+//! gpu_bench preflight
 //! gpu_bench sampler [REPS]
 //! gpu_bench forward MODEL_DIR SEQUENCES LENGTH REPS
 //! gpu_bench engine MODEL_DIR SEQUENCES LENGTH DURATION_S
 //! ```
 //!
+//! - `preflight`: what the GPU run checks before it spends time: the device
+//!   (name, compute capability, SMs), the kernel's PTX loads (the driver
+//!   compiles it here, so an old driver fails now), one small launch per dtype
+//!   agrees with the CPU sampler, a bf16 matrix product runs (cuBLAS and
+//!   candle's kernels load); registers, spills and resident blocks per SM of
+//!   each entry point of the kernel.
 //! - `sampler`: the device-to-device copy bandwidth of `cuMemcpyDtoD` (1 GiB,
 //!   read + write counted), then the sampling kernel on random teacher-like
 //!   logits for V = 32,000, 151,936 and 262,144 in bf16, f16 and f32, k = 256
@@ -37,10 +44,13 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("preflight") => preflight(),
         Some("sampler") => sampler(&args[1..]),
         Some("forward") => forward(&args[1..]),
         Some("engine") => engine(&args[1..]),
-        _ => bail!("usage: gpu_bench sampler [REPS] | forward DIR S L REPS | engine DIR S L SECS"),
+        _ => bail!(
+            "usage: gpu_bench preflight | sampler [REPS] | forward DIR S L REPS | engine DIR S L SECS"
+        ),
     }
 }
 
@@ -67,6 +77,89 @@ fn teacher_like(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
         }
     }
     z
+}
+
+fn preflight() -> anyhow::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let (dev, d) = cuda()?;
+    let ctx = d.cuda_stream().context().clone();
+    let attr = |a| ctx.attribute(a).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let (major, minor, sms) = (
+        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+    );
+    let name = device_name(&d);
+    println!(
+        "{{\"bench\":\"device\",\"device\":{name:?},\"compute_capability\":\"{major}.{minor}\",\"sms\":{sms}}}"
+    );
+    // Loading the module makes the driver compile the PTX for this GPU.
+    let mut gpu = CudaSampler::new(&d).context("loading the sampling kernel's PTX")?;
+    for (params, vocab) in [
+        (SamplingParams::new(Method::Sample, 256, 1.0)?, 262_144),
+        (SamplingParams::new(Method::Sample, 4096, 1.0)?, 262_144),
+        (SamplingParams::new(Method::TopK, 256, 1.0)?, 262_144),
+    ] {
+        for r in gpu.resources(&params, vocab)? {
+            println!(
+                "{{\"bench\":\"kernel_resources\",\"kernel\":\"{}\",\"method\":\"{:?}\",\"k\":{},\"vocab\":{vocab},\
+                 \"registers\":{},\"local_bytes\":{},\"static_shared_bytes\":{},\"blocks_per_sm\":{}}}",
+                r.name,
+                params.method(),
+                params.num_samples(),
+                r.registers,
+                r.local_bytes,
+                r.static_shared_bytes,
+                r.blocks_per_sm
+            );
+        }
+    }
+    // One small launch per dtype, against the CPU on the same values.
+    let (rows, vocab) = (8usize, 32_000usize);
+    let z = teacher_like(rows, vocab, 3);
+    let keys: Vec<RowKey> =
+        (0..rows as u32).map(|p| RowKey { seed: 9, sequence: 1, position: p }).collect();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for params in [
+            SamplingParams::new(Method::TopK, 64, 1.0)?,
+            SamplingParams::new(Method::Sample, 64, 1.0)?,
+        ] {
+            let t = Tensor::from_slice(&z, (rows, vocab), &dev)?.to_dtype(dtype)?;
+            let mut g = SampledRows::new();
+            gpu.sample(&t, &params, &keys, &mut g)?;
+            let seen = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut c = SampledRows::new();
+            CpuSampler::new().sample_rows(&seen, vocab, &params, &keys, &mut c)?;
+            let same = (0..rows)
+                .filter(|&r| {
+                    g.row(r).token_ids == c.row(r).token_ids && g.row(r).counts == c.row(r).counts
+                })
+                .count();
+            println!(
+                "{{\"bench\":\"preflight_launch\",\"dtype\":\"{dtype:?}\",\"method\":\"{:?}\",\"rows\":{rows},\"identical\":{same}}}",
+                params.method()
+            );
+            // Top-k has no boundary cases: every row must be the CPU's. A
+            // sample row may differ by a draw at a CDF boundary (the test
+            // stages judge that); all of them differing is a broken kernel.
+            if (params.method() == Method::TopK && same != rows) || same == 0 {
+                bail!(
+                    "the kernel's first launch ({dtype:?}, {:?}) disagrees with the CPU",
+                    params.method()
+                );
+            }
+        }
+    }
+    // cuBLAS and candle's own kernels: a bf16 matrix product and a softmax.
+    let a = Tensor::randn(0f32, 1.0, (256, 512), &dev)?.to_dtype(DType::BF16)?;
+    let b = Tensor::randn(0f32, 1.0, (512, 128), &dev)?.to_dtype(DType::BF16)?;
+    let p = candle_nn::ops::softmax_last_dim(&a.matmul(&b)?.to_dtype(DType::F32)?)?;
+    let sum = p.sum_all()?.to_scalar::<f32>()?;
+    if (sum - 256.0).abs() > 0.1 {
+        bail!("a bf16 matmul + softmax on the GPU summed to {sum}, not 256");
+    }
+    println!("{{\"bench\":\"preflight_cublas\",\"ok\":true}}");
+    Ok(())
 }
 
 fn sampler(args: &[String]) -> anyhow::Result<()> {

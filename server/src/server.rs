@@ -126,6 +126,26 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
     Ok(Loaded { teacher, info })
 }
 
+/// Waits until the GPU work this thread queued (loading, warm-up) has finished,
+/// before another thread (the engine's) uses its results. candle 0.11 queues a
+/// CUDA device's work on the calling thread's per-thread default stream, which
+/// is not ordered with other threads' streams, so without this the engine
+/// could read weights or buffers still being written. No-op on the CPU.
+fn settle_device(device: &Device) -> Result<(), ServeError> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // The whole context: every stream, whichever thread queued the work.
+        d.cuda_stream()
+            .context()
+            .synchronize()
+            .map_err(candle_core::Error::wrap)
+            .map_err(ModelError::from)?;
+        return Ok(());
+    }
+    device.synchronize().map_err(ModelError::from)?;
+    Ok(())
+}
+
 fn parse_device(s: &str) -> Result<Device, ServeError> {
     if s == "cpu" {
         return Ok(Device::Cpu);
@@ -263,9 +283,13 @@ pub async fn serve_until(
     on_bound(Bound { grpc: grpc_addr, metrics: metrics_addr });
 
     let model_args = args.model.clone();
-    let loaded = tokio::task::spawn_blocking(move || load_model(&model_args))
-        .await
-        .map_err(|e| ServeError::Config(format!("model loading panicked: {e}")))??;
+    let loaded = tokio::task::spawn_blocking(move || {
+        let loaded = load_model(&model_args)?;
+        settle_device(loaded.teacher.device())?;
+        Ok::<_, ServeError>(loaded)
+    })
+    .await
+    .map_err(|e| ServeError::Config(format!("model loading panicked: {e}")))??;
     let info = loaded.info.clone();
     metrics::gauge!(m::MODEL_INFO,
         "model_id" => info.model_id.clone(), "architecture" => info.architecture.clone(),
@@ -288,7 +312,9 @@ pub async fn serve_until(
             enqueued: std::time::Instant::now(),
             reply: tx,
         };
-        engine.run(&[item]).map(|_| engine)
+        engine.run(&[item])?;
+        settle_device(engine.teacher().device())?;
+        Ok::<_, ServeError>(engine)
     })
     .await
     .map_err(|e| ServeError::Config(format!("warm-up panicked: {e}")))??;

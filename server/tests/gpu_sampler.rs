@@ -326,9 +326,20 @@ fn bad_rows_fail_as_on_the_cpu() {
 
 #[test]
 fn kernel_agrees_on_real_teacher_logits() {
-    let Some(paths) = std::env::var_os("LOGITD_REAL_LOGITS") else {
-        println!("AGREEMENT real skipped: LOGITD_REAL_LOGITS is not set (see tests/gpu/README.md)");
-        return;
+    let paths = match std::env::var_os("LOGITD_REAL_LOGITS") {
+        Some(p) if !p.is_empty() => p,
+        _ if std::env::var_os("LOGITD_GPU_SKIP_REAL_LOGITS").is_some() => {
+            println!(
+                "AGREEMENT real skipped: LOGITD_GPU_SKIP_REAL_LOGITS is set, so the kernel was NOT \
+                 compared on real-teacher logits"
+            );
+            eprintln!("WARNING: real-teacher logits skipped (LOGITD_GPU_SKIP_REAL_LOGITS)");
+            return;
+        }
+        _ => panic!(
+            "LOGITD_REAL_LOGITS is not set: point it at the dump_logits files (tests/gpu/README.md), \
+             or set LOGITD_GPU_SKIP_REAL_LOGITS=1 to run without them"
+        ),
     };
     let dev = cuda();
     let mut gpu = cuda_sampler(&dev);
@@ -423,7 +434,11 @@ fn teacher_on_cuda_matches_the_cpu() {
 }
 
 /// `Teacher::sample` on CUDA runs the head in chunks and samples each chunk on
-/// the GPU; the rows must be the CPU sampler's rows of the same logits.
+/// the GPU; the rows must be the CPU sampler's rows of the same logits. The
+/// reference's logits are computed chunk by chunk with the same row counts as
+/// `Teacher::sample` uses (cuBLAS does not promise the same bits for another
+/// shape), and a sample row may still differ by draws moved across one CDF
+/// boundary (the f64 sums run in another order), as in the kernel tests.
 #[test]
 fn teacher_sample_on_cuda_is_the_reference_on_the_same_logits() {
     let dev = cuda();
@@ -444,16 +459,27 @@ fn teacher_sample_on_cuda_is_the_reference_on_the_same_logits() {
             teacher
                 .sample(&hidden, &rows, &keys, &params, chunk, &mut CpuSampler::new(), &mut g)
                 .unwrap();
-            let idx = Tensor::from_slice(&rows, rows.len(), &dev).unwrap();
-            let z = teacher.logits(&hidden.index_select(&idx, 0).unwrap()).unwrap();
-            let z =
-                z.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut z = Vec::new();
+            for part in rows.chunks(chunk) {
+                let idx = Tensor::from_slice(part, part.len(), &dev).unwrap();
+                let l = teacher.logits(&hidden.index_select(&idx, 0).unwrap()).unwrap();
+                z.extend(
+                    l.to_device(&Device::Cpu)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+            }
             let mut c = SampledRows::new();
             CpuSampler::new().sample_rows(&z, vocab, &params, &keys, &mut c).unwrap();
             let a = compare(&g, &c, &z, vocab, 1.0);
             a.print(&format!("teacher.sample gemma2 {:?} chunk={chunk}", params.method()));
-            assert_eq!(a.other, 0);
-            assert_eq!(a.identical, a.rows);
+            assert_eq!(a.other, 0, "rows that differ beyond a CDF boundary: {a:?}");
+            if params.method() == Method::TopK {
+                assert_eq!(a.identical, a.rows, "top-k rows must be identical: {a:?}");
+            }
         }
     }
 }

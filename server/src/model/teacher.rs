@@ -741,14 +741,29 @@ impl Teacher {
                 "k is too large for the CUDA sampler's shared memory: sampling on the CPU"
             );
         }
+        // Pipelined: chunk i's head and kernel are queued before the host
+        // waits for chunk i - 1 and decodes it, so the GPU works meanwhile.
+        let gpu_err = |e: GpuSampleError| -> ModelError {
+            match e {
+                GpuSampleError::Sampler(e) => e.into(),
+                GpuSampleError::Device(e) => e.into(),
+                e => ModelError::Candle(candle_core::Error::Msg(e.to_string())),
+            }
+        };
+        gpu.discard_pending().map_err(gpu_err)?;
         for (chunk, chunk_keys) in
             rows.chunks(chunk_rows.max(1)).zip(keys.chunks(chunk_rows.max(1)))
         {
             let idx = Tensor::from_slice(chunk, chunk.len(), &self.device)?;
             let logits = self.head_logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
             if fits {
-                match gpu.sample(&logits, params, chunk_keys, out) {
-                    Ok(()) => continue,
+                match gpu.launch(&logits, params, chunk_keys) {
+                    Ok(_) => {
+                        while gpu.pending() > 1 {
+                            gpu.finish(out).map_err(gpu_err)?;
+                        }
+                        continue;
+                    }
                     Err(GpuSampleError::Sampler(e)) => return Err(e.into()),
                     Err(GpuSampleError::Device(e)) => return Err(e.into()),
                     Err(e @ (GpuSampleError::TooLarge { .. } | GpuSampleError::Unsupported(_))) => {
@@ -756,8 +771,15 @@ impl Teacher {
                     }
                 }
             }
+            // Rows stay in order: the chunks before this one first.
+            while gpu.pending() > 0 {
+                gpu.finish(out).map_err(gpu_err)?;
+            }
             let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             sampler.sample_rows(&flat, vocab, params, chunk_keys, out)?;
+        }
+        while gpu.pending() > 0 {
+            gpu.finish(out).map_err(gpu_err)?;
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use candle_core::{
     cuda_backend::{
         CudaDevice, CudaStorageSlice, WrapErr,
         cudarc::driver::{
-            CudaFunction, CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg,
+            CudaEvent, CudaFunction, CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg,
             sys::{self, CUdevice_attribute, CUfunction_attribute},
         },
     },
@@ -61,7 +61,10 @@ pub enum GpuSampleError {
     Device(#[from] candle_core::Error),
 }
 
-/// Pinned host memory, mapped into the device: meta, ids, counts, log p.
+/// Pinned host memory, mapped into the device: meta, ids, counts, log p
+/// (written by the kernel), and the rows' Philox keys (written by the host
+/// before the launch and read by the kernel in place: no copy from pageable
+/// memory, no device allocation per call).
 struct Mapped {
     host: PinnedHostSlice<u32>,
     device_ptr: u64,
@@ -71,7 +74,7 @@ struct Mapped {
 
 impl Mapped {
     fn new(device: &CudaDevice, rows: usize, entries: usize) -> candle_core::Result<Self> {
-        let len = rows * META_WORDS + 3 * entries;
+        let len = rows * META_WORDS + 3 * entries + KEY_WORDS * rows;
         let ctx = device.cuda_stream().context().clone();
         // SAFETY: the kernel writes every word the host reads (each row's meta,
         // and the entries that meta points at) before the host reads them.
@@ -87,17 +90,46 @@ impl Mapped {
         Ok(Self { host, device_ptr, rows, entries })
     }
 
-    /// Device addresses of meta, ids, counts and log p.
-    fn pointers(&self) -> [u64; 4] {
+    /// Device addresses of meta, ids, counts, log p and keys.
+    fn pointers(&self) -> [u64; 5] {
         let meta = self.device_ptr;
         let ids = meta + (self.rows * META_WORDS * 4) as u64;
         let counts = ids + (self.entries * 4) as u64;
         let lps = counts + (self.entries * 4) as u64;
-        [meta, ids, counts, lps]
+        let keys = lps + (self.entries * 4) as u64;
+        [meta, ids, counts, lps, keys]
+    }
+
+    /// The host's view of the keys (after the other buffers).
+    fn keys_mut(&mut self) -> candle_core::Result<&mut [u32]> {
+        let skip = self.rows * META_WORDS + 3 * self.entries;
+        Ok(&mut self.host.as_mut_slice().w()?[skip..])
     }
 }
 
-/// The CUDA sampler of one device: the loaded kernel, a reusable output buffer.
+/// Key words per row: the Philox key (2 words), the sequence, the position.
+const KEY_WORDS: usize = 4;
+
+/// What one of the kernel's entry points uses on this GPU (for benchmarks and
+/// the GPU run's preflight).
+#[derive(Debug, Clone)]
+pub struct KernelResources {
+    /// The entry point.
+    pub name: &'static str,
+    /// Registers per thread.
+    pub registers: i32,
+    /// Local memory per thread (register spills and stack), bytes.
+    pub local_bytes: i32,
+    /// Static shared memory per block, bytes.
+    pub static_shared_bytes: i32,
+    /// Blocks of the kernel's block size resident per SM with the dynamic
+    /// shared memory of the launch asked about.
+    pub blocks_per_sm: u32,
+}
+
+/// The CUDA sampler of one device: the loaded kernel and two reusable output
+/// buffers, so that one chunk's kernel (and the next chunk's LM head, queued
+/// behind it) can run while the host decodes the chunk before.
 pub struct CudaSampler {
     device: CudaDevice,
     f32: CudaFunction,
@@ -105,9 +137,22 @@ pub struct CudaSampler {
     f16: CudaFunction,
     max_dynamic_shared: usize,
     cursor: CudaSlice<u32>,
-    mapped: Option<Mapped>,
+    mapped: [Option<Mapped>; 2],
+    /// Launched chunks not yet decoded, oldest first (at most two).
+    pending: std::collections::VecDeque<Pending>,
+    /// The buffer the next launch writes into.
+    next: usize,
     timing: bool,
     last_kernel_seconds: Option<f64>,
+}
+
+/// A launched chunk: which buffer it writes, its rows, and events that mark
+/// the kernel's end (and, when timing, its start).
+struct Pending {
+    slot: usize,
+    rows: usize,
+    done: CudaEvent,
+    timing: Option<(CudaEvent, CudaEvent)>,
 }
 
 impl std::fmt::Debug for CudaSampler {
@@ -146,10 +191,41 @@ impl CudaSampler {
             f16,
             max_dynamic_shared,
             cursor,
-            mapped: None,
+            mapped: [None, None],
+            pending: std::collections::VecDeque::new(),
+            next: 0,
             timing: false,
             last_kernel_seconds: None,
         })
+    }
+
+    /// Registers, spills, static shared memory and resident blocks per SM of
+    /// each of the kernel's entry points, for a launch of `params` at `vocab`.
+    pub fn resources(
+        &self,
+        params: &SamplingParams,
+        vocab: usize,
+    ) -> candle_core::Result<Vec<KernelResources>> {
+        let dynamic =
+            gpu_layout::shared_bytes(params.method(), vocab, params.num_samples() as usize);
+        [
+            ("logitd_sample_f32", &self.f32),
+            ("logitd_sample_bf16", &self.bf16),
+            ("logitd_sample_f16", &self.f16),
+        ]
+        .into_iter()
+        .map(|(name, f)| {
+            Ok(KernelResources {
+                name,
+                registers: f.num_regs().w()?,
+                local_bytes: f.local_size_bytes().w()?,
+                static_shared_bytes: f.shared_size_bytes().w()?,
+                blocks_per_sm: f
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS, dynamic, None)
+                    .w()?,
+            })
+        })
+        .collect()
     }
 
     /// Times each launch with CUDA events (for benchmarks); see
@@ -171,7 +247,8 @@ impl CudaSampler {
 
     /// Samples the rows of `logits` ([rows, vocab], contiguous, on this device),
     /// keyed by `keys`, appending them to `out`. On a row error `out` keeps the
-    /// rows before the failing one, as on the CPU.
+    /// rows before the failing one, as on the CPU. ([`Self::launch`] then
+    /// [`Self::finish`].)
     pub fn sample(
         &mut self,
         logits: &Tensor,
@@ -179,6 +256,38 @@ impl CudaSampler {
         keys: &[RowKey],
         out: &mut SampledRows,
     ) -> Result<(), GpuSampleError> {
+        self.discard_pending()?;
+        if self.launch(logits, params, keys)? {
+            self.finish(out)?;
+        }
+        Ok(())
+    }
+
+    /// Chunks launched and not yet finished.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Waits for chunks launched and not finished (after an error stopped a
+    /// caller between [`Self::launch`] and [`Self::finish`]) and drops their rows.
+    pub fn discard_pending(&mut self) -> Result<(), GpuSampleError> {
+        while let Some(p) = self.pending.pop_front() {
+            p.done.synchronize().w()?;
+        }
+        Ok(())
+    }
+
+    /// Queues the sampling of the rows of `logits` ([rows, vocab], contiguous,
+    /// on this device) on the device's stream, keyed by `keys`, and returns at
+    /// once; [`Self::finish`] waits for it and decodes its rows. At most two
+    /// chunks may be pending: the third launch must wait for a finish. Returns
+    /// false (nothing launched, nothing to finish) for zero rows.
+    pub fn launch(
+        &mut self,
+        logits: &Tensor,
+        params: &SamplingParams,
+        keys: &[RowKey],
+    ) -> Result<bool, GpuSampleError> {
         let (rows, vocab) = logits.dims2()?;
         if vocab == 0 {
             return Err(SamplerError::EmptyRow.into());
@@ -189,7 +298,7 @@ impl CudaSampler {
             );
         }
         if rows == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let k = params.num_samples() as usize;
         let shared = gpu_layout::shared_bytes(params.method(), vocab, k);
@@ -202,22 +311,27 @@ impl CudaSampler {
         if !logits.is_contiguous() {
             return Err(GpuSampleError::Unsupported("non-contiguous logits".into()));
         }
+        assert!(
+            self.pending.len() < 2,
+            "a third chunk launched before the first was finished: this is a bug"
+        );
+        let slot = self.next;
+        debug_assert!(self.pending.iter().all(|p| p.slot != slot));
         let entries = gpu_layout::max_entries(rows, k);
-        if self.mapped.as_ref().is_none_or(|m| m.rows < rows || m.entries < entries) {
-            self.mapped = None; // free the old buffer first
-            self.mapped = Some(Mapped::new(&self.device, rows, entries)?);
+        let buffer = &mut self.mapped[slot];
+        if buffer.as_ref().is_none_or(|m| m.rows < rows || m.entries < entries) {
+            *buffer = None; // free the old buffer first
+            *buffer = Some(Mapped::new(&self.device, rows, entries)?);
         }
-        let mapped = self.mapped.as_mut().expect("allocated just now");
-        let [meta, ids, counts, lps] = mapped.pointers();
-        let key_words: Vec<u32> = keys
-            .iter()
-            .flat_map(|k| {
-                let [lo, hi] = k.philox_key();
-                [lo, hi, k.sequence, k.position]
-            })
-            .collect();
+        let mapped = buffer.as_mut().expect("allocated just now");
+        let [meta, ids, counts, lps, key_ptr] = mapped.pointers();
+        // This buffer's last kernel has finished (it was waited for before its
+        // rows were decoded), so no kernel reads these words now.
+        for (w, k) in mapped.keys_mut()?.chunks_exact_mut(KEY_WORDS).zip(keys) {
+            let [lo, hi] = k.philox_key();
+            w.copy_from_slice(&[lo, hi, k.sequence, k.position]);
+        }
         let stream = self.device.cuda_stream();
-        let key_buf = stream.clone_htod(&key_words).w()?;
         stream.memset_zeros(&mut self.cursor).w()?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -241,7 +355,7 @@ impl CudaSampler {
                 let mut b = stream.launch_builder(&$func);
                 b.arg(&view)
                     .arg(&vocab_u32)
-                    .arg(&key_buf)
+                    .arg(&key_ptr)
                     .arg(&method)
                     .arg(&k_u32)
                     .arg(&inv_t)
@@ -255,33 +369,49 @@ impl CudaSampler {
                     b.record_kernel_launch(sys::CUevent_flags::CU_EVENT_DEFAULT);
                 }
                 // SAFETY: the arguments match the kernel's signature in
-                // sampler.cu; the kernel reads rows × vocab logits from `view`,
-                // 4 key words per row, and writes at most k entries per row
-                // (`entries` = rows × k were allocated) and META_WORDS meta
-                // words per row (`rows` were allocated).
+                // sampler.cu; the kernel reads rows × vocab logits from `view`
+                // (kept alive by the stream's order: a freed tensor's memory is
+                // reused only by work queued after this kernel), 4 key words per
+                // row (mapped, `rows` were allocated), and writes at most k
+                // entries per row (`entries` = rows × k were allocated) and
+                // META_WORDS meta words per row (`rows` were allocated).
                 unsafe { b.launch(cfg) }.w()?
             }};
         }
-        let events = match &cuda.slice {
+        let timing = match &cuda.slice {
             CudaStorageSlice::F32(s) => launch!(self.f32, s),
             CudaStorageSlice::BF16(s) => launch!(self.bf16, s),
             CudaStorageSlice::F16(s) => launch!(self.f16, s),
             _ => return Err(GpuSampleError::Unsupported(format!("{:?} logits", logits.dtype()))),
         };
+        drop(storage);
+        let done = stream.record_event(None).w()?;
+        self.pending.push_back(Pending { slot, rows, done, timing });
+        self.next = 1 - slot;
+        Ok(true)
+    }
+
+    /// Waits for the oldest launched chunk and appends its rows to `out`. On a
+    /// row error `out` keeps the rows before the failing one, as on the CPU.
+    pub fn finish(&mut self, out: &mut SampledRows) -> Result<(), GpuSampleError> {
+        let Some(p) = self.pending.pop_front() else {
+            panic!("finish() without a pending launch: this is a bug");
+        };
         // The mapped memory is read only after the kernel has finished.
-        stream.synchronize().w()?;
-        self.last_kernel_seconds = match events {
-            Some((start, end)) => Some(f64::from(start.elapsed_ms(&end).w()?) / 1e3),
+        p.done.synchronize().w()?;
+        self.last_kernel_seconds = match &p.timing {
+            Some((start, end)) => Some(f64::from(start.elapsed_ms(end).w()?) / 1e3),
             None => None,
         };
-        drop(storage);
+        let mapped = self.mapped[p.slot].as_ref().expect("a pending launch has its buffer");
         let words = mapped.host.as_slice().w()?;
         let (meta_w, rest) = words.split_at(mapped.rows * META_WORDS);
         let (ids_w, rest) = rest.split_at(mapped.entries);
-        let (counts_w, lps_w) = rest.split_at(mapped.entries);
+        let (counts_w, rest) = rest.split_at(mapped.entries);
+        let (lps_w, _keys) = rest.split_at(mapped.entries);
         // log p travels as f32 bits in a u32 buffer.
         let lps_f: &[f32] = bytemuck_f32(lps_w);
-        decode_rows(meta_w, ids_w, counts_w, lps_f, rows, out)?;
+        decode_rows(meta_w, ids_w, counts_w, lps_f, p.rows, out)?;
         Ok(())
     }
 }

@@ -421,6 +421,36 @@ wait_serving() { # ADDR PID WHAT
 all_10001() { [[ $1 =~ ^Uid:([[:space:]]+10001){4}$ && $2 =~ ^Gid:([[:space:]]+10001){4}$ ]]; }
 logged_drain() { grep -q "shutting down: draining" "$1" && grep -q "stopped" "$1" && ! grep -q "drain timeout reached" "$1"; }
 
+# same_answer A B: byte-equal JSON; else the first path where they differ (not
+# the values: they hold token ids).
+same_answer() {
+  cmp -s "$1" "$2" && return 0
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+def first_diff(a, b, path="$"):
+    if type(a) is not type(b):
+        return path + " (types)"
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k} (present in one only)"
+            d = first_diff(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+    elif isinstance(a, list):
+        if len(a) != len(b):
+            return f"{path} (lengths {len(a)}, {len(b)})"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_diff(x, y, f"{path}[{i}]")
+            if d:
+                return d
+    elif a != b:
+        return path
+    return None
+print("   answers differ at " + str(first_diff(*(json.load(open(p)) for p in sys.argv[1:]))))
+PY
+  return 1
+}
 for port in 50051 9090; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is taken on this machine: the container listens there (its image's defaults)"
@@ -487,7 +517,7 @@ import json, sys
 i = json.load(open(sys.argv[1]))
 print("   container: " + ", ".join(f"{k} {i.get(k)}" for k in ("modelId", "architecture", "vocabSize", "dtype", "device")))
 PY
-check "GetModelInfo: the container's equals the host's" cmp -s "$work/info-container.json" "$work/info-host.json"
+check "GetModelInfo: the container's equals the host's" same_answer "$work/info-container.json" "$work/info-host.json"
 # Requests: random ids (seeded), a sampled and a top-k call.
 python3 - "$work" "$vocab" <<'PY'
 import json, random, sys
@@ -495,7 +525,9 @@ out, vocab = sys.argv[1], int(sys.argv[2])
 r = random.Random(20261129)
 seqs = [{"tokenIds": [r.randrange(vocab) for _ in range(n)], "firstPosition": f} for n, f in ((48, 0), (96, 40), (17, 3))]
 json.dump({"sequences": seqs, "numSamples": 64, "temperature": 0.8, "seed": "12345"}, open(f"{out}/req-sample.json", "w"))
-json.dump({"sequences": seqs[:2], "numSamples": 20, "method": "SAMPLING_METHOD_TOP_K"}, open(f"{out}/req-topk.json", "w"))
+# (A seed in the top-k request too: without one the server picks one and echoes it.)
+json.dump({"sequences": seqs[:2], "numSamples": 20, "method": "SAMPLING_METHOD_TOP_K", "seed": "1"},
+          open(f"{out}/req-topk.json", "w"))
 # For the drain: one sequence, alone in the queue.
 json.dump({"sequences": [{"tokenIds": [r.randrange(vocab) for _ in range(300)]}], "numSamples": 16, "seed": "99"},
           open(f"{out}/req-drain.json", "w"))
@@ -527,7 +559,7 @@ for kind in sample topk; do
   check "SampleLogits ($kind): a well-formed answer from the container" \
     well_formed "$work/req-$kind.json" "$work/ans-$kind-container.json"
   check "SampleLogits ($kind): the container's answer equals the host binary's ($(wc -c <"$work/ans-$kind-host.json") bytes of JSON)" \
-    cmp -s "$work/ans-$kind-container.json" "$work/ans-$kind-host.json"
+    same_answer "$work/ans-$kind-container.json" "$work/ans-$kind-host.json"
 done
 grpc "$haddr" SampleLogits -d @ <"$work/req-drain.json" >"$work/ans-drain-host.json" ||
   die "SampleLogits (drain request) on the host"
@@ -568,7 +600,7 @@ took=$((SECONDS - sent))
 check "SIGTERM: the queued call is answered (grpcurl status $rc) after $took s, before its 60 s batching timer" \
   test "$rc" == 0 -a "$took" -lt 50
 check "SIGTERM: the drained answer equals the host binary's" \
-  cmp -s "$work/ans-drain-container.json" "$work/ans-drain-host.json"
+  same_answer "$work/ans-drain-container.json" "$work/ans-drain-host.json"
 rc=0
 wait "$c2" || rc=$?
 check "SIGTERM: exits 0 after draining (exit status $rc)" test "$rc" == 0

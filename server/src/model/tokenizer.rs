@@ -7,8 +7,10 @@
 //! (`tokenizer.ggml.model = gpt2`) it is rebuilt from the GGUF's tokens and
 //! merges, with the pre-tokenizer `tokenizer.ggml.pre` names: GPT-2's split for
 //! `gpt2`, `smollm` (SmolLM2) or none; Llama 3's split for `llama-bpe`; Qwen 2/3's
-//! split and NFC for `qwen2` (each as in that family's released tokenizer.json).
-//! Other GGUF tokenizers need an explicit file.
+//! split and NFC for `qwen2` (each as in that family's released tokenizer.json);
+//! control tokens (type 3) become special added tokens and user-defined ones
+//! (type 4, e.g. `<think>`) plain added tokens. Other GGUF tokenizers need an
+//! explicit file.
 //!
 //! - Hugging Face directory: SHA-256 of `tokenizer.json`'s bytes.
 //! - GGUF: SHA-256 of the `tokenizer.*` metadata in a canonical text form: keys
@@ -198,17 +200,23 @@ fn gguf_bpe_tokenizer(content: &Content) -> Result<tokenizers::Tokenizer, ModelE
         }
     }
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    // Control tokens (type 3, e.g. <|im_start|>) are matched whole, never split.
+    // Control tokens (type 3, e.g. <|im_start|>) are matched whole, never split;
+    // so are user-defined ones (type 4, e.g. Qwen's <think>), as plain added tokens.
     if let Some(types) =
         content.metadata.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok())
     {
-        let special: Vec<AddedToken> = types
-            .iter()
-            .zip(&tokens)
-            .filter(|(t, _)| t.to_i32().is_ok_and(|t| t == 3))
-            .map(|(_, tok)| AddedToken::from(tok.clone(), true))
-            .collect();
+        let of_type = |want: i32| {
+            types
+                .iter()
+                .zip(&tokens)
+                .filter(move |(t, _)| t.to_i32().is_ok_and(|t| t == want))
+                .map(|(_, tok)| tok.clone())
+        };
+        let special: Vec<AddedToken> = of_type(3).map(|t| AddedToken::from(t, true)).collect();
         tokenizer.add_special_tokens(&special);
+        let user: Vec<AddedToken> =
+            of_type(4).map(|t| AddedToken::from(t, false).normalized(false)).collect();
+        tokenizer.add_tokens(&user);
     }
     Ok(tokenizer)
 }

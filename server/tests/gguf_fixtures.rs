@@ -230,3 +230,33 @@ fn gemma2_gguf_sentencepiece_tokenizer_needs_an_explicit_file() {
         .expect_err("a sentencepiece vocabulary is not rebuilt");
     assert!(e.to_string().contains("pass --tokenizer"), "{e}");
 }
+
+#[test]
+fn unknown_gguf_pre_tokenizer_is_refused_by_name() {
+    use candle_core::quantized::gguf_file::{Value, write};
+    // A byte-level BPE vocabulary whose pre-tokenizer logitd does not rebuild
+    // (Mistral's tekken): refused, naming the value, rather than split wrongly.
+    let path = std::env::temp_dir().join(format!("logitd-tekken-{}.gguf", std::process::id()));
+    let s = |x: &str| Value::String(x.to_string());
+    let model = s("gpt2");
+    let pre = s("tekken");
+    let tokens = Value::Array(vec![s("a"), s("b"), s("ab")]);
+    let merges = Value::Array(vec![s("a b")]);
+    let mut f = std::fs::File::create(&path).unwrap();
+    write(
+        &mut f,
+        &[
+            ("tokenizer.ggml.model", &model),
+            ("tokenizer.ggml.pre", &pre),
+            ("tokenizer.ggml.tokens", &tokens),
+            ("tokenizer.ggml.merges", &merges),
+        ],
+        &[],
+    )
+    .unwrap();
+    drop(f);
+    let e = logitd::model::load_tokenizer(&path, None).expect_err("tekken is not rebuilt");
+    std::fs::remove_file(&path).unwrap();
+    let msg = e.to_string();
+    assert!(msg.contains("\"tekken\"") && msg.contains("pass --tokenizer"), "{msg}");
+}

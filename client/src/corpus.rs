@@ -1,37 +1,368 @@
-//! Token corpora as JSON lines, the input of `logitd-client dump` and
-//! `logitd-bench`: one sequence per line, either an array of token ids or an
-//! object `{"token_ids": [...], "first_position": N}` (`first_position`
-//! optional, default 0). Blank lines are skipped.
+//! Token corpora, the input of `logitd-client dump` and `logitd-bench`, read
+//! as a stream: memory stays bounded whatever the corpus size.
+//!
+//! - **JSON lines** (any name but `*.parquet`): one sequence per line, either an
+//!   array of token ids or an object `{"token_ids": [...], "first_position": N}`
+//!   (`input_ids` is accepted for `token_ids`; `first_position` is optional,
+//!   default 0; other keys are ignored). Blank lines are skipped. Lines are
+//!   parsed straight into ids.
+//! - **Parquet** (`*.parquet`): a list-of-integers column (`input_ids` by
+//!   default, as Hugging Face `datasets` writes tokenised corpora), read a few
+//!   hundred rows at a time by row group, with an optional integer
+//!   first-position column or an optional loss-mask column (list of integers
+//!   or booleans, one per token: the first returned position is the first
+//!   non-zero one).
+//!
+//! Several files (or glob patterns, each expanded in name order) are one
+//! corpus, in the order given. Sequence `n` is the n-th sequence of that
+//! corpus, counted from 0 over all files (blank lines do not count). Opening a
+//! corpus counts its sequences (a scan of the JSON lines, the metadata of the
+//! Parquet files) so that any range of sequences can be read without
+//! reading what comes before it.
+//!
+//! Errors name the file and the line, or the row group and row, and say what is
+//! wrong: not an array, a negative id, an id not below the vocabulary size, an
+//! empty sequence, a first position not below the sequence length, a missing
+//! column, a file that is not Parquet.
 
-use std::{io::BufRead, path::Path};
+mod jsonl;
+mod parquet;
+
+use std::{
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use anyhow::{Context, bail};
 
-/// Reads a corpus: per line, the token ids and the first position to return.
-/// Errors name the file and line.
-pub fn read_corpus(path: &Path) -> anyhow::Result<Vec<(Vec<u32>, u32)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
+/// How a file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON lines.
+    Jsonl,
+    /// Parquet.
+    Parquet,
+}
+
+impl Format {
+    /// The format a file name says (`.parquet`: Parquet, anything else: JSON lines).
+    pub fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("parquet") => Format::Parquet,
+            _ => Format::Jsonl,
+        }
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
+        }
+    }
+}
+
+/// Which Parquet columns hold what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    /// The token ids (a list of integers per row).
+    pub ids: String,
+    /// An integer column: the first returned position of each row.
+    pub first_position: Option<String>,
+    /// A list column aligned with the ids: the first non-zero entry is the
+    /// first returned position.
+    pub loss_mask: Option<String>,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self { ids: "input_ids".into(), first_position: None, loss_mask: None }
+    }
+}
+
+/// One input file, counted.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    /// Its path, as given or as the glob expanded it.
+    pub path: PathBuf,
+    /// How it is read.
+    pub format: Format,
+    /// Its size.
+    pub bytes: u64,
+    /// Its sequences.
+    pub sequences: u64,
+    /// JSON lines: (byte offset, line number) of every `CHECKPOINT`-th sequence.
+    checkpoints: Vec<(u64, u64)>,
+}
+
+/// JSON lines: a seek point every this many sequences.
+const CHECKPOINT: u64 = 1 << 14;
+
+/// One sequence of a corpus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its index in the corpus.
+    pub index: u64,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// First returned position.
+    pub first_position: u32,
+}
+
+/// A corpus: files in order, each counted.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    files: Vec<InputFile>,
+    columns: Columns,
+}
+
+/// Expands each pattern (a path, or a glob with `*`, `?` or `[`) in name
+/// order; a pattern that matches nothing is an error.
+pub fn expand_inputs(patterns: &[String]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = vec![];
+    for p in patterns {
+        if !p.contains(['*', '?', '[']) {
+            out.push(PathBuf::from(p));
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
-        let (ids, first) = match &v {
-            serde_json::Value::Array(_) => (&v, 0),
-            serde_json::Value::Object(o) => (
-                o.get("token_ids")
-                    .with_context(|| format!("{}:{}: no token_ids", path.display(), n + 1))?,
-                o.get("first_position").and_then(|f| f.as_u64()).unwrap_or(0) as u32,
-            ),
-            _ => bail!("{}:{}: expected an array or an object", path.display(), n + 1),
-        };
-        let ids: Vec<u32> = serde_json::from_value(ids.clone()).with_context(|| {
-            format!("{}:{}: token_ids must be non-negative integers", path.display(), n + 1)
-        })?;
-        out.push((ids, first));
+        let mut matched: Vec<PathBuf> = glob::glob(p)
+            .with_context(|| format!("input pattern {p:?}"))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("input pattern {p:?}"))?;
+        matched.sort();
+        anyhow::ensure!(!matched.is_empty(), "input pattern {p:?} matches no file");
+        out.extend(matched);
     }
     Ok(out)
+}
+
+impl Corpus {
+    /// Opens and counts `paths` (see [`expand_inputs`]), each read as
+    /// [`Format::of`] its name says.
+    pub fn open(paths: &[PathBuf], columns: Columns) -> anyhow::Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        for path in paths {
+            let format = Format::of(path);
+            let bytes = std::fs::metadata(path)
+                .with_context(|| format!("opening {}", path.display()))?
+                .len();
+            let (sequences, checkpoints) = match format {
+                Format::Jsonl => jsonl::count(path, CHECKPOINT)?,
+                Format::Parquet => (parquet::count(path, &columns)?, vec![]),
+            };
+            files.push(InputFile { path: path.clone(), format, bytes, sequences, checkpoints });
+        }
+        Ok(Self { files, columns })
+    }
+
+    /// The files, in order.
+    pub fn files(&self) -> &[InputFile] {
+        &self.files
+    }
+
+    /// The columns read from Parquet files.
+    pub fn columns(&self) -> &Columns {
+        &self.columns
+    }
+
+    /// Sequences in all.
+    pub fn len(&self) -> u64 {
+        self.files.iter().map(|f| f.sequences).sum()
+    }
+
+    /// Whether there is no sequence.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether progress is counted in input bytes (all files are JSON lines)
+    /// rather than in sequences (Parquet rows, from the metadata).
+    pub fn progress_in_bytes(&self) -> bool {
+        self.files.iter().all(|f| f.format == Format::Jsonl)
+    }
+
+    /// Which file holds sequence `n`, and its index there.
+    fn locate(&self, n: u64) -> (usize, u64) {
+        let mut base = 0;
+        for (i, f) in self.files.iter().enumerate() {
+            if n < base + f.sequences {
+                return (i, n - base);
+            }
+            base += f.sequences;
+        }
+        (self.files.len(), 0)
+    }
+
+    /// Progress units (see [`progress_in_bytes`](Self::progress_in_bytes)) from
+    /// the start of the corpus to sequence `n`.
+    pub fn units_before(&self, n: u64) -> anyhow::Result<u64> {
+        if !self.progress_in_bytes() {
+            return Ok(n.min(self.len()));
+        }
+        let (file, local) = self.locate(n);
+        let before: u64 = self.files[..file].iter().map(|f| f.bytes).sum();
+        match self.files.get(file) {
+            Some(f) => Ok(before + jsonl::Reader::at(f, local, CHECKPOINT)?.offset()),
+            None => Ok(before),
+        }
+    }
+
+    /// Reads sequences `range` in order; ids at or above `vocab_size` (when
+    /// given) are errors. `progress` is advanced by the units read.
+    pub fn records(
+        &self,
+        range: Range<u64>,
+        vocab_size: Option<u32>,
+        progress: Arc<AtomicU64>,
+    ) -> Records {
+        let (file, local) = self.locate(range.start);
+        Records {
+            corpus: self.clone(),
+            next: range.start,
+            end: range.end.min(self.len()),
+            file,
+            local,
+            source: None,
+            vocab_size,
+            progress,
+        }
+    }
+}
+
+enum Source {
+    Jsonl(jsonl::Reader),
+    Parquet(parquet::Reader),
+}
+
+/// A raw sequence as a reader found it, with where it was.
+pub(crate) struct Raw {
+    pub(crate) ids: Vec<i64>,
+    pub(crate) first_position: i64,
+    pub(crate) location: String,
+    /// What the reader found wrong with it, if anything.
+    pub(crate) problem: Option<String>,
+}
+
+/// Sequences of a corpus in order (see [`Corpus::records`]).
+pub struct Records {
+    corpus: Corpus,
+    next: u64,
+    end: u64,
+    file: usize,
+    local: u64,
+    source: Option<Source>,
+    vocab_size: Option<u32>,
+    progress: Arc<AtomicU64>,
+}
+
+impl Records {
+    fn open_source(&mut self) -> anyhow::Result<()> {
+        let f = &self.corpus.files[self.file];
+        self.source = Some(match f.format {
+            Format::Jsonl => Source::Jsonl(jsonl::Reader::at(f, self.local, CHECKPOINT)?),
+            Format::Parquet => {
+                Source::Parquet(parquet::Reader::at(&f.path, &self.corpus.columns, self.local)?)
+            }
+        });
+        Ok(())
+    }
+
+    fn read(&mut self) -> anyhow::Result<Option<Record>> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        while self.local >= self.corpus.files[self.file].sequences {
+            self.file += 1;
+            self.local = 0;
+            self.source = None;
+        }
+        if self.source.is_none() {
+            self.open_source()?;
+        }
+        let in_bytes = self.corpus.progress_in_bytes();
+        let raw = match self.source.as_mut().expect("opened") {
+            Source::Jsonl(r) => {
+                let before = r.offset();
+                let raw = r.next()?;
+                if in_bytes {
+                    self.progress.fetch_add(r.offset() - before, Ordering::Relaxed);
+                }
+                raw
+            }
+            Source::Parquet(r) => r.next()?,
+        };
+        let path = &self.corpus.files[self.file].path;
+        let Some(raw) = raw else {
+            bail!("{}: ended before its counted {} sequences", path.display(), self.local)
+        };
+        if !in_bytes {
+            self.progress.fetch_add(1, Ordering::Relaxed);
+        }
+        let record = check(raw, self.next, self.vocab_size)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        self.next += 1;
+        self.local += 1;
+        Ok(Some(record))
+    }
+}
+
+/// Checks a raw sequence: ids non-negative and below the vocabulary, not
+/// empty, the first position inside it.
+fn check(raw: Raw, index: u64, vocab_size: Option<u32>) -> anyhow::Result<Record> {
+    let at = format!("{} (sequence {index})", raw.location);
+    if let Some(problem) = raw.problem {
+        bail!("{at}: {problem}");
+    }
+    anyhow::ensure!(!raw.ids.is_empty(), "{at}: the sequence is empty");
+    let limit = vocab_size.map_or(i64::from(u32::MAX), i64::from);
+    let mut tokens = Vec::with_capacity(raw.ids.len());
+    for (i, &id) in raw.ids.iter().enumerate() {
+        if id < 0 {
+            bail!("{at}: token id {id} (at index {i}) is negative");
+        }
+        if id >= limit {
+            bail!(
+                "{at}: token id {id} (at index {i}) is not below the vocabulary size {}",
+                vocab_size.map_or(u64::from(u32::MAX), u64::from)
+            );
+        }
+        tokens.push(id as u32);
+    }
+    let first = raw.first_position;
+    if first < 0 || first >= tokens.len() as i64 {
+        bail!(
+            "{at}: first_position {first} is not a position of the sequence (0..{})",
+            tokens.len()
+        );
+    }
+    Ok(Record { index, tokens, first_position: first as u32 })
+}
+
+impl Iterator for Records {
+    type Item = anyhow::Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.read() {
+            Ok(r) => r.map(Ok),
+            Err(e) => {
+                self.next = self.end; // stop after an error
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Reads a whole corpus file into memory: per sequence, the token ids and the
+/// first position to return (for `logitd-bench`'s pool of sequences). Errors
+/// name the file and line.
+pub fn read_corpus(path: &Path) -> anyhow::Result<Vec<(Vec<u32>, u32)>> {
+    let corpus = Corpus::open(&[path.to_path_buf()], Columns::default())?;
+    corpus
+        .records(0..corpus.len(), None, Arc::default())
+        .map(|r| r.map(|r| (r.tokens, r.first_position)))
+        .collect()
 }

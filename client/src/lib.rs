@@ -11,12 +11,15 @@
 //!   those targets, as a differentiable candle scalar.
 //! - [`shard`]: targets on disk (safetensors shards), written once and read by
 //!   several training runs.
-//! - [`corpus`]: token corpora as JSON lines (the input of `logitd-client dump`
-//!   and `logitd-bench`).
+//! - [`corpus`]: token corpora as JSON lines or Parquet, streamed (the input of
+//!   `logitd-client dump` and `logitd-bench`).
+//! - [`dump`]: the targets of a whole corpus to shards, resumable and split
+//!   across workers (`logitd-client dump`).
 //! - [`student`]: a small Llama-style student (composed ops) for examples and tests.
 
 mod client;
 pub mod corpus;
+pub mod dump;
 mod loss;
 mod prefetch;
 pub mod shard;

@@ -25,7 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::TeacherTargets;
 
@@ -133,26 +133,181 @@ impl Columns {
     }
 }
 
-fn u32_bytes(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// One column of a shard, written little-endian.
+enum Column<'a> {
+    U32(&'a [u32]),
+    F32(&'a [f32]),
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+impl Column<'_> {
+    fn dtype(&self) -> &'static str {
+        match self {
+            Column::U32(_) => "U32",
+            Column::F32(_) => "F32",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Column::U32(v) => v.len(),
+            Column::F32(v) => v.len(),
+        }
+    }
+
+    /// Writes the values in chunks (no copy of the whole column).
+    fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(64 << 10);
+        for i in (0..self.len()).step_by(16 << 10) {
+            buf.clear();
+            match self {
+                Column::U32(v) => {
+                    v[i..(i + (16 << 10)).min(v.len())]
+                        .iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                }
+                Column::F32(v) => {
+                    v[i..(i + (16 << 10)).min(v.len())]
+                        .iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                }
+            }
+            out.write_all(&buf)?;
+        }
+        Ok(())
+    }
+}
+
+/// A shard written to disk: where, which sequences, and its checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenShard {
+    /// The file.
+    pub path: PathBuf,
+    /// Global indices of the sequences it holds.
+    pub sequences: std::ops::Range<u64>,
+    /// Returned positions.
+    pub positions: u64,
+    /// (id, count, logprob) entries.
+    pub entries: u64,
+    /// File size.
+    pub bytes: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+}
+
+/// The file name of the shard whose first sequence is `start`: names sort in
+/// corpus order, also across the workers of one output folder.
+pub fn shard_file_name(start: u64) -> String {
+    format!("targets-{start:012}.safetensors")
+}
+
+/// A writer that hashes what it writes.
+struct Hashing<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Hex of a digest.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a safetensors file with a deterministic header (metadata keys
+/// sorted, tensors in the order given), so that equal contents give equal
+/// bytes: `safetensors::serialize` writes its metadata map in hash order,
+/// which differs from process to process. Returns (bytes, sha256).
+fn write_safetensors(
+    w: impl std::io::Write,
+    metadata: &std::collections::BTreeMap<String, String>,
+    tensors: &[(&str, Column)],
+) -> std::io::Result<(u64, String)> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut offset = 0usize;
+    for (name, data) in tensors {
+        let end = offset + 4 * data.len();
+        header.insert(
+            (*name).into(),
+            serde_json::json!({"dtype": data.dtype(), "shape": [data.len()], "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out =
+        Hashing { inner: std::io::BufWriter::new(w), hasher: Default::default(), bytes: 0 };
+    out.write_all(&(json.len() as u64).to_le_bytes())?;
+    out.write_all(&json)?;
+    for (_, data) in tensors {
+        data.write(&mut out)?;
+    }
+    out.flush()?;
+    Ok((out.bytes, hex(&sha2::Digest::finalize(out.hasher))))
+}
+
+use std::io::Write as _;
+
+/// Writes `path` atomically: into `path.partial`, synced, then renamed, and the
+/// directory synced; a crash leaves either no file or the whole file.
+fn write_atomically<T>(
+    path: &Path,
+    write: impl FnOnce(&std::fs::File) -> std::io::Result<T>,
+) -> Result<T, ShardError> {
+    fn io(p: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
+        move |source| ShardError::Io { path: p.to_path_buf(), source }
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    let out = write(&file).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically (see [`write_atomically`]).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), ShardError> {
+    write_atomically(path, |mut f| f.write_all(bytes))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ShardError> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ShardError::Io { path: dir.to_path_buf(), source })
 }
 
 /// Writes targets into shards of at most `max_entries` (id, count, logprob)
 /// entries each (whole sequences; a larger sequence gets a shard of its own).
+/// Each shard is written atomically and records the global indices of its
+/// sequences (metadata `sequence_start`, `sequence_end`).
 pub struct ShardWriter {
     dir: PathBuf,
     meta: ShardMeta,
     max_entries: usize,
     columns: Columns,
+    /// Global index of the first buffered sequence.
+    next_sequence: u64,
     written: Vec<PathBuf>,
 }
 
 impl ShardWriter {
-    /// Creates `dir` (which must not hold shards yet).
+    /// Creates `dir` (which must not hold shards yet); the first sequence is number 0.
     pub fn create(dir: &Path, meta: ShardMeta, max_entries: usize) -> Result<Self, ShardError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| ShardError::Io { path: dir.to_path_buf(), source })?;
@@ -162,18 +317,31 @@ impl ShardWriter {
                 dir.display()
             )));
         }
+        Ok(Self::starting_at(dir, meta, max_entries, 0))
+    }
+
+    /// A writer into an existing `dir` whose first sequence is number
+    /// `first_sequence` (the caller decides what the directory may hold).
+    pub fn starting_at(
+        dir: &Path,
+        meta: ShardMeta,
+        max_entries: usize,
+        first_sequence: u64,
+    ) -> Self {
         let columns = Columns::new(meta.num_samples);
-        Ok(Self {
+        Self {
             dir: dir.to_path_buf(),
             meta,
             max_entries: max_entries.max(1),
             columns,
+            next_sequence: first_sequence,
             written: vec![],
-        })
+        }
     }
 
-    /// Appends one sequence's targets.
-    pub fn append(&mut self, t: &TeacherTargets) -> Result<(), ShardError> {
+    /// Appends the next sequence's targets; returns the shard written when
+    /// the buffered ones had to go to disk first.
+    pub fn append(&mut self, t: &TeacherTargets) -> Result<Option<WrittenShard>, ShardError> {
         if t.num_samples != self.meta.num_samples {
             return Err(ShardError::Mismatch(format!(
                 "targets with k = {} do not belong in a set written with k = {}",
@@ -181,59 +349,47 @@ impl ShardWriter {
             )));
         }
         let buffered = self.columns.positions.token_ids.len();
-        if buffered > 0 && buffered + t.token_ids.len() > self.max_entries {
-            self.flush()?;
-        }
+        let written = if buffered > 0 && buffered + t.token_ids.len() > self.max_entries {
+            self.flush()?
+        } else {
+            None
+        };
         let c = &mut self.columns;
         c.positions.append(t);
         c.first_position.push(t.first_position);
         c.sequence_offsets.push(c.positions.lse.len() as u32);
-        Ok(())
+        Ok(written)
     }
 
-    fn flush(&mut self) -> Result<(), ShardError> {
+    fn flush(&mut self) -> Result<Option<WrittenShard>, ShardError> {
         if self.columns.first_position.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let c = std::mem::replace(&mut self.columns, Columns::new(self.meta.num_samples));
+        let start = self.next_sequence;
+        let end = start + c.first_position.len() as u64;
+        let path = self.dir.join(shard_file_name(start));
+        let mut metadata: std::collections::BTreeMap<String, String> =
+            self.meta.to_map().into_iter().collect();
+        metadata.insert("sequence_start".into(), start.to_string());
+        metadata.insert("sequence_end".into(), end.to_string());
         let t = &c.positions;
-        let path = self.dir.join(format!("targets-{:05}.safetensors", self.written.len()));
-        let data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            (
-                "sequence_offsets",
-                Dtype::U32,
-                vec![c.sequence_offsets.len()],
-                u32_bytes(&c.sequence_offsets),
-            ),
-            (
-                "first_position",
-                Dtype::U32,
-                vec![c.first_position.len()],
-                u32_bytes(&c.first_position),
-            ),
-            ("offsets", Dtype::U32, vec![t.offsets.len()], u32_bytes(&t.offsets)),
-            ("token_ids", Dtype::U32, vec![t.token_ids.len()], u32_bytes(&t.token_ids)),
-            ("counts", Dtype::U32, vec![t.counts.len()], u32_bytes(&t.counts)),
-            ("logprobs", Dtype::F32, vec![t.logprobs.len()], f32_bytes(&t.logprobs)),
-            ("lse", Dtype::F32, vec![t.lse.len()], f32_bytes(&t.lse)),
-        ];
-        let views = data
-            .iter()
-            .map(|(n, d, s, b)| {
-                Ok((*n, TensorView::new(*d, s.clone(), b).map_err(|e| self.invalid(&path, e))?))
-            })
-            .collect::<Result<Vec<_>, ShardError>>()?;
-        let tmp = path.with_extension("partial");
-        safetensors::serialize_to_file(views, Some(self.meta.to_map()), &tmp)
-            .map_err(|e| self.invalid(&tmp, e))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|source| ShardError::Io { path: path.clone(), source })?;
-        self.written.push(path);
-        Ok(())
-    }
-
-    fn invalid(&self, path: &Path, e: impl std::fmt::Display) -> ShardError {
-        ShardError::Invalid { path: path.to_path_buf(), message: e.to_string() }
+        let (positions, entries) = (t.lse.len() as u64, t.token_ids.len() as u64);
+        let (bytes, sha256) = write_atomically(&path, |file| {
+            let tensors = [
+                ("sequence_offsets", Column::U32(&c.sequence_offsets)),
+                ("first_position", Column::U32(&c.first_position)),
+                ("offsets", Column::U32(&t.offsets)),
+                ("token_ids", Column::U32(&t.token_ids)),
+                ("counts", Column::U32(&t.counts)),
+                ("logprobs", Column::F32(&t.logprobs)),
+                ("lse", Column::F32(&t.lse)),
+            ];
+            write_safetensors(file, &metadata, &tensors)
+        })?;
+        self.next_sequence = end;
+        self.written.push(path.clone());
+        Ok(Some(WrittenShard { path, sequences: start..end, positions, entries, bytes, sha256 }))
     }
 
     /// Writes what is buffered and returns the shard files.
@@ -241,9 +397,15 @@ impl ShardWriter {
         self.flush()?;
         Ok(self.written)
     }
+
+    /// Writes what is buffered; returns that last shard, if any.
+    pub fn finish_last(mut self) -> Result<Option<WrittenShard>, ShardError> {
+        self.flush()
+    }
 }
 
-fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ShardError> {
+/// The shard files of `dir` (`targets-*.safetensors`), sorted by name.
+pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ShardError> {
     let read = std::fs::read_dir(dir)
         .map_err(|source| ShardError::Io { path: dir.to_path_buf(), source })?;
     let mut files: Vec<PathBuf> = read
@@ -258,30 +420,55 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ShardError> {
     Ok(files)
 }
 
-/// Reads a target set written by [`ShardWriter`].
+/// Reads a target set written by [`ShardWriter`]: one folder, or several
+/// (e.g. one per worker of a split dump), as one set in corpus order.
+///
+/// Shards that record their sequence range (`sequence_start`,
+/// `sequence_end`) are ordered by it, whatever folder or name they have, and
+/// must follow each other without a gap or an overlap: a missing range (a
+/// worker that has not finished) is an error naming it. Older shards without
+/// ranges are read in name order.
 pub struct ShardReader {
     files: Vec<PathBuf>,
     meta: ShardMeta,
+    sequences: Option<std::ops::Range<u64>>,
 }
 
 impl ShardReader {
     /// Opens `dir` and checks that all shards share one metadata.
     pub fn open(dir: &Path) -> Result<Self, ShardError> {
-        let files = shard_files(dir)?;
-        let Some(first) = files.first() else {
-            return Err(ShardError::Mismatch(format!("{} holds no target shards", dir.display())));
+        Self::open_many(&[dir])
+    }
+
+    /// Opens the shards of all `dirs` as one set.
+    pub fn open_many<P: AsRef<Path>>(dirs: &[P]) -> Result<Self, ShardError> {
+        let mut files = vec![];
+        for d in dirs {
+            files.extend(shard_files(d.as_ref())?);
+        }
+        let Some(first) = files.first().cloned() else {
+            let names: Vec<String> =
+                dirs.iter().map(|d| d.as_ref().display().to_string()).collect();
+            return Err(ShardError::Mismatch(format!(
+                "{} holds no target shards",
+                names.join(", ")
+            )));
         };
-        let meta = read_meta(first)?;
-        for f in &files[1..] {
-            if read_meta(f)? != meta {
+        let (meta, _) = read_header(&first)?;
+        let mut ranged = Vec::with_capacity(files.len());
+        for f in files {
+            let (m, range) = read_header(&f)?;
+            if m != meta {
                 return Err(ShardError::Mismatch(format!(
                     "{} was written by another run than {}",
                     f.display(),
                     first.display()
                 )));
             }
+            ranged.push((range, f));
         }
-        Ok(Self { files, meta })
+        let sequences = order_by_range(&mut ranged)?;
+        Ok(Self { files: ranged.into_iter().map(|(_, f)| f).collect(), meta, sequences })
     }
 
     /// What produced the targets.
@@ -289,12 +476,17 @@ impl ShardReader {
         &self.meta
     }
 
-    /// The shard files, in order.
+    /// The shard files, in corpus order.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }
 
-    /// Every sequence's targets, in the order written (one shard in memory at a time).
+    /// The global sequence indices the set holds (None for shards without ranges).
+    pub fn sequences(&self) -> Option<std::ops::Range<u64>> {
+        self.sequences.clone()
+    }
+
+    /// Every sequence's targets, in corpus order (one shard in memory at a time).
     pub fn iter(&self) -> impl Iterator<Item = Result<TeacherTargets, ShardError>> + '_ {
         self.files.iter().flat_map(move |f| match read_shard(f, self.meta.num_samples) {
             Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -303,16 +495,85 @@ impl ShardReader {
     }
 }
 
+/// Sorts shards by their sequence range and checks that the ranges follow
+/// each other; returns the whole range. Shards without ranges keep name order.
+fn order_by_range(
+    shards: &mut [(Option<std::ops::Range<u64>>, PathBuf)],
+) -> Result<Option<std::ops::Range<u64>>, ShardError> {
+    if shards.iter().any(|(r, _)| r.is_none()) {
+        if let Some((_, f)) = shards.iter().find(|(r, _)| r.is_some()) {
+            return Err(ShardError::Mismatch(format!(
+                "{} records its sequence range but other shards beside it do not",
+                f.display()
+            )));
+        }
+        return Ok(None);
+    }
+    shards.sort_by_key(|(r, _)| r.as_ref().map(|r| r.start));
+    for w in shards.windows(2) {
+        let (a, b) = (w[0].0.clone().unwrap_or_default(), w[1].0.clone().unwrap_or_default());
+        if b.start > a.end {
+            return Err(ShardError::Mismatch(format!(
+                "sequences {}..{} are missing (between {} and {}; has every worker finished?)",
+                a.end,
+                b.start,
+                w[0].1.display(),
+                w[1].1.display()
+            )));
+        }
+        if b.start < a.end {
+            return Err(ShardError::Mismatch(format!(
+                "{} and {} overlap (sequences {}..{} and {}..{})",
+                w[0].1.display(),
+                w[1].1.display(),
+                a.start,
+                a.end,
+                b.start,
+                b.end
+            )));
+        }
+    }
+    let start = shards.first().and_then(|(r, _)| r.as_ref().map(|r| r.start));
+    let end = shards.last().and_then(|(r, _)| r.as_ref().map(|r| r.end));
+    Ok(start.zip(end).map(|(s, e)| s..e))
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>, ShardError> {
     std::fs::read(path).map_err(|source| ShardError::Io { path: path.to_path_buf(), source })
 }
 
-fn read_meta(path: &Path) -> Result<ShardMeta, ShardError> {
-    let bytes = read_file(path)?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| ShardError::Invalid { path: path.to_path_buf(), message: e.to_string() })?;
-    let map = meta.metadata().clone().unwrap_or_default();
-    ShardMeta::from_map(&map, path)
+/// The metadata of a shard and its sequence range, from its header only.
+pub fn read_header(path: &Path) -> Result<(ShardMeta, Option<std::ops::Range<u64>>), ShardError> {
+    use std::io::Read as _;
+    let io = |source| ShardError::Io { path: path.to_path_buf(), source };
+    let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| invalid("too short for a safetensors header".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        return Err(invalid(format!("header length {n} is not plausible")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|_| invalid("the header is cut short".into()))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("the header is not JSON: {e}")))?;
+    let map: HashMap<String, String> = header
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .ok_or_else(|| invalid("no string metadata in the header".into()))?;
+    let meta = ShardMeta::from_map(&map, path)?;
+    let num = |k: &str| -> Result<Option<u64>, ShardError> {
+        map.get(k)
+            .map(|v| v.parse::<u64>().map_err(|e| invalid(format!("metadata `{k}`: {e}"))))
+            .transpose()
+    };
+    let range = match (num("sequence_start")?, num("sequence_end")?) {
+        (Some(a), Some(b)) if a <= b => Some(a..b),
+        (None, None) => None,
+        _ => return Err(invalid("metadata `sequence_start`/`sequence_end` do not fit".into())),
+    };
+    Ok((meta, range))
 }
 
 fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, ShardError> {

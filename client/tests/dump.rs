@@ -5,9 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use logitd_client::{
-    ClientConfig, SampleOptions, TeacherClient, sequence_seed, shard::ShardReader,
-};
+use logitd_client::{ClientConfig, SampleOptions, TeacherClient, shard::ShardReader};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dump_writes_the_targets_the_server_gives() {
@@ -70,26 +68,20 @@ async fn dump_writes_the_targets_the_server_gives() {
     assert!(reader.files().len() > 1);
     let stored: Vec<_> = reader.iter().collect::<Result<_, _>>().unwrap();
     assert_eq!(stored.len(), 23);
-    // The same targets, fetched live batch by batch with the same seeds.
+    // The same targets, fetched live: sequence n's samples depend only on the
+    // run seed and n (its seed is sequence_seed(5, n)), as for the whole corpus
+    // sent as one batch with seed 5, whatever --batch-sequences is.
     let firsts: Vec<u32> =
         corpus.iter().enumerate().map(|(i, (_, f))| if i % 2 == 0 { *f } else { 0 }).collect();
-    let mut live = vec![];
-    for (b, chunk) in corpus.chunks(4).enumerate() {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(t, _)| t.clone()).collect();
-        let opts = SampleOptions {
-            num_samples: 16,
-            temperature: Some(1.0),
-            seed: sequence_seed(5, b as u64),
-            method: 1,
-            value_encoding: 1,
-        };
-        live.extend(
-            client
-                .sample_targets(&seqs, Some(&firsts[b * 4..b * 4 + chunk.len()]), opts)
-                .await
-                .unwrap(),
-        );
-    }
+    let seqs: Vec<Vec<u32>> = corpus.iter().map(|(t, _)| t.clone()).collect();
+    let opts = SampleOptions {
+        num_samples: 16,
+        temperature: Some(1.0),
+        seed: 5,
+        method: 1,
+        value_encoding: 1,
+    };
+    let live = client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap();
     assert_eq!(stored, live);
     server.abort();
     std::fs::remove_dir_all(&dir).unwrap();

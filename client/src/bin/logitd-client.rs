@@ -2,20 +2,15 @@
 //!
 //! `logitd-client dump --server URI --input corpus.jsonl --out DIR` asks a logitd
 //! server for the teacher targets of every sequence of a corpus and writes them
-//! as safetensors shards (see `logitd_client::shard`), with a progress bar.
+//! as safetensors shards (see `logitd_client::dump` and `logitd_client::shard`),
+//! with a progress bar.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use logitd_client::{
-    ClientConfig, Prefetcher, SampleOptions, TeacherClient, TrainingBatch,
-    corpus::read_corpus,
-    shard::{ShardMeta, ShardWriter},
+    corpus::Columns,
+    dump::{DumpOptions, run},
 };
 
 /// Tools for student trainers that use a logitd teacher.
@@ -28,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fetch the teacher targets of a corpus once and write them as shards.
+    /// Fetch the teacher targets of a corpus once and write them as shards:
+    /// streamed, resumable (rerun the same command), split across workers.
     Dump(Dump),
 }
 
@@ -37,11 +33,23 @@ struct Dump {
     /// Server URI(s), comma-separated, e.g. http://127.0.0.1:50051 (several are balanced).
     #[arg(long, env = "LOGITD_SERVER", value_delimiter = ',', required = true)]
     server: Vec<String>,
-    /// JSON lines: one sequence per line, either an array of token ids or
-    /// {"token_ids": [...], "first_position": N}.
+    /// Corpus files or glob patterns (each expanded in name order), read in
+    /// the order given: JSON lines (one sequence per line, an array of token
+    /// ids or {"token_ids": [...], "first_position": N}) or `*.parquet`.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<String>,
+    /// Parquet: the list-of-integers column holding the token ids.
+    #[arg(long, default_value = "input_ids")]
+    ids_column: String,
+    /// Parquet: an integer column with each row's first returned position.
+    #[arg(long, conflicts_with = "loss_mask_column")]
+    first_position_column: Option<String>,
+    /// Parquet: a list column aligned with the ids; the first non-zero entry
+    /// is the first returned position.
     #[arg(long)]
-    input: PathBuf,
-    /// Output directory for the shards (must not hold shards yet).
+    loss_mask_column: Option<String>,
+    /// Output folder. Rerunning with the same arguments resumes; other
+    /// arguments are refused. Workers may share it.
     #[arg(long)]
     out: PathBuf,
     /// Draws per position (0 = the server default).
@@ -50,21 +58,28 @@ struct Dump {
     /// Softmax temperature.
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
-    /// Seed of the run (each sequence's seed derives from it and its index).
+    /// Seed of the run: sequence n's samples depend only on it and n.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use top-k instead of sampling.
     #[arg(long)]
     top_k: bool,
-    /// Sequences per request.
+    /// Sequences per request (does not change the targets).
     #[arg(long, default_value_t = 16)]
     batch_sequences: usize,
-    /// Requests in flight on the stream.
+    /// Requests in flight (does not change the targets).
     #[arg(long, default_value_t = 4)]
     depth: usize,
     /// Entries (id, count, logprob) per shard file.
     #[arg(long, default_value_t = 4 << 20)]
     shard_entries: usize,
+    /// This worker's index, 0-based (in a Kubernetes Indexed Job: the pod's
+    /// completion index).
+    #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
+    worker: u32,
+    /// Workers the corpus is split across (contiguous ranges of sequences).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
     /// Bearer token for the server.
     #[arg(long, env = "LOGITD_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
@@ -76,72 +91,30 @@ struct Dump {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
-    let Command::Dump(args) = Cli::parse().command;
-    let corpus = read_corpus(&args.input)?;
-    anyhow::ensure!(!corpus.is_empty(), "{} holds no sequences", args.input.display());
-    let mut config = ClientConfig::new(args.server.clone());
-    config.bearer_token = args.auth_token.clone();
-    config.expect_tokenizer_sha256 = args.expect_tokenizer_sha256.clone();
-    let client = TeacherClient::connect(config).await.context("connecting to the teacher")?;
-    let info = client.model_info().clone();
-    let options = SampleOptions {
-        num_samples: args.num_samples,
-        temperature: Some(args.temperature),
-        seed: args.seed,
-        method: if args.top_k { 2 } else { 1 },
-        value_encoding: 1,
-    };
-    let k = if args.num_samples == 0 { info.default_num_samples } else { args.num_samples };
-    let meta = ShardMeta {
-        model_id: info.model_id.clone(),
-        tokenizer_sha256: info.tokenizer_sha256.clone(),
-        num_samples: k,
-        temperature: args.temperature.to_string(),
-        seed: args.seed,
-        method: options.method,
-        value_encoding: options.value_encoding,
-    };
-    let mut writer = ShardWriter::create(&args.out, meta, args.shard_entries)?;
-    let total_tokens: u64 = corpus.iter().map(|(t, _)| t.len() as u64).sum();
-    let bar = ProgressBar::new(total_tokens).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} tokens  {per_sec}  eta {eta}  {msg}")
-            .expect("a valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(250));
-    let batches: Vec<TrainingBatch> = corpus
-        .chunks(args.batch_sequences.max(1))
-        .enumerate()
-        .map(|(i, chunk)| TrainingBatch {
-            sequences: chunk.iter().map(|(t, _)| t.clone()).collect(),
-            first_positions: Some(chunk.iter().map(|(_, f)| *f).collect()),
-            loss_mask: None,
-            seed: logitd_client::sequence_seed(args.seed, i as u64),
-        })
-        .collect();
-    let started = Instant::now();
-    let mut prefetcher = Prefetcher::start(client, batches.into_iter(), args.depth, options);
-    let (mut sequences, mut entries) = (0usize, 0usize);
-    while let Some(item) = prefetcher.next().await {
-        let targets =
-            item.targets.with_context(|| format!("batch starting at sequence {sequences}"))?;
-        for (t, tokens) in targets.iter().zip(&item.batch.sequences) {
-            writer.append(t)?;
-            entries += t.token_ids.len();
-            bar.inc(tokens.len() as u64);
-        }
-        sequences += targets.len();
-        bar.set_message(format!("{sequences} sequences"));
-    }
-    let files = writer.finish()?;
-    bar.finish();
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "wrote {sequences} sequences, {total_tokens} tokens, {entries} entries ({:.1} per position) in {} shard(s) to {} in {secs:.1} s ({:.0} tokens/s); teacher {}",
-        entries as f64 / total_tokens as f64,
-        files.len(),
-        args.out.display(),
-        total_tokens as f64 / secs,
-        info.model_id
-    );
+    let Command::Dump(a) = Cli::parse().command;
+    let out = a.out.clone();
+    let summary = run(DumpOptions {
+        servers: a.server,
+        inputs: a.input,
+        columns: Columns {
+            ids: a.ids_column,
+            first_position: a.first_position_column,
+            loss_mask: a.loss_mask_column,
+        },
+        out: a.out,
+        num_samples: a.num_samples,
+        temperature: a.temperature,
+        seed: a.seed,
+        top_k: a.top_k,
+        batch_sequences: a.batch_sequences,
+        depth: a.depth,
+        shard_entries: a.shard_entries,
+        auth_token: a.auth_token,
+        expect_tokenizer_sha256: a.expect_tokenizer_sha256,
+        worker: a.worker,
+        workers: a.workers,
+    })
+    .await?;
+    println!("{}", summary.line(&out));
     Ok(())
 }

@@ -1,0 +1,443 @@
+//! `logitd-client dump`: the teacher targets of a whole corpus, streamed,
+//! resumable and split across workers.
+//!
+//! - **Samples keyed by sequence index.** Sequence `n` of the corpus is sent
+//!   with its own seed, [`sequence_seed`]`(seed, n)` (the proto's per-sequence
+//!   `seed`), so its samples depend only on the run seed and `n`: not on
+//!   `--batch-sequences`, `--depth`, the worker count, where a run resumed or
+//!   how many servers answer. They equal what
+//!   [`TeacherClient::sample_targets`](crate::TeacherClient::sample_targets)
+//!   gives for the whole corpus as one batch with that seed.
+//! - **Streaming.** A reader thread parses the corpus (see [`crate::corpus`])
+//!   into requests, at most `--depth` are in flight (unary calls, balanced
+//!   over the servers, with retries), and a writer thread turns the answers
+//!   into shards in corpus order: memory is bounded by the depth and the shard
+//!   size, whatever the corpus size.
+//! - **Resumable.** Shards are written atomically (a `.partial` file, synced,
+//!   renamed) and recorded, with their sequence range and SHA-256, in the
+//!   worker's manifest (see [`manifest`]). A rerun with the same arguments
+//!   skips the complete shards and continues after the last; a damaged last
+//!   shard is redone; other arguments are refused, naming the difference.
+//! - **Workers.** `--worker i --workers N` takes sequences
+//!   `[⌊i·S/N⌋, ⌊(i+1)·S/N⌋)` of the S in the corpus; N workers may share one
+//!   output folder (shard names are their first sequence index, so they sort
+//!   in corpus order) and [`ShardReader`](crate::shard::ShardReader) reads it
+//!   as one set.
+
+pub mod manifest;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use futures::{StreamExt, stream::FuturesUnordered};
+use indicatif::{ProgressBar, ProgressStyle};
+use logitd_proto::v1::{SampleLogitsRequest, SampleLogitsResponse, Sequence};
+use tokio::sync::mpsc;
+
+use crate::{
+    ClientConfig, TeacherClient, TeacherTargets,
+    corpus::{Columns, Corpus, Record, expand_inputs},
+    sequence_seed,
+    shard::{ShardMeta, ShardWriter},
+};
+use manifest::{InputEntry, Manifest, Settings, ShardEntry};
+
+/// What to dump, and how.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    /// Server URIs (balanced per call).
+    pub servers: Vec<String>,
+    /// Input files or glob patterns, in order.
+    pub inputs: Vec<String>,
+    /// Parquet columns.
+    pub columns: Columns,
+    /// Output folder.
+    pub out: PathBuf,
+    /// k (0: the server default).
+    pub num_samples: u32,
+    /// Temperature.
+    pub temperature: f32,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Top-k instead of sampling.
+    pub top_k: bool,
+    /// Sequences per request.
+    pub batch_sequences: usize,
+    /// Requests in flight.
+    pub depth: usize,
+    /// Entries per shard.
+    pub shard_entries: usize,
+    /// Bearer token.
+    pub auth_token: Option<String>,
+    /// Refuse a server with another tokenizer.
+    pub expect_tokenizer_sha256: Option<String>,
+    /// This worker's index.
+    pub worker: u32,
+    /// Workers in all.
+    pub workers: u32,
+}
+
+/// What a dump did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Sequences of this worker's range in complete shards (this run and earlier ones).
+    pub sequences: u64,
+    /// Of which fetched by this run.
+    pub sequences_this_run: u64,
+    /// Input tokens of the range.
+    pub tokens: u64,
+    /// Returned positions.
+    pub positions: u64,
+    /// Entries.
+    pub entries: u64,
+    /// Bytes of the shards.
+    pub bytes: u64,
+    /// Shard files.
+    pub shards: usize,
+    /// Positions fetched by this run.
+    pub positions_this_run: u64,
+    /// Wall time of this run.
+    pub wall: Duration,
+    /// The teacher.
+    pub model_id: String,
+    /// Peak resident memory of this process (VmHWM), MiB, where /proc has it.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// This process's peak resident memory (VmHWM), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+impl Summary {
+    fn of(m: &Manifest) -> Self {
+        let mut s = Summary { shards: m.shards.len(), ..Default::default() };
+        for e in &m.shards {
+            s.sequences += e.sequences[1] - e.sequences[0];
+            s.tokens += e.tokens;
+            s.positions += e.positions;
+            s.entries += e.entries;
+            s.bytes += e.bytes;
+        }
+        s
+    }
+
+    /// The end line.
+    pub fn line(&self, out: &std::path::Path) -> String {
+        let p = self.positions.max(1) as f64;
+        let secs = self.wall.as_secs_f64().max(1e-9);
+        format!(
+            "wrote {} sequences ({} in this run), {} tokens, {} positions, {:.1} entries per position, {:.1} bytes per position on disk, {} shard(s) in {}; wall {:.1} s, {:.0} positions/s; peak RSS {} MiB; teacher {}",
+            self.sequences,
+            self.sequences_this_run,
+            self.tokens,
+            self.positions,
+            self.entries as f64 / p,
+            self.bytes as f64 / p,
+            self.shards,
+            out.display(),
+            secs,
+            self.positions_this_run as f64 / secs,
+            self.peak_rss_mib.map_or("?".into(), |m| format!("{m:.1}")),
+            self.model_id
+        )
+    }
+}
+
+/// The sequences worker `worker` of `workers` takes out of `total`.
+pub fn worker_range(total: u64, worker: u32, workers: u32) -> std::ops::Range<u64> {
+    let at = |i: u32| (u128::from(total) * u128::from(i) / u128::from(workers)) as u64;
+    at(worker)..at(worker + 1)
+}
+
+/// A batch read from the corpus.
+struct Batch {
+    records: Vec<Record>,
+}
+
+impl Batch {
+    fn request(&self, o: &DumpOptions) -> SampleLogitsRequest {
+        SampleLogitsRequest {
+            sequences: self
+                .records
+                .iter()
+                .map(|r| Sequence {
+                    token_ids: r.tokens.clone(),
+                    first_position: r.first_position,
+                    seed: Some(sequence_seed(o.seed, r.index)),
+                })
+                .collect(),
+            num_samples: o.num_samples,
+            temperature: Some(o.temperature),
+            seed: Some(o.seed),
+            method: if o.top_k { 2 } else { 1 },
+            value_encoding: 1,
+        }
+    }
+}
+
+/// What the writer thread receives.
+enum Fetched {
+    Answer(Batch, SampleLogitsResponse),
+    /// Every batch was sent: write the last shard.
+    Done,
+}
+
+/// Runs the dump; prints progress to stderr (when it is a terminal).
+pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
+    anyhow::ensure!(o.workers >= 1, "--workers must be at least 1");
+    anyhow::ensure!(
+        o.worker < o.workers,
+        "--worker {} is not below --workers {}",
+        o.worker,
+        o.workers
+    );
+    let started = Instant::now();
+    let corpus = Corpus::open(&expand_inputs(&o.inputs)?, o.columns.clone())?;
+    anyhow::ensure!(!corpus.is_empty(), "the input holds no sequences");
+    let mut config = ClientConfig::new(o.servers.clone());
+    config.bearer_token = o.auth_token.clone();
+    config.expect_tokenizer_sha256 = o.expect_tokenizer_sha256.clone();
+    let client = TeacherClient::connect(config).await.context("connecting to the teacher")?;
+    let info = client.model_info().clone();
+    let k = if o.num_samples == 0 { info.default_num_samples } else { o.num_samples };
+    let settings = settings(&o, &corpus, &info, k);
+    let range = worker_range(corpus.len(), o.worker, o.workers);
+    let (manifest, notes) = manifest::prepare(&o.out, &settings, o.worker, range.clone())?;
+    for n in notes {
+        eprintln!("logitd-client dump: {n}");
+    }
+    let start = manifest.resume_at();
+    let meta = ShardMeta {
+        model_id: info.model_id.clone(),
+        tokenizer_sha256: info.tokenizer_sha256.clone(),
+        num_samples: k,
+        temperature: o.temperature.to_string(),
+        seed: o.seed,
+        method: if o.top_k { 2 } else { 1 },
+        value_encoding: 1,
+    };
+    let writer = ShardWriter::starting_at(&o.out, meta, o.shard_entries, start);
+    let progress = Arc::new(AtomicU64::new(0));
+    let bar = progress_bar(&corpus, start..range.end)?;
+    let (batch_tx, batch_rx) = mpsc::channel(o.depth.max(1));
+    let reader = spawn_reader(
+        corpus,
+        start..range.end,
+        info.vocab_size,
+        o.batch_sequences,
+        progress.clone(),
+        batch_tx,
+    );
+    let (out_tx, out_rx) = mpsc::channel(o.depth.max(1));
+    let out_dir = o.out.clone();
+    let writer =
+        std::thread::spawn(move || write_all(out_dir, writer, manifest, out_rx, bar, progress));
+    let fetched = fetch_all(&client, &o, batch_rx, &out_tx).await;
+    let read = reader.join().expect("the reader thread panicked");
+    if fetched.is_ok() && read.is_ok() {
+        let _ = out_tx.send(Fetched::Done).await;
+    }
+    drop(out_tx);
+    let written = writer.join().expect("the writer thread panicked");
+    // The first failure in stream order: the input's, then the teacher's, then the disk's.
+    let manifest = read.and(fetched).and(written).map_err(|e| {
+        e.context(format!(
+            "the dump stopped; the complete shards in {} are kept, and a rerun with the same arguments resumes after them",
+            o.out.display()
+        ))
+    })?;
+    let mut summary = Summary::of(&manifest);
+    summary.sequences_this_run = summary.sequences.saturating_sub(start - range.start);
+    summary.positions_this_run =
+        manifest.shards.iter().filter(|s| s.sequences[0] >= start).map(|s| s.positions).sum();
+    summary.wall = started.elapsed();
+    summary.model_id = info.model_id;
+    summary.peak_rss_mib = peak_rss_mib();
+    Ok(summary)
+}
+
+fn settings(
+    o: &DumpOptions,
+    corpus: &Corpus,
+    info: &logitd_proto::v1::ModelInfo,
+    k: u32,
+) -> Settings {
+    Settings {
+        inputs: corpus
+            .files()
+            .iter()
+            .map(|f| InputEntry {
+                path: f.path.display().to_string(),
+                format: f.format.name().into(),
+                bytes: f.bytes,
+                sequences: f.sequences,
+            })
+            .collect(),
+        ids_column: o.columns.ids.clone(),
+        first_position_column: o.columns.first_position.clone(),
+        loss_mask_column: o.columns.loss_mask.clone(),
+        model_id: info.model_id.clone(),
+        tokenizer_sha256: info.tokenizer_sha256.clone(),
+        num_samples: k,
+        temperature: o.temperature.to_string(),
+        seed: o.seed,
+        method: if o.top_k { "top_k" } else { "sample" }.into(),
+        value_encoding: 1,
+        shard_entries: o.shard_entries as u64,
+        workers: o.workers,
+    }
+}
+
+/// The bar: input bytes (JSON lines) or rows (Parquet) of the range; the
+/// message carries tokens/s.
+fn progress_bar(corpus: &Corpus, range: std::ops::Range<u64>) -> anyhow::Result<ProgressBar> {
+    let (a, b) = (corpus.units_before(range.start)?, corpus.units_before(range.end)?);
+    let unit =
+        if corpus.progress_in_bytes() { "{bytes}/{total_bytes}" } else { "{pos}/{len} rows" };
+    let bar = ProgressBar::new(b - a).with_style(
+        ProgressStyle::with_template(&format!("{{bar:30}} {unit}  {{msg}}  eta {{eta}}"))
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    Ok(bar)
+}
+
+/// Reads `range` of the corpus into batches on a thread of its own.
+fn spawn_reader(
+    corpus: Corpus,
+    range: std::ops::Range<u64>,
+    vocab_size: u32,
+    batch_sequences: usize,
+    progress: Arc<AtomicU64>,
+    tx: mpsc::Sender<Batch>,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    std::thread::spawn(move || {
+        let size = batch_sequences.max(1);
+        let mut records = Vec::with_capacity(size);
+        for r in corpus.records(range, Some(vocab_size), progress) {
+            records.push(r?);
+            if records.len() == size {
+                let batch =
+                    Batch { records: std::mem::replace(&mut records, Vec::with_capacity(size)) };
+                if tx.blocking_send(batch).is_err() {
+                    return Ok(()); // the fetcher stopped; it says why
+                }
+            }
+        }
+        if !records.is_empty() {
+            let _ = tx.blocking_send(Batch { records });
+        }
+        Ok(())
+    })
+}
+
+/// Keeps `depth` requests in flight and hands the answers on in corpus order.
+async fn fetch_all(
+    client: &TeacherClient,
+    o: &DumpOptions,
+    mut batches: mpsc::Receiver<Batch>,
+    out: &mpsc::Sender<Fetched>,
+) -> anyhow::Result<()> {
+    let depth = o.depth.max(1);
+    let mut in_flight = FuturesUnordered::new();
+    let mut ready: BTreeMap<u64, (Batch, SampleLogitsResponse)> = BTreeMap::new();
+    let (mut sent, mut next_out, mut input_done) = (0u64, 0u64, false);
+    loop {
+        let room = !input_done && in_flight.len() < depth && ready.len() < depth;
+        tokio::select! {
+            batch = batches.recv(), if room => match batch {
+                Some(batch) => {
+                    let (client, request, n) = (client.clone(), batch.request(o), sent);
+                    in_flight.push(tokio::spawn(async move { (n, batch, client.sample(request).await) }));
+                    sent += 1;
+                }
+                None => input_done = true,
+            },
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (n, batch, answer) = done.context("a request task failed")?;
+                let first = batch.records.first().map_or(0, |r| r.index);
+                let answer = answer.with_context(|| format!("the teacher failed on the batch starting at sequence {first}"))?;
+                ready.insert(n, (batch, answer));
+                while let Some((batch, answer)) = ready.remove(&next_out) {
+                    if out.send(Fetched::Answer(batch, answer)).await.is_err() {
+                        return Ok(()); // the writer stopped; it says why
+                    }
+                    next_out += 1;
+                }
+            },
+            else => return Ok(()),
+        }
+    }
+}
+
+/// Decodes the answers, checks their shape, writes the shards and the manifest.
+fn write_all(
+    dir: PathBuf,
+    mut writer: ShardWriter,
+    mut manifest: Manifest,
+    mut rx: mpsc::Receiver<Fetched>,
+    bar: ProgressBar,
+    progress: Arc<AtomicU64>,
+) -> anyhow::Result<Manifest> {
+    let started = Instant::now();
+    let (mut tokens_buffered, mut tokens_run) = (0u64, 0u64);
+    let record = |m: &mut Manifest, w: Option<crate::shard::WrittenShard>, tokens: &mut u64| {
+        if let Some(w) = w {
+            m.shards.push(ShardEntry::new(&w, *tokens));
+            *tokens = 0;
+            m.write(&dir)?;
+        }
+        anyhow::Ok(())
+    };
+    loop {
+        let Some(msg) = rx.blocking_recv() else {
+            bar.abandon();
+            return Ok(manifest); // stopped early: the error is the fetcher's or the reader's
+        };
+        let (batch, answer) = match msg {
+            Fetched::Answer(b, a) => (b, a),
+            Fetched::Done => break,
+        };
+        anyhow::ensure!(
+            answer.sequences.len() == batch.records.len(),
+            "the teacher answered {} sequences for {}",
+            answer.sequences.len(),
+            batch.records.len()
+        );
+        for (r, s) in batch.records.iter().zip(&answer.sequences) {
+            let t = TeacherTargets::from_sequence(s, answer.num_samples, answer.value_encoding)
+                .with_context(|| format!("sequence {}", r.index))?;
+            let expected = r.tokens.len() - r.first_position as usize;
+            anyhow::ensure!(
+                t.num_positions() == expected,
+                "sequence {}: the teacher returned {} positions, not {expected}",
+                r.index,
+                t.num_positions()
+            );
+            let written = writer.append(&t)?;
+            record(&mut manifest, written, &mut tokens_buffered)?;
+            tokens_buffered += r.tokens.len() as u64;
+            tokens_run += r.tokens.len() as u64;
+        }
+        bar.set_position(progress.load(Ordering::Relaxed));
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("{:.0} tokens/s", tokens_run as f64 / secs));
+    }
+    let last = writer.finish_last()?;
+    record(&mut manifest, last, &mut tokens_buffered)?;
+    manifest.complete = true;
+    manifest.write(&dir)?;
+    bar.finish();
+    Ok(manifest)
+}

@@ -1,0 +1,145 @@
+//! `logitd-client dump` memory is bounded whatever the corpus size: 1,000,000
+//! short sequences (JSON lines and Parquet) against the in-process tiny server
+//! with a peak RSS (VmHWM of the dump process, read from /proc while it runs)
+//! under 200 MiB, and no larger for 1,000,000 sequences than for 100,000.
+
+mod common;
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const LIMIT_MIB: f64 = 200.0;
+
+/// Short sequences (2 to 4 tokens) that return their last position only.
+fn sequence(i: u64) -> (Vec<u32>, u32) {
+    let len = 2 + (i % 3) as u32;
+    ((0..len).map(|p| ((i * 31 + u64::from(p) * 17) % 96) as u32).collect(), len - 1)
+}
+
+fn write_jsonl(path: &Path, n: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for i in 0..n {
+        let (ids, first) = sequence(i);
+        writeln!(f, "{{\"token_ids\":{ids:?},\"first_position\":{first}}}").unwrap();
+    }
+    f.flush().unwrap();
+}
+
+fn write_parquet(path: &Path, n: u64) {
+    use parquet::{
+        data_type::{Int32Type, Int64Type},
+        file::{properties::WriterProperties, writer::SerializedFileWriter},
+        schema::parser::parse_message_type,
+    };
+    use std::sync::Arc;
+    let schema = "message m { optional group input_ids (LIST) { repeated group list { optional int32 element; } } optional int64 first_position; }";
+    let schema = Arc::new(parse_message_type(schema).unwrap());
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for start in (0..n).step_by(100_000) {
+        let rows: Vec<(Vec<u32>, u32)> = (start..(start + 100_000).min(n)).map(sequence).collect();
+        let mut rg = w.next_row_group().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        let (mut v, mut def, mut rep) = (vec![], vec![], vec![]);
+        for (ids, _) in &rows {
+            for (j, &x) in ids.iter().enumerate() {
+                v.push(x as i32);
+                def.push(3);
+                rep.push(i16::from(j > 0));
+            }
+        }
+        col.typed::<Int32Type>().write_batch(&v, Some(&def), Some(&rep)).unwrap();
+        col.close().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        let firsts: Vec<i64> = rows.iter().map(|(_, f)| i64::from(*f)).collect();
+        col.typed::<Int64Type>().write_batch(&firsts, Some(&vec![1; rows.len()]), None).unwrap();
+        col.close().unwrap();
+        rg.close().unwrap();
+    }
+    w.close().unwrap();
+}
+
+/// VmHWM of a live process, in MiB.
+fn vm_hwm_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Dumps `input`; returns (peak RSS seen from /proc, the dump's own VmHWM at
+/// its end, wall seconds).
+fn dump_peak(uri: &str, input: &Path, out: &Path, extra: &[&str], n: u64) -> (f64, f64, f64) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_logitd-client"))
+        .args(["dump", "--server", uri, "--input", input.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--num-samples", "4", "--seed", "1"])
+        .args(["--batch-sequences", "512", "--depth", "4"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak = vm_hwm_mib(pid).expect("VmHWM of the dump process is readable in /proc");
+    while child.try_wait().unwrap().is_none() {
+        if let Some(m) = vm_hwm_mib(pid) {
+            peak = peak.max(m);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let o = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains(&format!("wrote {n} sequences")), "{stdout}");
+    let own: f64 = stdout
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|s| s.split(" MiB").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {stdout}"));
+    (peak, own, started.elapsed().as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_sequences_in_bounded_memory() {
+    let (uri, mut server) = common::tiny_server().await;
+    let _client = common::connect(&uri, &mut server).await;
+    let dir = std::env::temp_dir().join(format!("logitd-dump-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut report = vec![];
+    let mut peaks = vec![];
+    for (n, format) in [(100_000u64, "jsonl"), (1_000_000, "jsonl"), (1_000_000, "parquet")] {
+        let input = dir.join(format!("c{n}.{format}"));
+        if format == "jsonl" {
+            write_jsonl(&input, n);
+        } else {
+            write_parquet(&input, n);
+        }
+        let extra: &[&str] =
+            if format == "parquet" { &["--first-position-column", "first_position"] } else { &[] };
+        let out = dir.join(format!("out-{n}-{format}"));
+        let (peak, own, secs) = dump_peak(&uri, &input, &out, extra, n);
+        report.push(format!(
+            "{n} sequences ({format}): peak RSS {peak:.1} MiB from /proc (the dump's own VmHWM {own:.1} MiB), {secs:.1} s"
+        ));
+        peaks.push(peak.max(own));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    let report = report.join("\n");
+    eprintln!("{report}");
+    for p in &peaks {
+        assert!(*p < LIMIT_MIB, "over {LIMIT_MIB} MiB:\n{report}");
+    }
+    // Independent of the corpus size: ten times the sequences, not more memory
+    // (allowing 16 MiB of noise).
+    assert!(peaks[1] < peaks[0] + 16.0, "memory grows with the corpus:\n{report}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.abort();
+}

@@ -349,7 +349,8 @@ def put(name, items):
         f.write(b"".join(s.encode() + b"\0" for s in items))
 put("cfg-env", c.get("Env") or [])
 put("cfg-cmd", (c.get("Entrypoint") or []) + (c.get("Cmd") or []))
-put("cfg-hc", hc["Test"][1:])
+hc = hc or {}
+put("cfg-hc", (hc.get("Test") or [""])[1:])
 put("cfg-misc", [c.get("User", ""), c.get("WorkingDir") or "/", str(int(hc.get("Timeout") or 30e9) // 10**9)])
 PY
 mapfile -d '' cfg_env <"$work/cfg-env"
@@ -359,6 +360,7 @@ mapfile -d '' cfg_misc <"$work/cfg-misc"
 user=${cfg_misc[0]}
 workdir=${cfg_misc[1]}
 hc_timeout=${cfg_misc[2]}
+((${#cfg_hc[@]} > 0)) || die "the image has no HEALTHCHECK command to run"
 # HOME as Docker sets it: the user's home in the image's /etc/passwd.
 home=$(awk -F: -v u="${user%%:*}" '$3 == u { print $6 }' "$root/etc/passwd")
 [[ -n $home ]] || die "uid ${user%%:*} has no /etc/passwd entry in the image"
@@ -470,8 +472,8 @@ pids+=("$host")
 # after running the image's check inside the root; a failed check with /metrics
 # answering, and without logitd_model_info, both before and after, failed
 # because the model was still loading.
-loading_fails=0 other_fails=0 hc_ok=0
-deadline=$((SECONDS + 300))
+loading_fails=0 down_fails=0 loaded_fails=0 hc_ok=0
+deadline=$((SECONDS + 120))
 while ((SECONDS < deadline)) && kill -0 "$c1" 2>/dev/null; do
   before=$(metrics) && b_up=1 || b_up=0
   if healthcheck; then
@@ -479,13 +481,16 @@ while ((SECONDS < deadline)) && kill -0 "$c1" 2>/dev/null; do
     break
   fi
   after=$(metrics) && a_up=1 || a_up=0
-  if ((b_up && a_up)) && ! grep -q '^logitd_model_info{' <<<"$before$after"; then
-    loading_fails=$((loading_fails + 1))
+  if ! ((b_up && a_up)); then
+    down_fails=$((down_fails + 1))
+  elif grep -q '^logitd_model_info{' <<<"$before$after"; then
+    loaded_fails=$((loaded_fails + 1))
   else
-    other_fails=$((other_fails + 1))
+    loading_fails=$((loading_fails + 1))
   fi
 done
-echo "HEALTHCHECK: $loading_fails failures with /metrics up and the model loading, $other_fails before /metrics answered"
+echo "HEALTHCHECK failures: $down_fails with /metrics not (yet) answering, $loading_fails with /metrics up" \
+  "and the model loading, $loaded_fails with the model loaded"
 if ((loading_fails > 0)); then
   pass "HEALTHCHECK (inside the root) fails while the model loads"
 else

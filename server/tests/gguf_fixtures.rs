@@ -10,6 +10,7 @@
 //! | qwen2_q8_0 | qwen2 (q/k/v biases, tied) | Q8_0, F32 biases and norms |
 //! | qwen3_f16_q4_0 | qwen3 (q/k norms, head_dim 128 ≠ 64/2) | F16 attention, Q4_0 MLP, Q8_0 embedding, F32 output |
 //! | gemma2_q8_0_q4_0 | gemma2 (1+w norms, sliding window, soft-caps) | Q8_0 attention, Q4_0 MLP, F16 embedding |
+//! | llama_kquants | llama, hidden 256 | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (random valid blocks) |
 //!
 //! And the GGUF tokenizer rebuilt for the Llama 3 (`llama-bpe`) and Qwen 2/3
 //! (`qwen2`) families: the fixture files carry a tiny byte-level BPE vocabulary
@@ -259,4 +260,23 @@ fn unknown_gguf_pre_tokenizer_is_refused_by_name() {
     std::fs::remove_file(&path).unwrap();
     let msg = e.to_string();
     assert!(msg.contains("\"tekken\"") && msg.contains("pass --tokenizer"), "{msg}");
+}
+
+#[test]
+fn llama_k_quants_match_transformers() {
+    // Random valid K-quant blocks (the gguf package has no K-quant quantiser):
+    // candle's dequantisation of every K type against gguf's numpy one.
+    check(
+        "llama_kquants",
+        Arch::Llama,
+        &[
+            ("blk.0.attn_q.weight", "Q2K"),
+            ("blk.0.attn_k.weight", "Q3K"),
+            ("blk.0.attn_v.weight", "Q4K"),
+            ("blk.1.attn_output.weight", "Q5K"),
+            ("blk.1.ffn_gate.weight", "Q6K"),
+            ("token_embd.weight", "Q6K"),
+            ("output.weight", "Q2K"),
+        ],
+    );
 }

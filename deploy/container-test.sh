@@ -25,7 +25,8 @@
 # BINARY: the logitd to put in the image (default target/debug/logitd, which
 # `cargo test --workspace` builds; pass target/release/logitd after a release
 # build). Needs root, podman and debootstrap (Debian packages), grpcurl, curl,
-# python3, and the demo teacher (tests/fetch-teachers.sh). Environment:
+# python3, and the demo teacher (fetched with tests/fetch-teachers.sh if it is
+# not cached). Environment:
 #   DEBIAN_MIRROR          the mirror for debootstrap (default: the first Debian
 #                          URI in apt's sources, else http://deb.debian.org/debian)
 #   DEBOOTSTRAP_CACHE_DIR  keep the downloaded .debs there (faster reruns)
@@ -113,7 +114,11 @@ bin=${1:-target/debug/logitd}
 [[ -x $bin ]] || die "no logitd binary at $bin: build it (cargo build -p logitd) or pass its path"
 cache=${LOGITD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/logitd}
 gguf=$cache/teachers/SmolLM2-135M-Instruct.Q4_1.gguf
-[[ -f $gguf ]] || die "the demo teacher is not cached at $gguf: run tests/fetch-teachers.sh"
+if [[ ! -f $gguf ]]; then
+  echo "the demo teacher is not cached at $gguf: tests/fetch-teachers.sh"
+  tests/fetch-teachers.sh >/dev/null || die "tests/fetch-teachers.sh (the demo teacher)"
+fi
+[[ -f $gguf ]] || die "the demo teacher is not at $gguf after tests/fetch-teachers.sh"
 mirror=${DEBIAN_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?$|https?://[^ ]+/debian( |$)' \
   /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
   head -1 | tr -d ' ' || true)}

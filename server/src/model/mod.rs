@@ -17,7 +17,9 @@ mod weights;
 use std::path::PathBuf;
 
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
-pub use teacher::{DEFAULT_HEAD_CHUNK_LOGITS, PackedBatch, Teacher};
+pub use teacher::{
+    DEFAULT_ATTENTION_TILE_ELEMENTS, DEFAULT_HEAD_CHUNK_LOGITS, PackedBatch, Teacher,
+};
 pub use tokenizer::{load_tokenizer, tokenizer_sha256};
 
 /// Why a teacher could not be loaded or run.

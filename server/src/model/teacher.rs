@@ -20,9 +20,10 @@ pub const DEFAULT_HEAD_CHUNK_LOGITS: usize = 1 << 25;
 /// large enough to run at cuBLAS speed.
 pub const DEFAULT_GPU_HEAD_CHUNK_LOGITS: usize = 1 << 28;
 
-/// Scores per attention tile, at most (heads × query rows × keys): bounds the
-/// memory of attention to O(chunk × len) instead of O(len²) per head.
-const ATTENTION_TILE_ELEMENTS: usize = 1 << 25;
+/// Scores per attention tile, at most (heads × query rows × keys), unless a
+/// test sets another bound with [`Teacher::set_attention_tile_elements`]:
+/// bounds the memory of attention to O(chunk × len) instead of O(len²) per head.
+pub const DEFAULT_ATTENTION_TILE_ELEMENTS: usize = 1 << 25;
 
 /// Sequences concatenated into one token stream: sequence s is
 /// `tokens[cu_seqlens[s]..cu_seqlens[s + 1]]`. Positions and causal attention
@@ -197,10 +198,13 @@ struct AttentionPlan {
 }
 
 impl AttentionPlan {
+    /// Tiles of at most `tile_elements` scores (heads × query rows × keys),
+    /// at least one query row each.
     fn new(
         batch: &PackedBatch,
         windows: &[Option<usize>],
         heads: usize,
+        tile_elements: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let mut tiles = Vec::new();
@@ -209,7 +213,7 @@ impl AttentionPlan {
             for s in 0..batch.num_sequences() {
                 let seq = batch.sequence(s);
                 let len = seq.len();
-                let chunk = (ATTENTION_TILE_ELEMENTS / (heads * len)).clamp(1, len);
+                let chunk = (tile_elements / (heads * len)).clamp(1, len);
                 let mut q0 = seq.start;
                 while q0 < seq.end {
                     let q1 = (q0 + chunk).min(seq.end);
@@ -247,6 +251,8 @@ pub struct Teacher {
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
     inv_freq_local: Option<Vec<f32>>,
+    /// Scores per attention tile, at most ([`DEFAULT_ATTENTION_TILE_ELEMENTS`]).
+    attention_tile_elements: usize,
     /// RoPE tables of positions 0..len, global and local.
     rope_cache: std::sync::Mutex<[Option<RopeTable>; 2]>,
     /// The CUDA sampling kernel, loaded at the first chunk sampled on a GPU.
@@ -450,6 +456,7 @@ impl Teacher {
             layers,
             inv_freq,
             inv_freq_local,
+            attention_tile_elements: DEFAULT_ATTENTION_TILE_ELEMENTS,
             rope_cache: std::sync::Mutex::new([None, None]),
             #[cfg(feature = "cuda")]
             gpu_sampler: std::sync::Mutex::new(None),
@@ -469,6 +476,19 @@ impl Teacher {
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Attention is computed in tiles of at most `elements` scores (heads ×
+    /// query rows × keys; a tile holds at least one query row whatever the
+    /// bound). The default, [`DEFAULT_ATTENTION_TILE_ELEMENTS`], is what the
+    /// server uses; tests set small bounds to run many tiles per sequence.
+    pub fn set_attention_tile_elements(&mut self, elements: usize) {
+        self.attention_tile_elements = elements.max(1);
+    }
+
+    /// The bound on scores per attention tile.
+    pub fn attention_tile_elements(&self) -> usize {
+        self.attention_tile_elements
     }
 
     /// cos and sin tables [tokens, head_dim / 2] (f32) for the batch positions,
@@ -538,7 +558,13 @@ impl Teacher {
         let mut windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
         windows.sort();
         windows.dedup();
-        let plan = AttentionPlan::new(batch, &windows, c.num_heads, &self.device)?;
+        let plan = AttentionPlan::new(
+            batch,
+            &windows,
+            c.num_heads,
+            self.attention_tile_elements,
+            &self.device,
+        )?;
         for layer in &self.layers {
             let rope = match (&local, layer.local_rope) {
                 (Some(local), true) => local,
@@ -833,9 +859,55 @@ mod tests {
     }
 
     #[test]
+    fn attention_tiles_cover_every_query_once_within_the_bound() {
+        let batch = PackedBatch::new(&[vec![0u32; 40], vec![0; 1], vec![0; 17]]).unwrap();
+        let heads = 4;
+        for bound in [1, 7, heads * 40, heads * 40 * 3 + 5, DEFAULT_ATTENTION_TILE_ELEMENTS] {
+            for window in [None, Some(4)] {
+                let plan =
+                    AttentionPlan::new(&batch, &[window], heads, bound, &Device::Cpu).unwrap();
+                let tiles = plan.tiles(window);
+                // In order, contiguous, every query of every sequence once.
+                let mut next = 0;
+                for tile in tiles {
+                    assert_eq!(tile.queries.start, next, "bound {bound} window {window:?}");
+                    assert!(!tile.queries.is_empty());
+                    next = tile.queries.end;
+                    let s = (0..3).find(|&s| batch.sequence(s).contains(&tile.queries.start));
+                    let seq = batch.sequence(s.unwrap());
+                    assert!(tile.queries.end <= seq.end, "a tile never spans two sequences");
+                    let want_start = match window {
+                        Some(w) => (tile.queries.start + 1).saturating_sub(w).max(seq.start),
+                        None => seq.start,
+                    };
+                    assert_eq!(tile.keys_start, want_start);
+                    let keys = tile.queries.end - tile.keys_start;
+                    assert_eq!(tile.mask.dims(), [tile.queries.len(), keys]);
+                    // Within the bound, or one query row when the bound is smaller.
+                    assert!(
+                        tile.queries.len() == 1 || heads * tile.queries.len() * seq.len() <= bound,
+                        "bound {bound}: tile {:?}",
+                        tile.queries
+                    );
+                }
+                assert_eq!(next, batch.num_tokens());
+                let want = if bound == DEFAULT_ATTENTION_TILE_ELEMENTS { 3 } else { 6 };
+                assert!(tiles.len() >= want, "bound {bound}: {} tiles", tiles.len());
+            }
+        }
+    }
+
+    #[test]
     fn sliding_window_tiles_mask_exactly_the_last_w_keys() {
         let batch = PackedBatch::new(&[vec![0u32; 6]]).unwrap();
-        let plan = AttentionPlan::new(&batch, &[Some(3)], 1, &Device::Cpu).unwrap();
+        let plan = AttentionPlan::new(
+            &batch,
+            &[Some(3)],
+            1,
+            DEFAULT_ATTENTION_TILE_ELEMENTS,
+            &Device::Cpu,
+        )
+        .unwrap();
         let tile = &plan.tiles(Some(3))[0];
         let mask = tile.mask.to_vec2::<f32>().unwrap();
         for (i, row) in mask.iter().enumerate() {

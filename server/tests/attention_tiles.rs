@@ -1,0 +1,156 @@
+//! Attention is computed in query tiles of at most
+//! `DEFAULT_ATTENTION_TILE_ELEMENTS` (32 Mi) scores. On the fixtures one tile
+//! holds a whole sequence, so these tests shrink the bound
+//! (`Teacher::set_attention_tile_elements`) until every sequence is cut into
+//! many tiles, down to one query row per tile, and check on every tiny model
+//! (sliding windows included: mistral, gemma2, gemma3) and on packed batches
+//! of several sequences that
+//! - the hidden states equal those of one tile per sequence to within 2e-6 of
+//!   each token's largest hidden value (measured: at most 1.2e-6; not bit for
+//!   bit, since the tiles' matmuls and softmax rows have other shapes and may
+//!   sum in another order), and
+//! - the logits still match transformers' (the fixtures' expected logits,
+//!   computed by transformers on each sequence alone) within 1e-4.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use logitd::model::{DEFAULT_ATTENTION_TILE_ELEMENTS, PackedBatch, Teacher};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+}
+
+/// Tiles per sequence of `len` queries under `bound` scores with `heads`
+/// heads, as the tiling rule says (rows = bound / (heads · len), at least 1).
+fn tiles_of(len: usize, heads: usize, bound: usize) -> usize {
+    let rows = (bound / (heads * len)).clamp(1, len);
+    len.div_ceil(rows)
+}
+
+fn check(name: &str) {
+    let dir = fixtures().join(name);
+    let mut teacher =
+        Teacher::load(&dir, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(teacher.attention_tile_elements(), DEFAULT_ATTENTION_TILE_ELEMENTS);
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let vocab = teacher.config().vocab_size as u32;
+    let heads = teacher.config().num_heads;
+    // The fixture's sequences (with transformers' logits), then longer ones
+    // that cross the sliding windows (W = 4) many times, and a 1-token one.
+    let mut sequences: Vec<Vec<u32>> = vec![];
+    let mut want = vec![];
+    for i in 0.. {
+        let Some(tokens) = expected.get(&format!("tokens_{i}")) else { break };
+        sequences.push(tokens.to_vec1::<i64>().unwrap().into_iter().map(|t| t as u32).collect());
+        want.push(expected[&format!("logits_{i}")].to_vec2::<f32>().unwrap());
+    }
+    assert!(want.len() >= 2, "{name}: fixture has {} sequences", want.len());
+    sequences.push((0..40u32).map(|p| (p * 37 + 11) % vocab).collect());
+    sequences.push(vec![5 % vocab]);
+    sequences.push((0..29u32).map(|p| (p * p * 7 + 3) % vocab).collect());
+    let batch = PackedBatch::new(&sequences).unwrap();
+    let lens: Vec<usize> = (0..batch.num_sequences()).map(|s| batch.sequence(s).len()).collect();
+
+    // The default bound holds each of these sequences in one tile.
+    assert!(lens.iter().all(|&l| tiles_of(l, heads, DEFAULT_ATTENTION_TILE_ELEMENTS) == 1));
+    let one_tile = teacher.hidden_states(&batch).unwrap().to_vec2::<f32>().unwrap();
+    let again = teacher.hidden_states(&batch).unwrap().to_vec2::<f32>().unwrap();
+    assert!(again == one_tile, "{name}: the same forward twice differs");
+
+    // From one query row per tile (bound 1) to a few rows per tile.
+    for bound in [1, heads * 40, heads * 40 * 3, heads * 29 * 5, heads * 40 * 7 + 1] {
+        teacher.set_attention_tile_elements(bound);
+        let tiles: usize = lens.iter().map(|&l| tiles_of(l, heads, bound)).sum();
+        assert!(
+            tiles >= 2 * lens.len(),
+            "{name}: bound {bound} gives only {tiles} tiles for {} sequences",
+            lens.len()
+        );
+        let hidden = teacher.hidden_states(&batch).unwrap();
+        let got = hidden.to_vec2::<f32>().unwrap();
+        let mut worst = 0f32;
+        let mut identical = true;
+        for (t, (g, w)) in got.iter().zip(&one_tile).enumerate() {
+            // Relative to the largest value of the token's hidden state: the
+            // tiles' matmuls and softmax rows have other shapes, so they may
+            // sum in another order (a few f32 ulps per layer).
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (d, (g, w)) in g.iter().zip(w).enumerate() {
+                identical &= g.to_bits() == w.to_bits();
+                let diff = (g - w).abs() / scale;
+                worst = worst.max(diff);
+                assert!(
+                    diff <= 2e-6,
+                    "{name}: bound {bound} ({tiles} tiles): token {t} dim {d}: {g} vs one tile {w} \
+                     (largest |value| {scale})"
+                );
+            }
+        }
+        // And the tiled forward still matches transformers.
+        let logits = teacher.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
+        let mut worst_tf = 0f32;
+        for (s, want) in want.iter().enumerate() {
+            let range = batch.sequence(s);
+            assert_eq!(range.len(), want.len());
+            for (p, (g, w)) in logits[range].iter().zip(want).enumerate() {
+                for (v, (g, w)) in g.iter().zip(w).enumerate() {
+                    let d = (g - w).abs();
+                    worst_tf = worst_tf.max(d);
+                    assert!(
+                        d <= 1e-4,
+                        "{name}: bound {bound}: sequence {s} position {p} id {v}: {g} vs transformers {w}"
+                    );
+                }
+            }
+        }
+        eprintln!(
+            "{name}: bound {bound}: {tiles} tiles for {} sequences ({} tokens): max diff to one \
+             tile {worst:e} of the largest value ({}), max |diff| to transformers {worst_tf:e}",
+            lens.len(),
+            batch.num_tokens(),
+            if identical { "bit for bit" } else { "not bit for bit" }
+        );
+    }
+}
+
+#[test]
+fn llama_many_tiles_equal_one_tile() {
+    check("llama");
+}
+
+#[test]
+fn llama3_rope_many_tiles_equal_one_tile() {
+    check("llama3_rope");
+}
+
+#[test]
+fn qwen2_many_tiles_equal_one_tile() {
+    check("qwen2");
+}
+
+#[test]
+fn qwen3_many_tiles_equal_one_tile() {
+    check("qwen3");
+}
+
+#[test]
+fn mistral_sliding_window_many_tiles_equal_one_tile() {
+    check("mistral");
+}
+
+#[test]
+fn gemma2_alternating_window_many_tiles_equal_one_tile() {
+    check("gemma2");
+}
+
+#[test]
+fn gemma3_many_tiles_equal_one_tile() {
+    check("gemma3");
+}
+
+#[test]
+fn gemma3_multimodal_many_tiles_equal_one_tile() {
+    check("gemma3_multimodal");
+}

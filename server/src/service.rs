@@ -143,6 +143,12 @@ impl TeacherService {
             SubmitError::Full { .. } => Status::resource_exhausted(e.to_string()),
             SubmitError::Closed => Status::unavailable(e.to_string()),
         })?;
+        let deadline_exceeded = || {
+            Status::deadline_exceeded(format!(
+                "the deadline ({} ms after the request arrived) passed before the answer was ready",
+                deadline.saturating_duration_since(now).as_millis()
+            ))
+        };
         // At the deadline the receivers are dropped, and the batcher drops the
         // items it has not started.
         let answers = async {
@@ -150,7 +156,17 @@ impl TeacherService {
             for (rx, first) in receivers.into_iter().zip(firsts) {
                 let rows = rx
                     .await
-                    .map_err(|_| Status::unavailable("the engine stopped before answering"))?
+                    .map_err(|_| {
+                        // The batcher drops (never computes) an item whose
+                        // deadline has passed, which closes its reply channel:
+                        // that is this call's deadline, not a stopped engine
+                        // (UNAVAILABLE would tell clients to retry).
+                        if Instant::now() >= deadline {
+                            deadline_exceeded()
+                        } else {
+                            Status::unavailable("the engine stopped before answering")
+                        }
+                    })?
                     .map_err(|e| {
                         Status::internal(format!("the teacher failed on this batch: {e}"))
                     })?;
@@ -158,12 +174,9 @@ impl TeacherService {
             }
             Ok::<_, Status>(sequences)
         };
-        let sequences = tokio::time::timeout_at(deadline.into(), answers).await.map_err(|_| {
-            Status::deadline_exceeded(format!(
-                "the deadline ({} ms after the request arrived) passed before the answer was ready",
-                deadline.saturating_duration_since(now).as_millis()
-            ))
-        })??;
+        let sequences = tokio::time::timeout_at(deadline.into(), answers)
+            .await
+            .map_err(|_| deadline_exceeded())??;
         let response = SampleLogitsResponse {
             sequences,
             seed,

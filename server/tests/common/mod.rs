@@ -48,21 +48,94 @@ impl Server {
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("starting logitd");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        // "logitd: gRPC on ADDR, metrics on http://ADDR/metrics"
-        let grpc = line
-            .split("gRPC on ")
-            .nth(1)
-            .and_then(|s| s.split(',').next())
-            .expect(&line)
-            .to_string();
-        let metrics = line.split("metrics on ").nth(1).expect(&line).trim().to_string();
-        Server { child, grpc: format!("http://{grpc}"), metrics, stderr }
+        let stdout = child.stdout.take().unwrap();
+        let mut server = Server { child, grpc: String::new(), metrics: String::new(), stderr };
+        // "logitd: gRPC on ADDR, metrics on http://ADDR/metrics", printed once the
+        // ports are bound; read on a thread so a server that never prints it
+        // fails the test (with its log) instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(STARTUP) {
+            Ok(line) => line,
+            Err(_) => {
+                panic!("logitd printed no address line within {STARTUP:?}; log:\n{}", server.log())
+            }
+        };
+        let grpc = line.split("gRPC on ").nth(1).and_then(|s| s.split(',').next());
+        let metrics = line.split("metrics on ").nth(1);
+        let (Some(grpc), Some(metrics)) = (grpc, metrics) else {
+            // Give a failing server a moment to finish writing its log.
+            std::thread::sleep(Duration::from_millis(200));
+            panic!("logitd's first line is {line:?}, not its addresses; log:\n{}", server.log())
+        };
+        server.grpc = format!("http://{grpc}");
+        server.metrics = metrics.trim().to_string();
+        server
+    }
+
+    /// A channel to the gRPC port, connected within [`STARTUP`]; fails with
+    /// the server's log otherwise. The model may still be loading.
+    pub async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(self.grpc.clone()).unwrap();
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let error = match endpoint.connect().await {
+                Ok(c) => return c,
+                Err(e) => e,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "could not connect to {} within {STARTUP:?} ({error:?}); log:\n{}",
+                self.grpc,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `f` every 20 ms until it gives a value; fails with the server's
+    /// log when `timeout` passes first.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, timeout: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (at most `timeout`) for the process to exit; fails with its log.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub async fn client(&self) -> TeacherClient<Channel> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + STARTUP;
         loop {
             if let Ok(c) = TeacherClient::connect(self.grpc.clone()).await {
                 let mut c = c.max_decoding_message_size(256 << 20);
@@ -103,31 +176,54 @@ impl Server {
     pub async fn metrics_text(&self) -> String {
         let url = self.metrics.strip_prefix("http://").unwrap();
         let (host, path) = url.split_once('/').unwrap();
-        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(
-                format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
+        let get = async {
+            let mut stream = tokio::net::TcpStream::connect(host).await?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(
+                    format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await?;
+            Ok::<_, std::io::Error>(body)
+        };
+        let body = match tokio::time::timeout(Duration::from_secs(30), get).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => panic!("GET {}: {e}; log:\n{}", self.metrics, self.log()),
+            Err(_) => panic!("GET {}: no answer in 30 s; log:\n{}", self.metrics, self.log()),
+        };
         let (head, body) = body.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         body.to_string()
     }
 
-    /// The value of a sample line `name{labels} value` (labels as written).
+    /// The value of a sample line `name{labels} value` (labels as written);
+    /// `None` when the exposition has no such series. A line that is there but
+    /// does not parse fails.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.metrics_text().await;
-        text.lines().find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|v| v.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        metric_in(&self.metrics_text().await, series)
     }
+
+    /// [`metric`](Self::metric) of a series that must be there: fails, with
+    /// the whole exposition, when it is missing (a renamed or unrecorded
+    /// metric must not read as 0).
+    pub async fn metric_value(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        metric_in(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+}
+
+/// How long a server may take to print its addresses or accept a connection.
+pub const STARTUP: Duration = Duration::from_secs(60);
+
+/// The value of the sample line `series value` in a Prometheus exposition.
+pub fn metric_in(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix(series)?.strip_prefix(' ')?;
+        Some(v.trim().parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+    })
 }
 
 impl Drop for Server {

@@ -29,11 +29,14 @@ fi
 
 # Real-teacher logits (bf16), when missing.
 mkdir -p tests/gpu/data
-stubs=$(ls -d .cuda-build/stubs-cudarc-*/lib 2>/dev/null | head -1)
+# dump_logits runs on the CPU: the link stubs stand in for the driver's
+# libraries it never calls, the runtime wheel gives libcudart.so.13.
+stubs=$PWD/$(ls -d .cuda-build/stubs-cudarc-*/lib | head -1)
+cudart=$(dirname "$(readlink -f "$stubs/libcudart.so")")
 dump() { # dump GGUF FIXTURE OUT [ROWS]
   [[ -s tests/gpu/data/$3.xz ]] && return
   [[ -s $TEACHERS/$1 ]] || { echo "pack: $TEACHERS/$1 missing (tests/fetch-teachers.sh all)" >&2; exit 1; }
-  LD_LIBRARY_PATH=$stubs "$CUDA_TARGET/release/examples/dump_logits" "$TEACHERS/$1" \
+  LD_LIBRARY_PATH=$stubs:$cudart "$CUDA_TARGET/release/examples/dump_logits" "$TEACHERS/$1" \
     "server/tests/fixtures/real/$2" "tests/gpu/data/$3" ${4:+"$4"}
   xz -T2 -6 -f "tests/gpu/data/$3"
 }

@@ -40,7 +40,8 @@
 # and its liveness checks, the Python scripts' syntax and imports) and stops
 # there. A stage that stops at its first CUDA call is DRY-OK.
 #
-# Environment: BIN (tests/gpu/bin; *.xz there are unpacked), DATA (tests/gpu/data),
+# Environment: BIN (tests/gpu/bin), DATA (tests/gpu/data): *.xz there are unpacked
+# into UNPACK (/tmp/logitd-gpu), other files used in place;
 # LOGITD_REAL_LOGITS (default: every *.safetensors in $DATA; set
 # LOGITD_GPU_SKIP_REAL_LOGITS=1 to run without them, which is reported), PYTHON
 # (python3), MODELS (/tmp/logitd-gpu-teachers), TEACHER (gemma3-1b), SEQUENCES x
@@ -83,42 +84,66 @@ say "logitd GPU run: stages: $STAGES; budget ${BUDGET}s; results in $RESULTS${DR
 
 # ---------------------------------------------------------------------------
 # Binaries and data: unpack, and put the CUDA libraries on the loader path.
-for f in "$BIN"/*.xz; do
-  [[ -e $f ]] || continue
-  if [[ ! -x ${f%.xz} || $f -nt ${f%.xz} ]]; then xz -dkf "$f" && chmod +x "${f%.xz}"; fi
-done
-for f in "$DATA"/*.xz; do
-  [[ -e $f ]] || continue
-  if [[ ! -s ${f%.xz} || $f -nt ${f%.xz} ]]; then xz -dkf "$f"; fi
-done
+# Packed files are unpacked outside the repository (UNPACK), so the carried
+# folders stay small; unpacked ones are used where they are.
+UNPACK=${UNPACK:-/tmp/logitd-gpu}
+unpack() { # unpack DIR SUBDIR: prints the directory to use
+  local f dst=$UNPACK/$2
+  compgen -G "$1/*.xz" >/dev/null || { echo "$1"; return; }
+  mkdir -p "$dst"
+  for f in "$1"/*.xz; do
+    local name
+    name=$(basename "${f%.xz}")
+    if [[ ! -s $dst/$name || $f -nt $dst/$name ]]; then xz -dc "$f" >"$dst/$name.part" && mv "$dst/$name.part" "$dst/$name"; fi
+    [[ $2 == bin ]] && chmod +x "$dst/$name"
+  done
+  echo "$dst"
+}
+BIN=$(unpack "$BIN" bin)
+DATA=$(unpack "$DATA" data)
+say "binaries: $BIN; data: $DATA"
 
-# The dry run's stand-in CUDA libraries: one shared object, installed under
-# every CUDA soname the binaries need, defining every symbol they import
-# without a version (glibc's are versioned), each of which stops the program.
+# The dry run's stand-in CUDA libraries, made from what the binaries import:
+# libdrycuda.so under every soname of the driver, cuBLAS, cuRAND and NVRTC
+# (their symbols are unversioned here: the binaries were linked against stubs),
+# and libdrycudart.so as libcudart.so.13 (its symbols carry that version).
+# Every function stops the program, except the runtime's registration of the
+# fat binaries that candle's statically built kernels make before main().
 make_dry_libs() {
-  local dir=$RESULTS/.dry-cuda syms src
+  local dir=$UNPACK/dry-cuda bins=() b so
   mkdir -p "$dir"
-  src=$dir/dry.c
-  syms=$(for b in "$BIN"/gpu_sampler "$BIN"/gpu_bench "$BIN"/logitd; do
-    [[ -x $b ]] && nm -D --undefined-only "$b" | awk '$1 == "U" && $2 !~ /@/ {print $2}'
-  done | sort -u)
-  {
+  for b in "$BIN"/gpu_sampler "$BIN"/gpu_bench "$BIN"/logitd; do [[ -x $b ]] && bins+=("$b"); done
+  ((${#bins[@]})) || { echo "no binaries in $BIN" >&2; return 1; }
+  local imports
+  imports=$(for b in "${bins[@]}"; do nm -D --undefined-only "$b"; done | awk '$1 == "U" {print $2}' | sort -u)
+  prologue() {
     echo '#include <stdio.h>'
-    echo '#include <stdlib.h>'
     echo '#include <unistd.h>'
     echo 'extern const char *__progname;'
     echo 'static void dry_stop(const char *f) {'
     echo '  fprintf(stderr, "DRY: %s reached its first CUDA call (%s): on a GPU machine the GPU work starts here; stopping\n", __progname, f);'
     echo "  fflush(NULL); _exit($DRY_RC);"
     echo '}'
-    for s in $syms; do echo "void $s(void) { dry_stop(\"$s\"); }"; done
-  } > "$src"
-  cc -shared -fPIC -O0 -o "$dir/libdrycuda.so" "$src" || return 1
-  local so
-  for so in $(for b in "$BIN"/gpu_sampler "$BIN"/gpu_bench "$BIN"/logitd; do
-      [[ -x $b ]] && readelf -d "$b" | sed -nE 's/.*NEEDED.*\[(lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so[^]]*)\].*/\1/p'
-    done | sort -u); do
-    ln -sf libdrycuda.so "$dir/$so"
+  }
+  { prologue; grep -v '@' <<<"$imports" | sed -E 's/.*/void &(void) { dry_stop("&"); }/'; } >"$dir/drycuda.c"
+  {
+    prologue
+    echo 'static void *dry_handle[4];'
+    grep '@libcudart' <<<"$imports" | sed 's/@.*//' | while read -r f; do
+      case $f in
+        __cudaRegisterFatBinary) echo "void **$f(void *fatbin) { (void)fatbin; return dry_handle; }" ;;
+        __cudaRegisterFatBinaryEnd | __cudaRegisterFunction | __cudaRegisterVar | __cudaUnregisterFatBinary)
+          echo "void $f(void) {}" ;;
+        *) echo "void $f(void) { dry_stop(\"$f\"); }" ;;
+      esac
+    done
+  } >"$dir/drycudart.c"
+  echo 'libcudart.so.13 { global: *; };' >"$dir/cudart.map"
+  cc -shared -fPIC -O0 -o "$dir/libdrycuda.so" "$dir/drycuda.c" || return 1
+  cc -shared -fPIC -O0 -Wl,--version-script="$dir/cudart.map" -o "$dir/libdrycudart.so" "$dir/drycudart.c" || return 1
+  for so in $(for b in "${bins[@]}"; do readelf -d "$b"; done |
+      sed -nE 's/.*NEEDED.*\[(lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so[^]]*)\].*/\1/p' | sort -u); do
+    if [[ $so == libcudart.* ]]; then ln -sf libdrycudart.so "$dir/$so"; else ln -sf libdrycuda.so "$dir/$so"; fi
   done
   echo "$dir"
 }
@@ -126,7 +151,7 @@ make_dry_libs() {
 if [[ -n $DRY ]]; then
   DRYLIB=$(make_dry_libs) || { say "DRY: could not build the stand-in CUDA libraries (needs cc, nm, readelf)"; exit 1; }
   export LD_LIBRARY_PATH=$DRYLIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  say "DRY: stand-in CUDA libraries in $DRYLIB ($(ls "$DRYLIB" | grep -c '\.so\.') sonames, $(grep -c dry_stop "$DRYLIB/dry.c") symbols)"
+  say "DRY: stand-in CUDA libraries in $DRYLIB: $(cd "$DRYLIB" && ls *.so.* | paste -sd' ' -)"
 else
   # The CUDA 13 libraries that PyTorch's wheels ship (cuBLAS, cuBLASLt, cuRAND,
   # NVRTC, the runtime); the driver's libcuda comes from the system.
@@ -234,19 +259,21 @@ stage_preflight() {
   [[ -z $PREFLIGHT_FAILED ]] || return 1
   # The kernel's PTX loads, one launch agrees with the CPU, cuBLAS runs;
   # registers, spills and resident blocks per SM of each kernel.
-  runbin "$BIN/gpu_bench" preflight 2>&1 | tee -a "$BENCHLOG" | jsonl
+  runbin "$BIN/gpu_bench" preflight 2> >(tee -a "$BENCHLOG" >&2) | tee -a "$BENCHLOG" | jsonl
   rc=${PIPESTATUS[0]}
   [[ $rc == 0 ]] && echo "preflight: kernel module loads and runs: ok"
   return "$rc"
 }
 
 gpu_tests() { # gpu_tests FILTER-ARGS...
-  local rc
+  local rc from
   echo "== gpu_sampler $*" >>"$TESTLOG"
+  from=$(($(wc -l <"$TESTLOG") + 1))
   runbin "$BIN/gpu_sampler" --test-threads=1 --nocapture "$@" >>"$TESTLOG" 2>&1
   rc=$?
-  "$PYTHON" tests/gpu/report.py --from-test <"$TESTLOG" 2>/dev/null | grep -Fxv -f "$JSONL" 2>/dev/null | jsonl >/dev/null
-  grep -E "^test |test result|^DRY|panicked" "$TESTLOG" | tail -n 40
+  # This run's AGREEMENT / TEACHER lines become JSON for the report.
+  tail -n +"$from" "$TESTLOG" | "$PYTHON" tests/gpu/report.py --from-test | jsonl >/dev/null
+  tail -n +"$from" "$TESTLOG" | grep -E "^test |test result|DRY:|panicked|^AGREEMENT|^TEACHER" | tail -n 60
   return "$rc"
 }
 
@@ -277,6 +304,9 @@ stage_sanitize() {
     r=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Device not supported|DRY:" "$SANLOG" | tail -1)
     echo "compute-sanitizer $tool: exit $r: $summary"
+    if grep -q "Device not supported" "$SANLOG"; then
+      echo "compute-sanitizer $tool: the platform refused the device (seen on gVisor machines): NOT a finding about the kernel, and NOT a pass"
+    fi
     printf '{"bench":"sanitizer","tool":"%s","exit":%d,"summary":%s}\n' "$tool" "$r" "$(json_str "$summary")" | jsonl >/dev/null
     [[ $r == 0 ]] || rc=$r
   done
@@ -285,7 +315,7 @@ stage_sanitize() {
 
 python_gpu() { # python_gpu SCRIPT ARGS...: torch scripts; in a dry run, only imports.
   if [[ -n $DRY ]] && ! "$PYTHON" -c 'import torch' 2>/dev/null; then
-    echo "DRY: $1 needs torch, which is not installed here; syntax checked only"
+    echo "DRY: $1 needs torch, which is not installed here; syntax checked only" >&2
     "$PYTHON" -m py_compile "$1"
     return $?
   fi
@@ -294,10 +324,10 @@ python_gpu() { # python_gpu SCRIPT ARGS...: torch scripts; in a dry run, only im
 
 stage_sampler() {
   local rc
-  runbin "$BIN/gpu_bench" sampler 10 2>>"$BENCHLOG" | jsonl
+  runbin "$BIN/gpu_bench" sampler 10 2> >(tee -a "$BENCHLOG" >&2) | jsonl
   rc=${PIPESTATUS[0]}
   [[ $rc == 0 || $rc == "$DRY_RC" ]] || return "$rc"
-  python_gpu tests/gpu/torch_sampler.py --reps 10 2>>"$BENCHLOG" | jsonl
+  python_gpu tests/gpu/torch_sampler.py --reps 10 2> >(tee -a "$BENCHLOG" >&2) | jsonl
   local prc=${PIPESTATUS[0]}
   [[ $prc == 0 ]] || return "$prc"
   return "$rc"
@@ -310,22 +340,25 @@ stage_forward() {
       echo "DRY: no torch/transformers here to make the random $TEACHER; using the tiny gemma3 fixture's directory for the CPU-side steps"
       dir=server/tests/fixtures/tiny/gemma3
     else
-      python_gpu tests/gpu/make_random_teacher.py "$MODELS" --only "$TEACHER" 2>&1 | tail -n 5 || return 1
+      python_gpu tests/gpu/make_random_teacher.py "$MODELS" --only "$TEACHER" 2>&1 | tail -n 5
+      [[ ${PIPESTATUS[0]} == 0 && -s $dir/config.json ]] || { echo "forward: making $dir failed"; return 1; }
     fi
   fi
-  runbin "$BIN/gpu_bench" forward "$dir" "$SEQUENCES" "$LENGTH" "$REPS" 2>>"$BENCHLOG" | jsonl
+  runbin "$BIN/gpu_bench" forward "$dir" "$SEQUENCES" "$LENGTH" "$REPS" 2> >(tee -a "$BENCHLOG" >&2) | jsonl
   rc=${PIPESTATUS[0]}
   [[ $rc == 0 || $rc == "$DRY_RC" ]] || return "$rc"
-  python_gpu tests/gpu/hf_forward.py "$dir" "$SEQUENCES" "$LENGTH" "$REPS" 2>>"$BENCHLOG" | jsonl
+  python_gpu tests/gpu/hf_forward.py "$dir" "$SEQUENCES" "$LENGTH" "$REPS" 2> >(tee -a "$BENCHLOG" >&2) | jsonl
   [[ ${PIPESTATUS[0]} == 0 ]] || return 1
-  runbin "$BIN/gpu_bench" engine "$dir" "$SEQUENCES" "$LENGTH" 10 2>>"$BENCHLOG" | jsonl
+  runbin "$BIN/gpu_bench" engine "$dir" "$SEQUENCES" "$LENGTH" 10 2> >(tee -a "$BENCHLOG" >&2) | jsonl
   local erc=${PIPESTATUS[0]}
   [[ $erc == 0 ]] || return "$erc"
   return "$rc"
 }
 
 stage_e2e() {
-  local dir=$MODELS/$TEACHER pid="" log=$RESULTS/.serve.log i
+  local dir=$MODELS/$TEACHER i
+  # Global (not local): the EXIT/TERM traps use them after the function returns.
+  pid="" log=$UNPACK/serve.log
   [[ -s $dir/config.json ]] || {
     if [[ -n $DRY ]]; then dir=server/tests/fixtures/tiny/gemma3; else echo "e2e: $dir missing (the forward stage makes it)"; return 1; fi
   }
@@ -371,7 +404,7 @@ stage_report() {
 }
 
 export BIN DATA PYTHON MODELS TEACHER SEQUENCES LENGTH REPS ROWS SANITIZE_TOOLS E2E_SECONDS DRY DRY_RC
-export RESULTS LOG JSONL TESTLOG BENCHLOG SANLOG REPORT LOGITD_REAL_LOGITS START
+export UNPACK RESULTS LOG JSONL TESTLOG BENCHLOG SANLOG REPORT LOGITD_REAL_LOGITS START
 export -f say jsonl json_str runbin check stage_preflight gpu_tests stage_kernel stage_teacher \
   stage_sanitize python_gpu stage_sampler stage_forward stage_e2e stage_report
 

@@ -46,7 +46,15 @@ async fn python_grpcio_client_gets_the_same_answer_as_the_rust_client() {
         .unwrap()
         .into_inner();
     assert_eq!(got["seed"], 4242);
-    for (theirs, ours) in got["sequences"].as_array().unwrap().iter().zip(&ours.sequences) {
+    assert_eq!(got["num_samples"], 32);
+    // The same number of sequences on both sides before comparing them pairwise
+    // (zip would stop at the shorter one: an empty Python reply would pass).
+    let theirs_all = got["sequences"].as_array().expect("a sequences array from Python");
+    assert_eq!(ours.sequences.len(), 2, "{ours:?}");
+    assert_eq!(theirs_all.len(), ours.sequences.len(), "Python got {theirs_all:?}");
+    for (theirs, ours) in theirs_all.iter().zip(&ours.sequences) {
+        assert!(!ours.token_ids.is_empty() && !ours.lse.is_empty(), "{ours:?}");
+        assert_eq!(theirs["first_position"], ours.first_position);
         let ints = |k: &str| {
             theirs[k]
                 .as_array()
@@ -65,6 +73,9 @@ async fn python_grpcio_client_gets_the_same_answer_as_the_rust_client() {
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
         assert_eq!(lp, ours.logprobs);
+        let lse: Vec<f32> =
+            theirs["lse"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(lse, ours.lse);
     }
 }
 
@@ -104,18 +115,15 @@ async fn grpcurl_lists_and_calls_the_services_through_reflection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_guards_the_teacher_but_not_health() {
     let server = Server::start(&tiny("llama"), &["--auth-token", "s3cret-token"]);
-    let channel = loop {
-        if let Ok(c) =
-            tonic::transport::Channel::from_shared(server.grpc.clone()).unwrap().connect().await
-        {
-            break c;
-        }
-    };
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let channel = server.channel().await;
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
-    while health.check(check.clone()).await.map(|r| r.into_inner().status).unwrap_or(0) != 1 {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    server
+        .eventually("health to answer SERVING", common::STARTUP, || {
+            let (mut health, check) = (health.clone(), check.clone());
+            async move { (health.check(check).await.ok()?.into_inner().status == 1).then_some(()) }
+        })
+        .await;
     let mut teacher = logitd_proto::v1::teacher_client::TeacherClient::new(channel);
     let call = |token: Option<&str>| {
         let mut req = tonic::Request::new(logitd_proto::v1::GetModelInfoRequest {});

@@ -17,14 +17,21 @@ use tonic::Code;
 const CALLERS: usize = 256;
 const QUEUE_TOKENS: u32 = 1024;
 
+/// A `/proc/PID/status` memory field in KiB. Fails when the file cannot be
+/// read or has no such field: a missing figure must not read as 0 and pass
+/// the memory bound.
 fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (the memory bound needs Linux /proc)"));
+    let kib = status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("{path} has no {field} line in KiB:\n{status}"));
+    assert!(kib > 0, "{path}: {field} {kib} KiB");
+    kib
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {

@@ -50,7 +50,13 @@ fn gguf(env: &str, file: &str) -> PathBuf {
     path
 }
 
-fn check(fixture: &str, model: &Path) {
+/// Checks the teacher against transformers: every top-20 log-probability and
+/// every lse within `bound`, and every top-20 rank the same id, except where
+/// the reference has an exact tie. Measured on the 2-core development machine
+/// (f32 on the CPU), max |Δ logprob| / |Δ lse|: SmolLM2-135M 5.6e-5 / 7.9e-5,
+/// Gemma 3 270M 1.8e-4 / 1.8e-4; the bounds (1.5e-4 and 3e-4) leave about
+/// 1.7x over the worst figure (other CPUs may round the matmuls differently).
+fn check(fixture: &str, model: &Path, bound: f64) {
     let fx: Fixture = serde_json::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real").join(fixture),
@@ -63,9 +69,11 @@ fn check(fixture: &str, model: &Path) {
     let sequences: Vec<Vec<u32>> = fx.sentences.iter().map(|s| s.token_ids.clone()).collect();
     let batch = PackedBatch::new(&sequences).unwrap();
     let hidden = teacher.hidden_states(&batch).unwrap();
-    let (mut positions, mut exact_ranks, mut ranks, mut worst) = (0, 0, 0, 0f64);
+    let (mut positions, mut exact_ranks, mut tied_ranks, mut ranks) = (0, 0, 0, 0);
+    let (mut worst, mut worst_lse) = (0f64, 0f64);
     for (s, sentence) in fx.sentences.iter().enumerate() {
         let range = batch.sequence(s);
+        assert_eq!(sentence.positions.len(), range.len(), "{fixture} sentence {s}");
         let idx = candle_core::Tensor::arange(range.start as u32, range.end as u32, &Device::Cpu)
             .unwrap();
         let logits = teacher
@@ -73,13 +81,17 @@ fn check(fixture: &str, model: &Path) {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
+        assert_eq!(logits.len(), sentence.positions.len(), "{fixture} sentence {s}");
         for (p, z) in logits.iter().enumerate() {
             let m = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
             let lse = m + z.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln();
             let lp = |id: u32| f64::from(z[id as usize]) - lse;
             let want = &sentence.positions[p];
+            assert_eq!(want.top_ids.len(), 20, "{fixture} sentence {s} position {p}");
+            assert_eq!(want.top_logprobs.len(), 20, "{fixture} sentence {s} position {p}");
             let d = (lse - want.lse).abs();
-            assert!(d < 1e-3, "{fixture} sentence {s} position {p}: lse {lse} vs {}", want.lse);
+            worst_lse = worst_lse.max(d);
+            assert!(d < bound, "{fixture} sentence {s} position {p}: lse {lse} vs {}", want.lse);
             let mut ours: Vec<u32> = (0..z.len() as u32).collect();
             ours.select_nth_unstable_by(20, |&a, &b| z[b as usize].total_cmp(&z[a as usize]));
             ours.truncate(20);
@@ -89,19 +101,28 @@ fn check(fixture: &str, model: &Path) {
                 let d = (lp(theirs) - their_lp).abs();
                 worst = worst.max(d);
                 assert!(
-                    d < 1e-3,
+                    d < bound,
                     "{fixture} sentence {s} position {p} rank {r}: id {theirs} logprob {} vs {their_lp}",
                     lp(theirs)
                 );
                 if ours[r] == theirs {
                     exact_ranks += 1;
                 } else {
-                    // Only a near tie may swap ranks.
+                    // Only an exact tie in the reference may order two ids
+                    // either way: our id at this rank must have, in the
+                    // reference, exactly the log-probability of this rank.
+                    let tie = want
+                        .top_ids
+                        .iter()
+                        .zip(&want.top_logprobs)
+                        .any(|(&id, &l)| id == ours[r] && l == their_lp);
                     assert!(
-                        (lp(ours[r]) - their_lp).abs() < 1e-3,
-                        "{fixture} sentence {s} position {p} rank {r}: our id {} vs {theirs}",
+                        tie,
+                        "{fixture} sentence {s} position {p} rank {r}: our id {} vs {theirs} \
+                         (not an exact tie in the reference)",
                         ours[r]
                     );
+                    tied_ranks += 1;
                 }
                 ranks += 1;
             }
@@ -109,19 +130,26 @@ fn check(fixture: &str, model: &Path) {
         }
     }
     eprintln!(
-        "{fixture}: {positions} positions, {exact_ranks}/{ranks} top-20 ranks identical, max |Δ logprob| = {worst:.2e}"
+        "{fixture}: {positions} positions, {exact_ranks}/{ranks} top-20 ranks identical \
+         ({tied_ranks} swapped within exact ties of the reference), max |Δ logprob| = \
+         {worst:.2e}, max |Δ lse| = {worst_lse:.2e} (bound {bound:.1e})"
     );
-    assert!(exact_ranks * 100 >= ranks * 99, "{exact_ranks}/{ranks} ranks identical");
+    assert_eq!(exact_ranks + tied_ranks, ranks);
+    assert!(positions > 0 && ranks == 20 * positions, "{positions} positions, {ranks} ranks");
 }
 
 #[test]
 fn smollm2_gguf_matches_transformers() {
-    check("smollm2_135m.json", &gguf("LOGITD_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"));
+    check(
+        "smollm2_135m.json",
+        &gguf("LOGITD_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        1.5e-4,
+    );
 }
 
 #[test]
 fn gemma3_270m_gguf_matches_transformers() {
-    check("gemma3_270m.json", &gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf"));
+    check("gemma3_270m.json", &gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf"), 3e-4);
 }
 
 #[test]

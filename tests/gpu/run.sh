@@ -168,6 +168,13 @@ print(":".join(dirs))
 PY
 )
   [[ -n $CULIB ]] && export LD_LIBRARY_PATH=$CULIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  # The driver's libcuda.so.1, where the loader would not find it by itself
+  # (never a toolkit's stubs/ folder: that one fails at the first call).
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat; do
+      if [[ -e $d/libcuda.so.1 ]]; then export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d; break; fi
+    done
+  fi
 fi
 
 # Real-teacher logits for the teacher stage.
@@ -184,8 +191,14 @@ export LOGITD_REAL_LOGITS
 # Runs a binary; in a dry run, exit status DRY_RC means it reached CUDA.
 runbin() { "$@"; }
 
-check() { # check NAME CONDITION-RC DETAIL
-  if [[ $2 == 0 ]]; then echo "preflight: $1: ok${3:+ ($3)}"; else echo "preflight: $1: FAIL${3:+ ($3)}"; PREFLIGHT_FAILED=1; fi
+check() { # check NAME CONDITION-RC DETAIL [DETAIL-IF-FAILED]
+  if [[ $2 == 0 ]]; then
+    echo "preflight: $1: ok${3:+ ($3)}"
+  else
+    local d=${4:-${3:-}}
+    echo "preflight: $1: FAIL${d:+ ($d)}"
+    PREFLIGHT_FAILED=1
+  fi
 }
 
 stage_preflight() {
@@ -213,13 +226,13 @@ stage_preflight() {
       8.5) need_driver=555 ;; 8.4) need_driver=550 ;; 8.3) need_driver=545 ;; *) need_driver=525 ;;
     esac
     check "driver $driver runs PTX ISA ${ptx_version:-?} (needs >= $need_driver)" \
-      "$([[ -n $ptx_version && ${driver%%.*} -ge $need_driver ]]; echo $?)" "else CUDA_ERROR_UNSUPPORTED_PTX_VERSION at the first launch"
+      "$([[ -n $ptx_version && ${driver%%.*} -ge $need_driver ]]; echo $?)" "" "this driver would fail the first launch with CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
     for t in $(grep -a -oE '^\.target sm_[0-9]+a?' "$BIN/gpu_sampler" | awk '{print $2}' | sort -u); do
       built_cap=${t#sm_}
       if [[ $built_cap == *a ]]; then # arch-specific PTX runs on that exact generation only
-        check "GPU compute capability $cap runs PTX for $t" "$([[ ${cap/./} == "${built_cap%a}" ]]; echo $?)" "else rebuild with CUDA_COMPUTE_CAP=${cap/./}"
+        check "GPU compute capability $cap runs PTX for $t" "$([[ ${cap/./} == "${built_cap%a}" ]]; echo $?)" "" "rebuild with CUDA_COMPUTE_CAP=${cap/./}"
       else
-        check "GPU compute capability $cap runs PTX for $t" "$([[ ${cap/./} -ge $built_cap ]]; echo $?)" "else rebuild with CUDA_COMPUTE_CAP=${cap/./}"
+        check "GPU compute capability $cap runs PTX for $t" "$([[ ${cap/./} -ge $built_cap ]]; echo $?)" "" "rebuild with CUDA_COMPUTE_CAP=${cap/./}"
       fi
     done
   fi

@@ -123,10 +123,23 @@ async fn run<I: Iterator<Item = TrainingBatch>>(
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut exhausted = false;
     loop {
-        if exhausted && pending.is_empty() {
+        // Take batches up to the depth before (re)opening the stream, so that a
+        // stream that fails at once (no server, a refusal) has a batch to charge
+        // the attempt to: without one, a dead server was retried in a tight
+        // loop forever, with no backoff and no error.
+        while !exhausted && pending.len() < depth {
+            match source.next() {
+                Some(batch) => {
+                    let request = batch.request(options);
+                    pending.push_back(Pending { batch, request, attempts: 1 });
+                }
+                None => exhausted = true,
+            }
+        }
+        if pending.is_empty() {
             return;
         }
-        // (Re)open the stream and re-send what is in flight.
+        // (Re)open the stream and send what is in flight.
         let (req_tx, req_rx) = mpsc::channel::<SampleLogitsRequest>(depth);
         for p in &pending {
             let _ = req_tx.try_send(p.request.clone());
@@ -168,7 +181,7 @@ async fn run<I: Iterator<Item = TrainingBatch>>(
             }
         };
         // The head batch failed (the stream ends at its first error).
-        let Some(head) = pending.front_mut() else { continue };
+        let head = pending.front_mut().expect("a stream is open only with batches in flight");
         if RetryPolicy::retryable_status(&failure) && head.attempts < policy.max_attempts {
             tokio::time::sleep(policy.backoff(head.attempts)).await;
             head.attempts += 1;

@@ -6,7 +6,6 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use logitd_client::{ClientConfig, TeacherClient};
 use logitd_proto::v1::{SampleLogitsRequest, Sequence};
 use prost::Message;
 
@@ -34,12 +33,8 @@ fn latencies_are_ordered(v: &serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bench_reports_what_the_server_answered() {
-    let (uri, server) = common::tiny_server().await;
-    let client = loop {
-        if let Ok(c) = TeacherClient::connect(ClientConfig::new([uri.clone()])).await {
-            break c;
-        }
-    };
+    let (uri, mut server) = common::tiny_server().await;
+    let client = common::connect(&uri, &mut server).await;
 
     // Three sequences of 9 tokens; the bench cuts them to 6.
     let corpus: Vec<Vec<u32>> =

@@ -5,11 +5,11 @@ mod common;
 
 use std::process::Command;
 
-use logitd_client::{ClientConfig, SampleOptions, TeacherClient, shard::ShardReader};
+use logitd_client::{SampleOptions, shard::ShardReader};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dump_writes_the_targets_the_server_gives() {
-    let (uri, server) = common::tiny_server().await;
+    let (uri, mut server) = common::tiny_server().await;
 
     let dir = std::env::temp_dir().join(format!("logitd-dump-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -32,11 +32,7 @@ async fn dump_writes_the_targets_the_server_gives() {
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = dir.join("targets");
     // Wait until the model is loaded before dumping.
-    let client = loop {
-        if let Ok(c) = TeacherClient::connect(ClientConfig::new([uri.clone()])).await {
-            break c;
-        }
-    };
+    let client = common::connect(&uri, &mut server).await;
     let run = Command::new(env!("CARGO_BIN_EXE_logitd-client"))
         .args([
             "dump",

@@ -1,12 +1,23 @@
 //! A real logitd server in this process, for the client's end-to-end tests.
 
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
 use clap::Parser;
 use logitd::config::{Cli, Command as ServerCommand};
+use logitd_client::{ClientConfig, TeacherClient};
+
+/// The server task; abort it to stop the server.
+pub type ServerTask = tokio::task::JoinHandle<Result<(), logitd::server::ServeError>>;
+
+/// How long a server may take to bind its ports or to answer its first call.
+pub const STARTUP: Duration = Duration::from_secs(60);
 
 /// Starts `logitd serve` on the tiny Llama fixture on ephemeral ports; returns
-/// its gRPC URI and the task (abort it to stop the server).
-pub async fn tiny_server()
--> (String, tokio::task::JoinHandle<Result<(), logitd::server::ServeError>>) {
+/// its gRPC URI and the task (abort it to stop the server). Fails with the
+/// server's error if it stops before binding, or after [`STARTUP`].
+pub async fn tiny_server() -> (String, ServerTask) {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/tests/fixtures/tiny/llama");
     let argv = [
         "logitd",
@@ -22,12 +33,39 @@ pub async fn tiny_server()
         unreachable!()
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(logitd::server::serve_until(
+    let mut server = tokio::spawn(logitd::server::serve_until(
         *args,
         move |b| {
             let _ = tx.send(b.grpc);
         },
         std::future::pending(),
     ));
-    (format!("http://{}", rx.await.unwrap()), server)
+    let addr = match tokio::time::timeout(STARTUP, rx).await {
+        Ok(Ok(addr)) => addr,
+        // The sender is gone: the server stopped before binding; say why.
+        Ok(Err(_)) => panic!("the server stopped before binding: {:?}", (&mut server).await),
+        Err(_) => panic!("the server bound no port within {STARTUP:?}"),
+    };
+    (format!("http://{addr}"), server)
+}
+
+/// Connects to `uri` once the server answers (the model is loaded), within
+/// [`STARTUP`]; fails with the last error, or with the server's own error
+/// when its task has ended, instead of waiting for ever.
+pub async fn connect(uri: &str, server: &mut ServerTask) -> TeacherClient {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        let error = match TeacherClient::connect(ClientConfig::new([uri.to_string()])).await {
+            Ok(c) => return c,
+            Err(e) => e,
+        };
+        if server.is_finished() {
+            panic!("the server stopped: {:?} (last connect error: {error})", server.await);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer from {uri} within {STARTUP:?}; last error: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

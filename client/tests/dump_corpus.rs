@@ -584,7 +584,11 @@ fn jsonl_ranges_start_anywhere() {
     let cols = logitd_client::corpus::Columns::default();
     for range in [0..3, 16_383..16_386, 20_000..20_010, 39_990..40_000, 32_768..32_769] {
         let (a, b) = (range.start as usize, range.end as usize);
-        assert_eq!(read_range(std::slice::from_ref(&path), cols.clone(), range), c[a..b], "{a}..{b}");
+        assert_eq!(
+            read_range(std::slice::from_ref(&path), cols.clone(), range),
+            c[a..b],
+            "{a}..{b}"
+        );
     }
     // Two files: the ranges run on from one into the next.
     let (p1, p2) = (s.path("a.jsonl"), s.path("b.jsonl"));

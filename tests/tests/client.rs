@@ -70,7 +70,11 @@ async fn a_call_is_retried_until_the_restarted_server_answers() {
         );
     }
     let _restarted = InProcess::start(&tiny("gemma2"), port, &[]).await;
-    let got = call.await.unwrap().expect("answered after the restart");
+    let got = tokio::time::timeout(common::STARTUP, call)
+        .await
+        .expect("no answer within 60 s of the restart")
+        .unwrap()
+        .expect("answered after the restart");
     assert_eq!(got, want, "same targets from the restarted server");
 }
 

@@ -5,13 +5,12 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use common::tiny;
+use common::{first_line, tiny};
 use logitd_client::{ClientConfig, SampleOptions, TeacherClient};
 use logitd_proto::v1::SampleLogitsResponse;
 
@@ -23,14 +22,17 @@ fn logitd_bin() -> PathBuf {
     bin
 }
 
-/// A `logitd serve` process on 127.0.0.1, killed when dropped.
+/// A `logitd serve` process on 127.0.0.1 (stderr to `log`), killed when dropped.
 struct Replica {
     child: Child,
     uri: String,
+    log: PathBuf,
 }
 
 impl Replica {
-    fn start(model: &Path) -> Replica {
+    fn start(model: &Path, name: &str) -> Replica {
+        let log = std::env::temp_dir()
+            .join(format!("logitd-replica-kill-{}-{name}.log", std::process::id()));
         let mut child = Command::new(logitd_bin())
             .args(["serve", "--model"])
             .arg(model)
@@ -38,13 +40,15 @@ impl Replica {
             .args(["--model-id", "tiny", "--max-wait-ms", "2"])
             .env("LOGITD_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting logitd");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.split("gRPC on ").nth(1).and_then(|s| s.split(',').next()).expect(&line);
-        Replica { child, uri: format!("http://{addr}") }
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let line = first_line(&mut child, read_log);
+        let Some(addr) = line.split("gRPC on ").nth(1).and_then(|s| s.split(',').next()) else {
+            panic!("{name}: first line {line:?}; log:\n{}", read_log())
+        };
+        Replica { child, uri: format!("http://{addr}"), log }
     }
 }
 
@@ -52,6 +56,14 @@ impl Drop for Replica {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {}:\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -67,8 +79,8 @@ fn same(a: &SampleLogitsResponse, b: &SampleLogitsResponse) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_under_load_loses_no_call() {
-    let mut a = Replica::start(&tiny("llama"));
-    let b = Replica::start(&tiny("llama"));
+    let mut a = Replica::start(&tiny("llama"), "a");
+    let b = Replica::start(&tiny("llama"), "b");
     let mut config = ClientConfig::new([a.uri.clone(), b.uri.clone()]);
     config.retry.max_attempts = 30;
     config.retry.max_backoff = Duration::from_millis(200);
@@ -97,7 +109,9 @@ async fn a_replica_killed_under_load_loses_no_call() {
         }
     }));
     let killer = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while done.load(std::sync::atomic::Ordering::SeqCst) < 40 {
+            assert!(std::time::Instant::now() < deadline, "40 calls not answered within 120 s");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         a.child.kill().unwrap();

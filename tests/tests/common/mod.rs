@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 use std::{
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
+    process::Child,
+    time::Duration,
 };
 
 use clap::Parser;
@@ -57,7 +60,7 @@ impl InProcess {
         };
         let (bound_tx, bound_rx) = oneshot::channel::<Bound>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_until(
+        let mut task = tokio::spawn(serve_until(
             *args,
             move |b| {
                 let _ = bound_tx.send(b);
@@ -66,7 +69,12 @@ impl InProcess {
                 let _ = stop_rx.await;
             },
         ));
-        let addr = bound_rx.await.expect("the server bound its ports").grpc;
+        let addr = match tokio::time::timeout(STARTUP, bound_rx).await {
+            Ok(Ok(bound)) => bound.grpc,
+            // The sender is gone: the server stopped before binding; say why.
+            Ok(Err(_)) => panic!("the server stopped before binding: {:?}", (&mut task).await),
+            Err(_) => panic!("the server bound no port within {STARTUP:?}"),
+        };
         InProcess { addr, uri: format!("http://{addr}"), stop: Some(stop_tx), task: Some(task) }
     }
 
@@ -82,5 +90,37 @@ impl Drop for InProcess {
         if let Some(t) = self.task.take() {
             t.abort();
         }
+    }
+}
+
+/// How long a server may take to bind its ports or print its addresses.
+pub const STARTUP: Duration = Duration::from_secs(60);
+
+/// The first line `child` prints on its (piped) stdout, read within
+/// [`STARTUP`]; fails with `log()` (the child's stderr so far) when none comes,
+/// instead of blocking for ever. The stdout pipe stays open on the reading
+/// thread (a closed pipe would kill a child that prints again).
+pub fn first_line(child: &mut Child, log: impl Fn() -> String) -> String {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining (and holding) the pipe until the child exits.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    match rx.recv_timeout(STARTUP) {
+        Ok(line) if !line.is_empty() => line,
+        Ok(_) => {
+            std::thread::sleep(Duration::from_millis(200));
+            panic!(
+                "the process closed stdout without a line ({:?}); log:\n{}",
+                child.try_wait(),
+                log()
+            )
+        }
+        Err(_) => panic!("no line on stdout within {STARTUP:?}; log:\n{}", log()),
     }
 }

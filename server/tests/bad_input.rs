@@ -4,11 +4,17 @@
 //! get exactly the answer it got before the corpus started.
 //!
 //! The expected codes come from the gRPC specification
-//! (doc/statuscodes.md, doc/compression.md) and from DESIGN.md's validation
-//! rules, not from the server's output. Where tonic picks the code itself
-//! (undecodable bytes: INTERNAL, like grpc-go and grpc-java; an over-limit
-//! message: OUT_OF_RANGE; a passed grpc-timeout: CANCELLED "Timeout
-//! expired" when tonic's own deadline layer answers first) the README says so.
+//! (doc/statuscodes.md, doc/compression.md) and from the validation rules in
+//! docs/design.md §4, not from the server's output. Where tonic or prost pick
+//! the code and message themselves (undecodable bytes: INTERNAL, like grpc-go
+//! and grpc-java; an over-limit message: OUT_OF_RANGE; a passed grpc-timeout:
+//! CANCELLED "Timeout expired" when tonic's own deadline layer answers first;
+//! unknown methods: UNIMPLEMENTED with no message) the test pins their text
+//! and the README says so.
+//!
+//! Counted separately and asserted exactly (the README quotes the counts):
+//! RULES validation rules broken, MALFORMED malformed calls, VALID valid
+//! boundary inputs, CONNECTIONS connection-level cases.
 
 mod common;
 

@@ -259,11 +259,13 @@ pub async fn serve_until(
         }
         builder = builder.tls_config(tls)?;
     }
-    let router = builder
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(teacher, auth));
+        .add_service(InterceptedService::new(teacher, auth))
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(name_unimplemented));
+    let router = builder.add_routes(routes.into());
     let (goaway_tx, goaway_rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
@@ -382,5 +384,54 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// tonic answers an unknown service or method with UNIMPLEMENTED and no message;
+/// this names the path the client called (a method name, never request data).
+/// Only trailers-only answers carry grpc-status in their headers, so answers of
+/// real calls pass untouched.
+async fn name_unimplemented(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    let unimplemented = headers.get("grpc-status").is_some_and(|v| v == "12");
+    let silent = headers.get("grpc-message").is_none_or(|v| v.is_empty());
+    if unimplemented && silent {
+        let message = unimplemented_message(&path);
+        if let Ok(value) = axum::http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
+}
+
+/// `unknown method <path>`, percent-encoded as grpc-message requires and cut to
+/// 256 bytes of path so that a long path cannot make a long header.
+fn unimplemented_message(path: &str) -> String {
+    let mut message = String::from("unknown%20method%20");
+    for &b in path.as_bytes().iter().take(256) {
+        if (0x20..0x7f).contains(&b) && b != b'%' && b != b' ' {
+            message.push(b as char);
+        } else {
+            message.push_str(&format!("%{b:02X}"));
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod unimplemented_tests {
+    use super::unimplemented_message;
+
+    #[test]
+    fn the_message_names_the_path_percent_encoded_and_bounded() {
+        assert_eq!(unimplemented_message("/a.B/C"), "unknown%20method%20/a.B/C");
+        assert_eq!(unimplemented_message("/a b%\u{e9}"), "unknown%20method%20/a%20b%25%C3%A9");
+        let long = format!("/{}", "x".repeat(1000));
+        assert_eq!(unimplemented_message(&long).len(), "unknown%20method%20".len() + 256);
     }
 }

@@ -137,7 +137,7 @@ impl Summary {
         let p = self.positions.max(1) as f64;
         let secs = self.wall.as_secs_f64().max(1e-9);
         format!(
-            "wrote {} sequences ({} in this run), {} tokens, {} positions, {:.1} entries per position, {:.1} bytes per position on disk, {} shard(s) in {}; wall {:.1} s, {:.0} positions/s; peak RSS {} MiB; teacher {}",
+            "wrote {} sequences ({} in this run), {} tokens, {} positions, {:.1} entries per position, {:.1} bytes per position on disk, {} shard(s) in {}; wall {:.1} s, {:.1} positions/s; peak RSS {} MiB; teacher {}",
             self.sequences,
             self.sequences_this_run,
             self.tokens,

@@ -50,6 +50,33 @@ def report(path, device, date):
     print(f"# logitd on {device}, {date}\n")
     print("Measured by tests/gpu/run.sh in one session; ratios compare numbers from that same run.\n")
 
+    stages = by("stage")
+    if stages:
+        print("## Stages\n")
+        print(table(["stage", "status", "seconds", "limit"],
+                    [(r["stage"], r["status"], r.get("seconds", "—"), r.get("limit", "—")) for r in stages]))
+        print()
+    gpu = by("gpu")
+    dev = by("device")
+    if gpu or dev:
+        g = gpu[-1] if gpu else {}
+        d = dev[-1] if dev else {}
+        print(f'GPU: {g.get("name") or d.get("device", "?")}, compute capability '
+              f'{g.get("compute_cap") or d.get("compute_capability", "?")}, driver {g.get("driver", "?")}, '
+              f'{d.get("sms", "?")} SMs.\n')
+    res = last(by("kernel_resources"), lambda r: (r["kernel"], r["method"], r["k"]))
+    if res:
+        print("## Sampling kernel resources (from the driver)\n")
+        print(table(["entry point", "method", "k", "V", "registers", "local bytes (spills)", "static shared",
+                     "blocks/SM"],
+                    [(r["kernel"], r["method"], r["k"], r["vocab"], r["registers"], r["local_bytes"],
+                      r["static_shared_bytes"], r["blocks_per_sm"]) for r in res]))
+        print()
+    pre = by("preflight_launch")
+    if pre:
+        print("Preflight launches (8 rows, V = 32,000, k = 64) identical to the CPU: "
+              + "; ".join(f'{r["dtype"]} {r["method"]} {r["identical"]}/{r["rows"]}' for r in pre) + "\n")
+
     agree = last(by("agreement"), lambda r: r["what"])
     if agree:
         print("## Kernel vs CPU reference (identical ids and counts)\n")
@@ -64,7 +91,12 @@ def report(path, device, date):
         print()
     san = last(by("sanitizer"), lambda r: r["tool"])
     if san:
-        print("compute-sanitizer: " + "; ".join(f'{r["tool"]} {r["result"]}' for r in san) + "\n")
+        def outcome(r):
+            if "result" in r:
+                return r["result"]
+            return ("clean" if r.get("exit") == 0 else f'exit {r.get("exit")}') + (
+                f' ({r["summary"]})' if r.get("summary") else "")
+        print("compute-sanitizer: " + "; ".join(f'{r["tool"]} {outcome(r)}' for r in san) + "\n")
     tv = last(by("teacher_vs_cpu"), lambda r: (r["model"], r["dtype"]))
     if tv:
         print("## Teacher on CUDA vs CPU f32 (tiny fixtures)\n")

@@ -4,7 +4,8 @@
 //! The kernel (`cuda/sampler.cu`, compiled to PTX by `build.rs` with nvcc and
 //! loaded through candle's CUDA device, on its stream) follows the reference
 //! sampler of [`super::cpu`]: the same Philox stream, the same exponentials
-//! bit for bit (`cuda/logitd_math.cuh`), sums in f64 in another order. Its
+//! bit for bit by design (`cuda/logitd_math.cuh`, checked on the host; on a GPU
+//! this is still to be measured), sums in f64 in another order. Its
 //! results land in pinned host memory mapped into the device, so the kernel's
 //! own writes are the one device-to-host transfer of a chunk; [`decode_rows`]
 //! turns them into [`SampledRows`].

@@ -62,7 +62,8 @@ LOGITD_HD uint32_t logitd_f32_bits(float f) {
 // optimized-routines) as glibc's FMA build computes it, the compiler having
 // fused the reduction r = InvLn2N * x - kd and the polynomial. Written out
 // here with the same fusions, this function returns the same bits on every x
-// in [-104, 0] (server/tests/cuda_math.rs compares it with exp_f32; against
+// in [-104, 0] when compiled for the host (on the device, with --fmad=false,
+// that is the goal until tests/gpu/run.sh has run) (server/tests/cuda_math.rs compares it with exp_f32; against
 // glibc 2.36's own expf on all 1,120,927,745 floats of that range it differed
 // nowhere, while glibc's generic build differs from it at x = -0x1.f8cbb2p+5).
 // The sampler only ever takes exp of x <= 0.

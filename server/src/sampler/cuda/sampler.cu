@@ -8,7 +8,8 @@
 //   pass 1  max over the row; the first NaN/+inf (an error, as on the CPU);
 //           how many logits are finite (top-k).
 //   pass 2  e_i = exp(((z_i - m) / T) as f32) with the reference's own expf
-//           (logitd_math.cuh: the same bits as the CPU), and the f64 sum of
+//           (logitd_math.cuh: written to give the CPU's bits, checked on the host by
+//           server/tests/cuda_math.rs, not yet on a GPU), and the f64 sum of
 //           every tile. Tiles are visited last to first, so the end of the row,
 //           read last in pass 1, is read again while it is still in L2.
 //   scan    tile ends: the f64 cumulative sum of the tile sums, made

@@ -28,7 +28,7 @@ START=$(date -u +'%F %H:%M') LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 URI=http://127.0.0.1:$PORT
 WORK=$(mktemp -d)
 log() { printf '[dump-throughput %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-[[ -f $MODEL ]] || { echo "no teacher at $MODEL (set MODEL)" >&2; exit 1; }
+[[ -e $MODEL ]] || { echo "no teacher at $MODEL (set MODEL)" >&2; exit 1; }
 if [[ ${BUILD:-1} == 1 ]]; then
   cargo build -q -p logitd --bin logitd
   cargo build -q -p logitd-client --bin logitd-client --bin logitd-bench

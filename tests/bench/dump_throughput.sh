@@ -99,7 +99,7 @@ out, rows = sys.argv[1], [r.split() for r in sys.argv[2:]]
 ratios = [float(r[3]) for r in rows]
 with open(out, "w") as f:
     f.write("# logitd-client dump vs logitd-bench on one server — $DATE\n\n")
-    f.write("Command: \`ROUNDS=$ROUNDS DURATION=$DURATION SEQUENCES=$SEQUENCES LENGTH=$LENGTH K=$K DEPTH=$DEPTH tests/bench/dump_throughput.sh\`, "
+    f.write("Command: \`ROUNDS=$ROUNDS DURATION=$DURATION SEQUENCES=$SEQUENCES LENGTH=$LENGTH K=$K DEPTH=$DEPTH VOCAB=$VOCAB MODEL=$MODEL tests/bench/dump_throughput.sh\`, "
             "started $START UTC, commit $(git rev-parse --short HEAD)"
             "$( [[ -n $(git status --porcelain -- client tests/bench) ]] && echo ' (with uncommitted changes in client/ or tests/bench/)' ).\n\n")
     f.write("Machine: $CPU, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; binaries from $(basename "$BIN") "

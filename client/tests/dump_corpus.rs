@@ -233,6 +233,25 @@ async fn reference(client: &TeacherClient, corpus: &[(Vec<u32>, u32)]) -> Vec<Te
     client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap()
 }
 
+/// The same targets: the same positions, sampled ids and counts, bit for bit;
+/// the teacher's log-probabilities and lse within 1e-5. The server's forward
+/// pass is not bit for bit the same for every batch it packs a sequence into
+/// (tiles of other shapes sum in another order; seen: 4.8e-7 on one lse with
+/// two servers), and which requests it batches together depends on timing.
+fn same_targets(got: &[TeacherTargets], want: &[TeacherTargets], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: sequences");
+    for (n, (g, w)) in got.iter().zip(want).enumerate() {
+        let same_samples = (g.num_samples, g.first_position, &g.offsets, &g.token_ids, &g.counts)
+            == (w.num_samples, w.first_position, &w.offsets, &w.token_ids, &w.counts);
+        assert!(same_samples, "{what}: sequence {n} has other samples:\n{g:?}\n{w:?}");
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
+        assert!(
+            close(&g.logprobs, &w.logprobs) && close(&g.lse, &w.lse),
+            "{what}: sequence {n} has other values:\n{g:?}\n{w:?}"
+        );
+    }
+}
+
 fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
@@ -268,8 +287,16 @@ async fn targets_depend_only_on_the_sequence_index() {
         ));
         let line = String::from_utf8_lossy(&run.stdout);
         assert!(line.contains("wrote 150 sequences (150 in this run)"), "{line}");
-        assert_eq!(read_set(&[&out]), want, "--batch-sequences {batch}");
+        same_targets(&read_set(&[&out]), &want, &format!("--batch-sequences {batch}"));
     }
+
+    // Two servers, calls balanced over them.
+    let (uri2, mut server2) = common::tiny_server().await;
+    let _ = common::connect(&uri2, &mut server2).await;
+    let out = s.path("two-servers");
+    ok(dump(&format!("{uri},{uri2}"), &[&glob], &out, &["--batch-sequences", "2", "--depth", "8"]));
+    same_targets(&read_set(&[&out]), &want, "two servers");
+    server2.abort();
 
     // Three workers into one folder, at once.
     let out = s.path("w3");
@@ -295,7 +322,7 @@ async fn targets_depend_only_on_the_sequence_index() {
     let reader = ShardReader::open(&out).unwrap();
     assert_eq!(reader.sequences(), Some(0..150));
     assert!(reader.files().len() > 3, "{} shards", reader.files().len());
-    assert_eq!(read_set(&[&out]), want, "--workers 3");
+    same_targets(&read_set(&[&out]), &want, "--workers 3");
     for (i, range) in [(0, [0, 50]), (1, [50, 100]), (2, [100, 150])] {
         let m: serde_json::Value = serde_json::from_slice(
             &std::fs::read(out.join(format!("manifest-0000{i}-of-00003.json"))).unwrap(),
@@ -329,7 +356,7 @@ async fn targets_depend_only_on_the_sequence_index() {
     pq::write(&s.path("m.parquet"), "input_ids", &rows(true), 40);
     let out = s.path("pq");
     ok(dump(&uri, &[&s.path("c.parquet")], &out, &["--first-position-column", "first_position"]));
-    assert_eq!(read_set(&[&out]), want, "Parquet with a first-position column");
+    same_targets(&read_set(&[&out]), &want, "Parquet with a first-position column");
     let out = s.path("pq-mask");
     ok(dump(
         &uri,
@@ -343,7 +370,7 @@ async fn targets_depend_only_on_the_sequence_index() {
         &out,
         &["--loss-mask-column", "loss_mask", "--workers", "2", "--worker", "0"],
     ));
-    assert_eq!(read_set(&[&out]), want, "Parquet with a loss mask, two workers");
+    same_targets(&read_set(&[&out]), &want, "Parquet with a loss mask, two workers");
     server.abort();
 }
 
@@ -371,8 +398,11 @@ async fn a_killed_run_resumes_to_the_same_bytes() {
     let _client = common::connect(&uri, &mut server).await;
     let s = Scratch::new("kill");
     let input = s.path("c.jsonl");
-    write_jsonl(&input, &corpus(6000, 3));
-    let args = ["--shard-entries", "4000", "--batch-sequences", "8"];
+    write_jsonl(&input, &corpus(1500, 3));
+    // One sequence per request, one request at a time: the server computes each
+    // sequence alone, so its values are the same bits in every run (see
+    // `same_targets`) and the bytes on disk can be compared.
+    let args = ["--shard-entries", "4000", "--batch-sequences", "1", "--depth", "1"];
     let (whole, resumed) = (s.path("whole"), s.path("resumed"));
     ok(dump(&uri, &[&input], &whole, &args));
     let reference = files_of(&whole);
@@ -390,16 +420,11 @@ async fn a_killed_run_resumes_to_the_same_bytes() {
         assert!(!child.wait().unwrap().success());
     }
     // A half-written shard of the killed run is discarded.
-    std::fs::write(resumed.join("targets-000000005990.safetensors.partial"), b"half").unwrap();
-    let run = ok(dump(
-        &uri,
-        &[&input],
-        &resumed,
-        &["--batch-sequences", "3", "--depth", "2", "--shard-entries", "4000"],
-    ));
+    std::fs::write(resumed.join("targets-000000001490.safetensors.partial"), b"half").unwrap();
+    let run = ok(dump(&uri, &[&input], &resumed, &args));
     let line = String::from_utf8_lossy(&run.stdout);
-    assert!(line.contains("wrote 6000 sequences"), "{line}");
-    assert!(!line.contains("(6000 in this run)"), "it resumed: {line}");
+    assert!(line.contains("wrote 1500 sequences"), "{line}");
+    assert!(!line.contains("(1500 in this run)"), "it resumed: {line}");
     assert_eq!(files_of(&resumed), reference, "killed and resumed = uninterrupted, bit for bit");
 
     // The last shard damaged (same size, one byte changed): detected and redone.
@@ -433,16 +458,14 @@ async fn a_killed_run_resumes_to_the_same_bytes() {
             "the method (--top-k) was \"sample\", now it is \"top_k\"",
         ),
     ] {
-        let mut c = dump(&uri, &[&input], &resumed, &extra);
-        c.args(["--batch-sequences", "8"]);
-        let err = failed(c);
+        let err = failed(dump(&uri, &[&input], &resumed, &extra));
         assert!(err.contains(says), "{extra:?}: {err}");
     }
     let mut text = std::fs::read_to_string(&input).unwrap();
     text += "[1, 2, 3]\n";
     std::fs::write(&input, text).unwrap();
     let err = failed(dump(&uri, &[&input], &resumed, &args));
-    assert!(err.contains("changed: it had") && err.contains("6000 sequences, now"), "{err}");
+    assert!(err.contains("changed: it had") && err.contains("1500 sequences, now"), "{err}");
     assert_eq!(files_of(&resumed), reference);
     server.abort();
 }
@@ -491,7 +514,7 @@ async fn bad_input_is_named_and_complete_shards_are_kept() {
         // What was complete before the bad line is on disk and right.
         let kept = read_set(&[&out]);
         assert!(kept.len() >= 20, "{line}: {} sequences kept", kept.len());
-        assert_eq!(kept[..], want[..kept.len()]);
+        same_targets(&kept, &want[..kept.len()], line);
     }
 
     // Parquet.

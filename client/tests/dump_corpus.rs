@@ -264,6 +264,46 @@ fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// The corpus `c` as Parquet (a first-position column, then a loss mask over
+/// two workers) gives the targets `want`.
+fn parquet_gives_the_same_targets(
+    uri: &str,
+    s: &Scratch,
+    c: &[(Vec<u32>, u32)],
+    want: &[TeacherTargets],
+) {
+    // The same corpus as Parquet: a first-position column, then a loss mask.
+    let rows = |mask: bool| -> Vec<pq::Row> {
+        c.iter()
+            .map(|(ids, f)| pq::Row {
+                ids: Some(ids.iter().map(|&x| Some(x as i32)).collect()),
+                first_position: (!mask).then_some(i64::from(*f)),
+                loss_mask: mask
+                    .then(|| (0..ids.len() as u32).map(|p| i32::from(p >= *f)).collect()),
+            })
+            .collect()
+    };
+    pq::write(&s.path("c.parquet"), "input_ids", &rows(false), 16);
+    pq::write(&s.path("m.parquet"), "input_ids", &rows(true), 40);
+    let out = s.path("pq");
+    ok(dump(uri, &[&s.path("c.parquet")], &out, &["--first-position-column", "first_position"]));
+    same_targets(&read_set(&[&out]), want, "Parquet with a first-position column");
+    let out = s.path("pq-mask");
+    ok(dump(
+        uri,
+        &[&s.path("m.parquet")],
+        &out,
+        &["--loss-mask-column", "loss_mask", "--workers", "2", "--worker", "1"],
+    ));
+    ok(dump(
+        uri,
+        &[&s.path("m.parquet")],
+        &out,
+        &["--loss-mask-column", "loss_mask", "--workers", "2", "--worker", "0"],
+    ));
+    same_targets(&read_set(&[&out]), want, "Parquet with a loss mask, two workers");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn targets_depend_only_on_the_sequence_index() {
     let (uri, mut server) = common::tiny_server().await;
@@ -341,36 +381,7 @@ async fn targets_depend_only_on_the_sequence_index() {
     let err = ShardReader::open(&out).err().expect("a gap is an error").to_string();
     assert!(err.contains("sequences 50..100 are missing"), "{err}");
 
-    // The same corpus as Parquet: a first-position column, then a loss mask.
-    let rows = |mask: bool| -> Vec<pq::Row> {
-        c.iter()
-            .map(|(ids, f)| pq::Row {
-                ids: Some(ids.iter().map(|&x| Some(x as i32)).collect()),
-                first_position: (!mask).then_some(i64::from(*f)),
-                loss_mask: mask
-                    .then(|| (0..ids.len() as u32).map(|p| i32::from(p >= *f)).collect()),
-            })
-            .collect()
-    };
-    pq::write(&s.path("c.parquet"), "input_ids", &rows(false), 16);
-    pq::write(&s.path("m.parquet"), "input_ids", &rows(true), 40);
-    let out = s.path("pq");
-    ok(dump(&uri, &[&s.path("c.parquet")], &out, &["--first-position-column", "first_position"]));
-    same_targets(&read_set(&[&out]), &want, "Parquet with a first-position column");
-    let out = s.path("pq-mask");
-    ok(dump(
-        &uri,
-        &[&s.path("m.parquet")],
-        &out,
-        &["--loss-mask-column", "loss_mask", "--workers", "2", "--worker", "1"],
-    ));
-    ok(dump(
-        &uri,
-        &[&s.path("m.parquet")],
-        &out,
-        &["--loss-mask-column", "loss_mask", "--workers", "2", "--worker", "0"],
-    ));
-    same_targets(&read_set(&[&out]), &want, "Parquet with a loss mask, two workers");
+    parquet_gives_the_same_targets(&uri, &s, &c, &want);
     server.abort();
 }
 

@@ -112,6 +112,8 @@ grpcurl --version 2>&1 | head -1
 
 bin=${1:-target/debug/logitd}
 [[ -x $bin ]] || die "no logitd binary at $bin: build it (cargo build -p logitd) or pass its path"
+client_bin=${2:-$(dirname "$bin")/logitd-client}
+[[ -x $client_bin ]] || die "no logitd-client binary at $client_bin: build it (cargo build -p logitd-client) or pass its path"
 cache=${LOGITD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/logitd}
 gguf=$cache/teachers/SmolLM2-135M-Instruct.Q4_1.gguf
 if [[ ! -f $gguf ]]; then
@@ -136,11 +138,13 @@ mkdir -p "$TMPDIR"
 # build's DWARF is most of its size). The host reference runs this same file.
 ctx=$work/context
 mkdir -p "$ctx"
-if command -v strip >/dev/null 2>&1; then
-  strip --strip-debug -o "$ctx/logitd" "$bin"
-else
-  cp "$bin" "$ctx/logitd"
-fi
+for b in "$bin:logitd" "$client_bin:logitd-client"; do
+  if command -v strip >/dev/null 2>&1; then
+    strip --strip-debug -o "$ctx/${b#*:}" "${b%%:*}"
+  else
+    cp "${b%%:*}" "$ctx/${b#*:}"
+  fi
+done
 echo "binary: $bin ($(du -h "$bin" | cut -f1); in the image: $(du -h "$ctx/logitd" | cut -f1))"
 
 # --- 1. the base image ----------------------------------------------------------
@@ -226,21 +230,21 @@ fi
 # `prebuilt`, and the same image as `prebuilt` but for where the binary came from.
 phase "the default target's wiring (stand-in rust image; the real one is not pulled)"
 rust_image=$(sed -nE 's/^FROM ([^ ]+) AS build$/\1/p' deploy/docker/Dockerfile.cpu)
-cargo_cmd=$(grep -oE 'cargo build --release --locked -p logitd' deploy/docker/Dockerfile.cpu | head -1)
+cargo_cmd=$(grep -oE 'cargo build --release --locked -p logitd -p logitd-client' deploy/docker/Dockerfile.cpu | head -1)
 mkdir -p "$work/fake-rust"
-cp "$ctx/logitd" "$work/fake-rust/logitd"
+cp "$ctx/logitd" "$ctx/logitd-client" "$work/fake-rust/"
 cat >"$work/fake-rust/cargo" <<EOF
 #!/bin/sh
 # A stand-in for cargo: checks the command and the context, then does what the
-# real one would leave behind (target/release/logitd).
+# real one would leave behind (target/release/logitd and logitd-client).
 [ "cargo \$*" = "$cargo_cmd" ] || { echo "stand-in cargo: unexpected command: cargo \$*" >&2; exit 3; }
 [ -f Cargo.lock ] && [ -f server/Cargo.toml ] && [ -f proto/logitd/v1/teacher.proto ] && [ ! -e .git ] ||
   { echo "stand-in cargo: the workspace is not in \$(pwd) as .dockerignore should leave it" >&2; exit 4; }
-mkdir -p target/release && cp /stand-in/logitd target/release/logitd
+mkdir -p target/release && cp /stand-in/logitd /stand-in/logitd-client target/release/
 echo "stand-in cargo: \$(pwd), \$(find . -type f | wc -l) files"
 EOF
 chmod 0755 "$work/fake-rust/cargo"
-printf 'FROM debian:bookworm-slim\nCOPY logitd /stand-in/logitd\nCOPY cargo /usr/local/bin/cargo\n' >"$work/fake-rust/Containerfile"
+printf 'FROM debian:bookworm-slim\nCOPY logitd logitd-client /stand-in/\nCOPY cargo /usr/local/bin/cargo\n' >"$work/fake-rust/Containerfile"
 default_image=localhost/logitd:cpu-default-test
 if "${P[@]}" build -q --isolation chroot --pull=never -t "$rust_image" "$work/fake-rust" >/dev/null &&
   "${P[@]}" build --isolation chroot --format docker --pull=never \
@@ -270,9 +274,9 @@ fi
 phase "the files the build added to the base"
 base_root=$("${P[@]}" image mount debian:bookworm-slim)
 image_root=$("${P[@]}" image mount "$image")
-if python3 - "$base_root" "$image_root" "$ctx/logitd" <<'PY'; then
+if python3 - "$base_root" "$image_root" "$ctx/logitd" "$ctx/logitd-client" <<'PY'; then
 import hashlib, os, stat, sys
-base, new, binary = sys.argv[1:]
+base, new, binary, client_binary = sys.argv[1:]
 
 def walk(root):
     out = {}
@@ -300,10 +304,10 @@ for tag, paths in (("added", added), ("changed", changed), ("removed", removed))
 print(f"   {len(added)} added, {len(changed)} changed, {len(removed)} removed (of {len(a)} paths in the base)")
 
 # The user: useradd's databases and backups, the home directory and its
-# skeleton files; the binary. Anything else is a failure.
+# skeleton files; the two binaries. Anything else is a failure.
 userdb = {f"/etc/{f}{s}" for f in ("passwd", "group", "shadow", "gshadow") for s in ("", "-")}
 def allowed(p):
-    return p in userdb or p == "/home/logitd" or p.startswith("/home/logitd/") or p == "/usr/local/bin/logitd"
+    return p in userdb or p == "/home/logitd" or p.startswith("/home/logitd/") or p in ("/usr/local/bin/logitd", "/usr/local/bin/logitd-client")
 bad = [p for p in added + changed if not allowed(p)] + removed
 ok = not bad
 if bad:
@@ -311,12 +315,13 @@ if bad:
 
 def sha(p):
     return hashlib.sha256(open(p, "rb").read()).hexdigest()
-b_bin = os.path.join(new, "usr/local/bin/logitd")
-st = os.lstat(b_bin)
-if not (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == 0 and st.st_gid == 0
-        and sha(b_bin) == sha(binary)):
-    print(f"FAIL: /usr/local/bin/logitd is not the given binary, root-owned, 0755 (mode {oct(st.st_mode)}, {st.st_uid}:{st.st_gid})")
-    ok = False
+for name, given in (("logitd", binary), ("logitd-client", client_binary)):
+    b_bin = os.path.join(new, "usr/local/bin", name)
+    st = os.lstat(b_bin)
+    if not (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == 0 and st.st_gid == 0
+            and sha(b_bin) == sha(given)):
+        print(f"FAIL: /usr/local/bin/{name} is not the given binary, root-owned, 0755 (mode {oct(st.st_mode)}, {st.st_uid}:{st.st_gid})")
+        ok = False
 home = os.lstat(os.path.join(new, "home/logitd"))
 if (home.st_uid, home.st_gid) != (10001, 10001):
     print(f"FAIL: /home/logitd is owned by {home.st_uid}:{home.st_gid}")
@@ -332,9 +337,9 @@ if [g[0] for g in groups if g[2] == "10001"] != ["logitd"]:
     ok = False
 sys.exit(0 if ok else 1)
 PY
-  pass "the image holds the base, the user and the binary, nothing else"
+  pass "the image holds the base, the user and the two binaries, nothing else"
 else
-  fail "the image holds the base, the user and the binary, nothing else"
+  fail "the image holds the base, the user and the two binaries, nothing else"
 fi
 "${P[@]}" image umount "$image" debian:bookworm-slim >/dev/null
 
@@ -391,6 +396,14 @@ if chroot --userspec="$user" "$root" /usr/bin/touch "$readme_mount/teachers/x" 2
   fail "the model mount is read-only"
 else
   pass "the model mount is read-only (uid ${user%%:*} cannot write to it)"
+fi
+
+# logitd-client (the dump Job's command) runs inside the image as its user.
+if env -i "${run_env[@]}" chroot --userspec="$user" "$root" /usr/local/bin/logitd-client dump --help 2>&1 |
+  grep -q -- '--workers'; then
+  pass "logitd-client dump runs in the image as uid ${user%%:*}"
+else
+  fail "logitd-client dump runs in the image as uid ${user%%:*}"
 fi
 
 # healthcheck: the image's HEALTHCHECK command, inside the root, as the image's

@@ -78,7 +78,8 @@ async fn dump_writes_the_targets_the_server_gives() {
         value_encoding: 1,
     };
     let live = client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap();
-    assert_eq!(stored, live);
+    // Samples bit for bit, the teacher's values within 1e-5 (see same_targets).
+    common::same_targets(&stored, &live, "dump vs live");
     server.abort();
     std::fs::remove_dir_all(&dir).unwrap();
 }

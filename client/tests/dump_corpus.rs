@@ -233,25 +233,6 @@ async fn reference(client: &TeacherClient, corpus: &[(Vec<u32>, u32)]) -> Vec<Te
     client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap()
 }
 
-/// The same targets: the same positions, sampled ids and counts, bit for bit;
-/// the teacher's log-probabilities and lse within 1e-5. The server's forward
-/// pass is not bit for bit the same for every batch it packs a sequence into
-/// (tiles of other shapes sum in another order; seen: 4.8e-7 on one lse with
-/// two servers), and which requests it batches together depends on timing.
-fn same_targets(got: &[TeacherTargets], want: &[TeacherTargets], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: sequences");
-    for (n, (g, w)) in got.iter().zip(want).enumerate() {
-        let same_samples = (g.num_samples, g.first_position, &g.offsets, &g.token_ids, &g.counts)
-            == (w.num_samples, w.first_position, &w.offsets, &w.token_ids, &w.counts);
-        assert!(same_samples, "{what}: sequence {n} has other samples:\n{g:?}\n{w:?}");
-        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
-        assert!(
-            close(&g.logprobs, &w.logprobs) && close(&g.lse, &w.lse),
-            "{what}: sequence {n} has other values:\n{g:?}\n{w:?}"
-        );
-    }
-}
-
 fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
@@ -287,7 +268,7 @@ fn parquet_gives_the_same_targets(
     pq::write(&s.path("m.parquet"), "input_ids", &rows(true), 40);
     let out = s.path("pq");
     ok(dump(uri, &[&s.path("c.parquet")], &out, &["--first-position-column", "first_position"]));
-    same_targets(&read_set(&[&out]), want, "Parquet with a first-position column");
+    common::same_targets(&read_set(&[&out]), want, "Parquet with a first-position column");
     let out = s.path("pq-mask");
     ok(dump(
         uri,
@@ -301,7 +282,7 @@ fn parquet_gives_the_same_targets(
         &out,
         &["--loss-mask-column", "loss_mask", "--workers", "2", "--worker", "0"],
     ));
-    same_targets(&read_set(&[&out]), want, "Parquet with a loss mask, two workers");
+    common::same_targets(&read_set(&[&out]), want, "Parquet with a loss mask, two workers");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -327,7 +308,7 @@ async fn targets_depend_only_on_the_sequence_index() {
         ));
         let line = String::from_utf8_lossy(&run.stdout);
         assert!(line.contains("wrote 150 sequences (150 in this run)"), "{line}");
-        same_targets(&read_set(&[&out]), &want, &format!("--batch-sequences {batch}"));
+        common::same_targets(&read_set(&[&out]), &want, &format!("--batch-sequences {batch}"));
     }
 
     // Two servers, calls balanced over them.
@@ -335,7 +316,7 @@ async fn targets_depend_only_on_the_sequence_index() {
     let _ = common::connect(&uri2, &mut server2).await;
     let out = s.path("two-servers");
     ok(dump(&format!("{uri},{uri2}"), &[&glob], &out, &["--batch-sequences", "2", "--depth", "8"]));
-    same_targets(&read_set(&[&out]), &want, "two servers");
+    common::same_targets(&read_set(&[&out]), &want, "two servers");
     server2.abort();
 
     // Three workers into one folder, at once.
@@ -362,7 +343,7 @@ async fn targets_depend_only_on_the_sequence_index() {
     let reader = ShardReader::open(&out).unwrap();
     assert_eq!(reader.sequences(), Some(0..150));
     assert!(reader.files().len() > 3, "{} shards", reader.files().len());
-    same_targets(&read_set(&[&out]), &want, "--workers 3");
+    common::same_targets(&read_set(&[&out]), &want, "--workers 3");
     for (i, range) in [(0, [0, 50]), (1, [50, 100]), (2, [100, 150])] {
         let m: serde_json::Value = serde_json::from_slice(
             &std::fs::read(out.join(format!("manifest-0000{i}-of-00003.json"))).unwrap(),
@@ -525,7 +506,7 @@ async fn bad_input_is_named_and_complete_shards_are_kept() {
         // What was complete before the bad line is on disk and right.
         let kept = read_set(&[&out]);
         assert!(kept.len() >= 20, "{line}: {} sequences kept", kept.len());
-        same_targets(&kept, &want[..kept.len()], line);
+        common::same_targets(&kept, &want[..kept.len()], line);
     }
 
     // Parquet.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use logitd::config::{Cli, Command as ServerCommand};
-use logitd_client::{ClientConfig, TeacherClient};
+use logitd_client::{ClientConfig, TeacherClient, TeacherTargets};
 
 /// The server task; abort it to stop the server.
 pub type ServerTask = tokio::task::JoinHandle<Result<(), logitd::server::ServeError>>;
@@ -67,5 +67,24 @@ pub async fn connect(uri: &str, server: &mut ServerTask) -> TeacherClient {
             "no answer from {uri} within {STARTUP:?}; last error: {error}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The same targets: the same positions, sampled ids and counts, bit for bit;
+/// the teacher's log-probabilities and lse within 1e-5. The server's forward
+/// pass is not bit for bit the same for every batch it packs a sequence into
+/// (tiles of other shapes sum in another order; seen: 4.8e-7 on one lse with
+/// two servers), and which requests it batches together depends on timing.
+pub fn same_targets(got: &[TeacherTargets], want: &[TeacherTargets], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: sequences");
+    for (n, (g, w)) in got.iter().zip(want).enumerate() {
+        let same_samples = (g.num_samples, g.first_position, &g.offsets, &g.token_ids, &g.counts)
+            == (w.num_samples, w.first_position, &w.offsets, &w.token_ids, &w.counts);
+        assert!(same_samples, "{what}: sequence {n} has other samples:\n{g:?}\n{w:?}");
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
+        assert!(
+            close(&g.logprobs, &w.logprobs) && close(&g.lse, &w.lse),
+            "{what}: sequence {n} has other values:\n{g:?}\n{w:?}"
+        );
     }
 }

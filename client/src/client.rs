@@ -101,11 +101,23 @@ impl RetryPolicy {
     /// e.g. a replica that drained, crashed or was killed): the server never
     /// answered it, and a teacher call is idempotent. The client's own
     /// deadline shows as DEADLINE_EXCEEDED and is not retried.
+    /// A server certificate the client refuses (another CA, another name,
+    /// expired) is not: tonic reports it as UNAVAILABLE, but every attempt
+    /// would fail alike, so the caller gets it at once.
     pub fn retryable_status(status: &Status) -> bool {
         use std::error::Error as _;
+        if Self::certificate_refused(status) {
+            return false;
+        }
         Self::retryable(status.code())
             || (matches!(status.code(), Code::Cancelled | Code::Unknown)
                 && status.source().is_some())
+    }
+
+    /// The TLS handshake failed on the server's certificate (rustls' message,
+    /// which tonic carries into the status).
+    fn certificate_refused(status: &Status) -> bool {
+        status.code() == Code::Unavailable && status.message().contains("invalid peer certificate")
     }
 
     /// "Full jitter" backoff before retry `attempt` (1-based): uniform in

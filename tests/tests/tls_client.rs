@@ -142,10 +142,12 @@ async fn the_client_samples_over_tls_with_its_bearer_token() {
     for (what, tls) in [("another CA", trusting(&other)), ("another name", wrong_name)] {
         let e = connect(config(&uri, Some(tls), Some(TOKEN))).await.err().expect(what);
         eprintln!("{what}: {e}");
-        // tonic reports a failed handshake as UNAVAILABLE (so the client
-        // retries it, as any connection failure); the message names the cause.
+        // tonic reports a failed handshake as UNAVAILABLE; the message names
+        // the cause, and the client gives up at once (every attempt would fail
+        // alike), where it retries other connection failures.
         match &e {
-            ClientError::Rpc { status, .. } => {
+            ClientError::Rpc { status, attempts } => {
+                assert_eq!(*attempts, 1, "{what}: a refused certificate was retried");
                 assert_eq!(status.code(), Code::Unavailable, "{what}: {e}");
                 assert!(
                     status.message().contains("invalid peer certificate"),

@@ -9,25 +9,12 @@ use std::sync::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use common::{InProcess, cached, free_low_port, tiny};
+use common::{InProcess, batch, cached, free_low_port, options, tiny};
 use logitd_client::{
-    ClientConfig, ClientError, LossOptions, Prefetcher, SampleOptions, TeacherClient,
-    TrainingBatch, distill_loss,
+    ClientConfig, ClientError, LossOptions, Prefetcher, TeacherClient, TrainingBatch, distill_loss,
     shard::{ShardMeta, ShardReader, ShardWriter},
 };
 use tonic::Code;
-
-fn batch(n: usize, salt: u32) -> Vec<Vec<u32>> {
-    (0..n)
-        .map(|i| {
-            (0..(4 + (i * 3) % 9) as u32).map(|p| (p * 13 + i as u32 * 7 + salt) % 96).collect()
-        })
-        .collect()
-}
-
-fn options(seed: u64) -> SampleOptions {
-    SampleOptions { num_samples: 32, seed, ..Default::default() }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_are_balanced_across_two_servers() {

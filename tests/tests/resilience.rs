@@ -24,11 +24,10 @@ use std::{
     time::Duration,
 };
 
-use common::{free_low_port, tiny};
+use common::{batch, free_low_port, options, tiny};
 use futures::{Stream, StreamExt};
 use logitd_client::{
-    ClientConfig, ClientError, Prefetched, Prefetcher, SampleOptions, TeacherClient,
-    TeacherTargets, TrainingBatch,
+    ClientConfig, ClientError, Prefetched, Prefetcher, TeacherClient, TeacherTargets, TrainingBatch,
 };
 use logitd_proto::v1::{
     GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SampledSequence,
@@ -181,18 +180,6 @@ fn fast_retries(uri: &str, attempts: u32) -> ClientConfig {
     config.retry.max_backoff = Duration::from_millis(50);
     config.timeout = Duration::from_secs(30);
     config
-}
-
-fn batch(n: usize, salt: u32) -> Vec<Vec<u32>> {
-    (0..n)
-        .map(|i| {
-            (0..(4 + (i * 3) % 9) as u32).map(|p| (p * 13 + i as u32 * 7 + salt) % 96).collect()
-        })
-        .collect()
-}
-
-fn options(seed: u64) -> SampleOptions {
-    SampleOptions { num_samples: 32, seed, ..Default::default() }
 }
 
 /// What the scripted Teacher must answer for `sequences`, worked out here.

@@ -124,3 +124,18 @@ pub fn first_line(child: &mut Child, log: impl Fn() -> String) -> String {
         Err(_) => panic!("no line on stdout within {STARTUP:?}; log:\n{}", log()),
     }
 }
+
+/// `n` short sequences of ids below 96 (the tiny fixtures' vocabulary), of
+/// lengths 4 to 12, varied by `salt`.
+pub fn batch(n: usize, salt: u32) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            (0..(4 + (i * 3) % 9) as u32).map(|p| (p * 13 + i as u32 * 7 + salt) % 96).collect()
+        })
+        .collect()
+}
+
+/// k = 32 with the given seed, the rest the defaults.
+pub fn options(seed: u64) -> logitd_client::SampleOptions {
+    logitd_client::SampleOptions { num_samples: 32, seed, ..Default::default() }
+}

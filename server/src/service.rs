@@ -245,33 +245,10 @@ pub fn deadline_from_metadata(meta: &tonic::metadata::MetadataMap) -> Option<Ins
 }
 
 fn record(method: &'static str, started: Instant, status: tonic::Code) {
-    metrics::counter!(m::REQUESTS, "method" => method, "status" => code_label(status)).increment(1);
+    metrics::counter!(m::REQUESTS, "method" => method, "status" => logitd_proto::code_name(status))
+        .increment(1);
     metrics::histogram!(m::REQUEST_DURATION, "method" => method)
         .record(started.elapsed().as_secs_f64());
-}
-
-/// The status label of a gRPC code (stable strings for metrics).
-pub fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// The gRPC face of the [`TeacherService`], which exists once the model is

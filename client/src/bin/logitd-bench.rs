@@ -137,29 +137,6 @@ impl Encoding {
     }
 }
 
-/// The canonical gRPC name of a status code.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The pool of sequences requests are made of, each exactly `length` tokens.
 fn sequence_pool(args: &Args, vocab: u32) -> anyhow::Result<Vec<Vec<u32>>> {
     anyhow::ensure!(args.length > 0, "--length must be at least 1");
@@ -253,7 +230,7 @@ impl Tally {
     }
 
     fn error(&mut self, code: Code) {
-        *self.errors.entry(code_name(code)).or_default() += 1;
+        *self.errors.entry(logitd_proto::code_name(code)).or_default() += 1;
     }
 
     fn merge(&mut self, other: Tally) {

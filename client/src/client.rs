@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use logitd_proto::v1::{
-    GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, Sequence,
-    teacher_client::TeacherClient as RawClient,
+    GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SamplingMethod,
+    Sequence, ValueEncoding, teacher_client::TeacherClient as RawClient,
 };
 use rand::RngExt;
 use tonic::{
@@ -199,10 +199,46 @@ pub struct SampleOptions {
     /// from it and its index in the batch, so results do not depend on how the
     /// client splits the batch into requests.
     pub seed: u64,
-    /// `SamplingMethod` as i32 (0 = sample).
-    pub method: i32,
-    /// `ValueEncoding` as i32 (0 = f32).
-    pub value_encoding: i32,
+    /// Sampling or top-k (default `Unspecified`, which the server reads as
+    /// sampling; it is not written on the wire).
+    pub method: SamplingMethod,
+    /// How log-probabilities are sent (default `Unspecified`, which the server
+    /// reads as f32; it is not written on the wire).
+    pub value_encoding: ValueEncoding,
+}
+
+impl SampleOptions {
+    /// The one place a [`SampleLogitsRequest`] is built: `sequences` with these
+    /// options, the request's seed being `seed`.
+    pub fn request(&self, sequences: Vec<Sequence>) -> SampleLogitsRequest {
+        SampleLogitsRequest {
+            sequences,
+            num_samples: self.num_samples,
+            temperature: self.temperature,
+            seed: Some(self.seed),
+            method: self.method as i32,
+            value_encoding: self.value_encoding as i32,
+        }
+    }
+}
+
+/// The [`Sequence`]s of a batch: sequence i is `token_ids[i]`, starts returning
+/// at `first_positions[i]` (or 0) and has the seed
+/// [`sequence_seed`]`(batch_seed, i)`.
+pub fn seeded_sequences(
+    token_ids: &[Vec<u32>],
+    first_positions: Option<&[u32]>,
+    batch_seed: u64,
+) -> Vec<Sequence> {
+    token_ids
+        .iter()
+        .enumerate()
+        .map(|(i, tokens)| Sequence {
+            token_ids: tokens.clone(),
+            first_position: first_positions.map_or(0, |f| f[i]),
+            seed: Some(sequence_seed(batch_seed, i as u64)),
+        })
+        .collect()
 }
 
 /// A sequence's seed derived from the batch seed and its index (splitmix64).
@@ -367,24 +403,75 @@ impl TeacherClient {
         first_positions: Option<&[u32]>,
         options: SampleOptions,
     ) -> Vec<SampleLogitsRequest> {
-        let all: Vec<Sequence> = sequences
-            .iter()
-            .enumerate()
-            .map(|(i, tokens)| Sequence {
-                token_ids: tokens.clone(),
-                first_position: first_positions.map_or(0, |f| f[i]),
-                seed: Some(sequence_seed(options.seed, i as u64)),
-            })
-            .collect();
+        let all = seeded_sequences(sequences, first_positions, options.seed);
         all.chunks(self.config.max_sequences_per_request.max(1))
-            .map(|chunk| SampleLogitsRequest {
-                sequences: chunk.to_vec(),
-                num_samples: options.num_samples,
-                temperature: options.temperature,
-                seed: Some(options.seed),
-                method: options.method,
-                value_encoding: options.value_encoding,
-            })
+            .map(|chunk| options.request(chunk.to_vec()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// The builder writes exactly the request the client wrote field by field
+    /// before it existed (the enums as their proto numbers).
+    #[test]
+    fn the_request_carries_every_option_as_its_wire_number() {
+        let options = SampleOptions {
+            num_samples: 12,
+            temperature: Some(0.5),
+            seed: 99,
+            method: SamplingMethod::TopK,
+            value_encoding: ValueEncoding::Bf16,
+        };
+        let sequences = seeded_sequences(&[vec![1, 2, 3], vec![4, 5]], Some(&[1, 0]), 99);
+        let want = SampleLogitsRequest {
+            sequences: vec![
+                Sequence {
+                    token_ids: vec![1, 2, 3],
+                    first_position: 1,
+                    seed: Some(sequence_seed(99, 0)),
+                },
+                Sequence {
+                    token_ids: vec![4, 5],
+                    first_position: 0,
+                    seed: Some(sequence_seed(99, 1)),
+                },
+            ],
+            num_samples: 12,
+            temperature: Some(0.5),
+            seed: Some(99),
+            method: 2,
+            value_encoding: 3,
+        };
+        let got = options.request(sequences);
+        assert_eq!(got, want);
+        assert_eq!(got.encode_to_vec(), want.encode_to_vec());
+    }
+
+    /// The default options leave method and encoding unspecified (0, which
+    /// proto3 does not write; the server reads them as sampling and f32), as the
+    /// i32 defaults did.
+    #[test]
+    fn default_options_write_no_method_or_encoding() {
+        let got = SampleOptions { num_samples: 4, seed: 7, ..Default::default() }
+            .request(seeded_sequences(&[vec![9]], None, 7));
+        assert_eq!((got.method, got.value_encoding), (0, 0));
+        let want = SampleLogitsRequest {
+            sequences: vec![Sequence {
+                token_ids: vec![9],
+                first_position: 0,
+                seed: Some(sequence_seed(7, 0)),
+            }],
+            num_samples: 4,
+            temperature: None,
+            seed: Some(7),
+            method: 0,
+            value_encoding: 0,
+        };
+        assert_eq!(got.encode_to_vec(), want.encode_to_vec());
     }
 }

@@ -39,11 +39,13 @@ use std::{
 use anyhow::Context;
 use futures::{StreamExt, stream::FuturesUnordered};
 use indicatif::{ProgressBar, ProgressStyle};
-use logitd_proto::v1::{SampleLogitsRequest, SampleLogitsResponse, Sequence};
+use logitd_proto::v1::{
+    SampleLogitsRequest, SampleLogitsResponse, SamplingMethod, Sequence, ValueEncoding,
+};
 use tokio::sync::mpsc;
 
 use crate::{
-    ClientConfig, TeacherClient, TeacherTargets,
+    ClientConfig, SampleOptions, TeacherClient, TeacherTargets,
     corpus::{Columns, Corpus, Record, expand_inputs},
     sequence_seed,
     shard::{ShardMeta, ShardWriter},
@@ -167,21 +169,29 @@ struct Batch {
 
 impl Batch {
     fn request(&self, o: &DumpOptions) -> SampleLogitsRequest {
-        SampleLogitsRequest {
-            sequences: self
-                .records
-                .iter()
-                .map(|r| Sequence {
-                    token_ids: r.tokens.clone(),
-                    first_position: r.first_position,
-                    seed: Some(sequence_seed(o.seed, r.index)),
-                })
-                .collect(),
-            num_samples: o.num_samples,
-            temperature: Some(o.temperature),
-            seed: Some(o.seed),
-            method: if o.top_k { 2 } else { 1 },
-            value_encoding: 1,
+        let sequences = self
+            .records
+            .iter()
+            .map(|r| Sequence {
+                token_ids: r.tokens.clone(),
+                first_position: r.first_position,
+                seed: Some(sequence_seed(o.seed, r.index)),
+            })
+            .collect();
+        o.sample_options().request(sequences)
+    }
+}
+
+impl DumpOptions {
+    /// The request options of every batch: the run's k, temperature and seed,
+    /// f32 values.
+    fn sample_options(&self) -> SampleOptions {
+        SampleOptions {
+            num_samples: self.num_samples,
+            temperature: Some(self.temperature),
+            seed: self.seed,
+            method: if self.top_k { SamplingMethod::TopK } else { SamplingMethod::Sample },
+            value_encoding: ValueEncoding::F32,
         }
     }
 }
@@ -224,8 +234,8 @@ pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
         num_samples: k,
         temperature: o.temperature.to_string(),
         seed: o.seed,
-        method: if o.top_k { 2 } else { 1 },
-        value_encoding: 1,
+        method: o.sample_options().method as i32,
+        value_encoding: o.sample_options().value_encoding as i32,
     };
     let writer = ShardWriter::starting_at(&o.out, meta, o.shard_entries, start);
     let progress = Arc::new(AtomicU64::new(0));
@@ -293,7 +303,7 @@ fn settings(
         temperature: o.temperature.to_string(),
         seed: o.seed,
         method: if o.top_k { "top_k" } else { "sample" }.into(),
-        value_encoding: 1,
+        value_encoding: o.sample_options().value_encoding as i32,
         shard_entries: o.shard_entries as u64,
         workers: o.workers,
     }

@@ -28,8 +28,10 @@ mod targets;
 
 pub use client::{
     ClientConfig, ClientError, RawTeacherClient, RetryPolicy, SampleOptions, TeacherClient,
-    sequence_seed,
+    seeded_sequences, sequence_seed,
 };
+/// The enums of [`SampleOptions`], from the wire protocol.
+pub use logitd_proto::v1::{SamplingMethod, ValueEncoding};
 pub use loss::{LossError, LossOptions, Normalization, Target, distill_loss};
 pub use prefetch::{Prefetched, Prefetcher, TrainingBatch};
 pub use targets::{TargetsError, TeacherTargets};

@@ -11,13 +11,13 @@
 
 use std::collections::VecDeque;
 
-use logitd_proto::v1::{SampleLogitsRequest, Sequence};
+use logitd_proto::v1::SampleLogitsRequest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     ClientError, TeacherClient, TeacherTargets,
-    client::{RetryPolicy, SampleOptions, sequence_seed},
+    client::{RetryPolicy, SampleOptions, seeded_sequences},
 };
 
 /// One training batch: token ids per sequence, optional first returned
@@ -36,23 +36,9 @@ pub struct TrainingBatch {
 
 impl TrainingBatch {
     fn request(&self, options: SampleOptions) -> SampleLogitsRequest {
-        SampleLogitsRequest {
-            sequences: self
-                .sequences
-                .iter()
-                .enumerate()
-                .map(|(i, t)| Sequence {
-                    token_ids: t.clone(),
-                    first_position: self.first_positions.as_ref().map_or(0, |f| f[i]),
-                    seed: Some(sequence_seed(self.seed, i as u64)),
-                })
-                .collect(),
-            num_samples: options.num_samples,
-            temperature: options.temperature,
-            seed: Some(self.seed),
-            method: options.method,
-            value_encoding: options.value_encoding,
-        }
+        let sequences =
+            seeded_sequences(&self.sequences, self.first_positions.as_deref(), self.seed);
+        SampleOptions { seed: self.seed, ..options }.request(sequences)
     }
 }
 

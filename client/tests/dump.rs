@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use logitd_client::{SampleOptions, shard::ShardReader};
+use logitd_client::{SampleOptions, SamplingMethod, ValueEncoding, shard::ShardReader};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dump_writes_the_targets_the_server_gives() {
@@ -74,8 +74,8 @@ async fn dump_writes_the_targets_the_server_gives() {
         num_samples: 16,
         temperature: Some(1.0),
         seed: 5,
-        method: 1,
-        value_encoding: 1,
+        method: SamplingMethod::Sample,
+        value_encoding: ValueEncoding::F32,
     };
     let live = client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap();
     // Samples bit for bit, the teacher's values within 1e-5 (see same_targets).

@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use logitd_client::{SampleOptions, TeacherClient, TeacherTargets, shard::ShardReader};
+use logitd_client::{
+    SampleOptions, SamplingMethod, TeacherClient, TeacherTargets, ValueEncoding, shard::ShardReader,
+};
 
 pub mod pq {
     //! Parquet files written with the parquet crate's low-level writer, laid
@@ -227,8 +229,8 @@ async fn reference(client: &TeacherClient, corpus: &[(Vec<u32>, u32)]) -> Vec<Te
         num_samples: 8,
         temperature: Some(1.0),
         seed: 5,
-        method: 1,
-        value_encoding: 1,
+        method: SamplingMethod::Sample,
+        value_encoding: ValueEncoding::F32,
     };
     client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap()
 }

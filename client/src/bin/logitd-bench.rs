@@ -30,9 +30,12 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use logitd_client::{
-    ClientConfig, RawTeacherClient, TeacherClient, corpus::read_corpus, sequence_seed,
+    ClientConfig, RawTeacherClient, SampleOptions, TeacherClient, corpus::read_corpus,
+    sequence_seed,
 };
-use logitd_proto::v1::{SampleLogitsRequest, SampleLogitsResponse, Sequence};
+use logitd_proto::v1::{
+    SampleLogitsRequest, SampleLogitsResponse, SamplingMethod, Sequence, ValueEncoding,
+};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -128,11 +131,11 @@ enum Encoding {
 }
 
 impl Encoding {
-    fn proto(self) -> i32 {
+    fn proto(self) -> ValueEncoding {
         match self {
-            Encoding::F32 => 1,
-            Encoding::F16 => 2,
-            Encoding::Bf16 => 3,
+            Encoding::F32 => ValueEncoding::F32,
+            Encoding::F16 => ValueEncoding::F16,
+            Encoding::Bf16 => ValueEncoding::Bf16,
         }
     }
 }
@@ -179,18 +182,23 @@ impl Requests {
     fn get(&self, r: u64) -> SampleLogitsRequest {
         let s = self.args.sequences as u64;
         let n = self.pool.len() as u64;
-        SampleLogitsRequest {
-            sequences: (0..s)
-                .map(|i| Sequence {
-                    token_ids: self.pool[((r * s + i) % n) as usize].clone(),
-                    first_position: self.args.first_position,
-                    seed: None,
-                })
-                .collect(),
+        let sequences = (0..s)
+            .map(|i| Sequence {
+                token_ids: self.pool[((r * s + i) % n) as usize].clone(),
+                first_position: self.args.first_position,
+                seed: None,
+            })
+            .collect();
+        self.options(r).request(sequences)
+    }
+
+    /// The options of request number `r` (its seed derives from `--seed` and `r`).
+    fn options(&self, r: u64) -> SampleOptions {
+        SampleOptions {
             num_samples: self.args.num_samples,
             temperature: self.args.temperature,
-            seed: Some(sequence_seed(self.args.seed, r)),
-            method: if self.args.top_k { 2 } else { 1 },
+            seed: sequence_seed(self.args.seed, r),
+            method: if self.args.top_k { SamplingMethod::TopK } else { SamplingMethod::Sample },
             value_encoding: self.args.value_encoding.proto(),
         }
     }

@@ -34,7 +34,7 @@ use logitd_client::{
     sequence_seed,
 };
 use logitd_proto::v1::{
-    SampleLogitsRequest, SampleLogitsResponse, SamplingMethod, Sequence, ValueEncoding,
+    ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SamplingMethod, Sequence, ValueEncoding,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -397,23 +397,17 @@ fn finite(x: f64) -> serde_json::Value {
     if x.is_finite() { serde_json::json!(x) } else { serde_json::Value::Null }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
-    let args = Args::parse();
-    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
-    let mut config = ClientConfig::new(args.server.clone());
-    config.bearer_token = args.auth_token.clone();
-    config.timeout = Duration::from_secs_f64(args.timeout_s);
-    let client = TeacherClient::connect(config).await.context("connecting to the teacher")?;
-    let info = client.model_info().clone();
-    let pool = sequence_pool(&args, info.vocab_size)?;
-    let requests = Arc::new(Requests { pool, args: args.clone() });
-
+/// The warm-up (not counted), then the measured phase, for a duration or a
+/// number of requests.
+async fn measure(
+    client: &TeacherClient,
+    args: &Args,
+    requests: &Arc<Requests>,
+) -> (Tally, Duration) {
     let mut next = 0;
     if args.warmup_requests > 0 {
         let (warm, _, n) =
-            run_phase(&client, &args, &requests, 0, Some(args.warmup_requests), None).await;
+            run_phase(client, args, requests, 0, Some(args.warmup_requests), None).await;
         if !warm.errors.is_empty() {
             eprintln!("logitd-bench: warm-up errors: {:?}", warm.errors);
         }
@@ -423,20 +417,51 @@ async fn main() -> anyhow::Result<()> {
         (Some(d), _) => (None, Some(Instant::now() + Duration::from_secs_f64(d))),
         (None, r) => (Some(r.unwrap_or(100)), None),
     };
-    let (mut tally, elapsed, _) = run_phase(&client, &args, &requests, next, limit, until).await;
+    let (tally, elapsed, _) = run_phase(client, args, requests, next, limit, until).await;
+    (tally, elapsed)
+}
 
-    tally.latencies.sort_unstable();
-    let secs = elapsed.as_secs_f64();
-    let ok = tally.latencies.len() as u64;
-    let failed: u64 = tally.errors.values().sum();
-    let positions = tally.positions as f64;
-    let tokens = (ok * (args.sequences * args.length) as u64) as f64;
-    let mean_ms = if ok > 0 {
-        tally.latencies.iter().map(Duration::as_secs_f64).sum::<f64>() / ok as f64 * 1e3
-    } else {
-        f64::NAN
-    };
-    let report = serde_json::json!({
+/// The measured phase's tally with the rates and latencies both reports show.
+struct Results {
+    /// Latencies sorted.
+    tally: Tally,
+    secs: f64,
+    ok: u64,
+    failed: u64,
+    positions: f64,
+    tokens: f64,
+    mean_ms: f64,
+}
+
+impl Results {
+    fn of(mut tally: Tally, elapsed: Duration, args: &Args) -> Self {
+        tally.latencies.sort_unstable();
+        let ok = tally.latencies.len() as u64;
+        let mean_ms = if ok > 0 {
+            tally.latencies.iter().map(Duration::as_secs_f64).sum::<f64>() / ok as f64 * 1e3
+        } else {
+            f64::NAN
+        };
+        Self {
+            secs: elapsed.as_secs_f64(),
+            ok,
+            failed: tally.errors.values().sum(),
+            positions: tally.positions as f64,
+            tokens: (ok * (args.sequences * args.length) as u64) as f64,
+            mean_ms,
+            tally,
+        }
+    }
+
+    fn percentile_ms(&self, q: f64) -> f64 {
+        percentile_ms(&self.tally.latencies, q)
+    }
+}
+
+/// The results as the `--json` object.
+fn json_report(args: &Args, info: &ModelInfo, r: &Results) -> serde_json::Value {
+    let tally = &r.tally;
+    serde_json::json!({
         "label": args.label,
         "server": args.server.join(","),
         "model_id": info.model_id,
@@ -453,28 +478,32 @@ async fn main() -> anyhow::Result<()> {
         "method": if args.top_k { "top_k" } else { "sample" },
         "value_encoding": format!("{:?}", args.value_encoding).to_lowercase(),
         "warmup_requests": args.warmup_requests,
-        "requests_ok": ok,
-        "requests_failed": failed,
+        "requests_ok": r.ok,
+        "requests_failed": r.failed,
         "errors": tally.errors,
         "malformed_responses": tally.malformed,
-        "elapsed_s": secs,
+        "elapsed_s": r.secs,
         "positions": tally.positions,
-        "positions_per_s": positions / secs,
-        "tokens_per_s": tokens / secs,
-        "requests_per_s": ok as f64 / secs,
+        "positions_per_s": r.positions / r.secs,
+        "tokens_per_s": r.tokens / r.secs,
+        "requests_per_s": r.ok as f64 / r.secs,
         "latency_ms": {
-            "p50": finite(percentile_ms(&tally.latencies, 0.50)),
-            "p90": finite(percentile_ms(&tally.latencies, 0.90)),
-            "p99": finite(percentile_ms(&tally.latencies, 0.99)),
-            "mean": finite(mean_ms),
+            "p50": finite(r.percentile_ms(0.50)),
+            "p90": finite(r.percentile_ms(0.90)),
+            "p99": finite(r.percentile_ms(0.99)),
+            "mean": finite(r.mean_ms),
             "max": finite(tally.latencies.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)),
         },
         "response_bytes": tally.bytes,
-        "bytes_per_position": finite(tally.bytes as f64 / positions),
-        "distinct_ids_per_position": finite(tally.entries as f64 / positions),
-    });
+        "bytes_per_position": finite(tally.bytes as f64 / r.positions),
+        "distinct_ids_per_position": finite(tally.entries as f64 / r.positions),
+    })
+}
 
-    let table = format!(
+/// The results as the printed table.
+fn table_report(args: &Args, info: &ModelInfo, r: &Results) -> String {
+    let tally = &r.tally;
+    format!(
         "logitd-bench: {model} ({device}), {mode} x{conc}{depth}, {s} x {l} tokens per request, k = {k}, {enc}\n\
          requests        {ok} ok, {failed} failed {errors:?}{malformed}\n\
          elapsed         {secs:.2} s\n\
@@ -495,22 +524,31 @@ async fn main() -> anyhow::Result<()> {
         l = args.length,
         k = args.num_samples,
         enc = format!("{:?}", args.value_encoding).to_lowercase(),
+        ok = r.ok,
+        failed = r.failed,
         errors = tally.errors,
         malformed = if tally.malformed > 0 {
             format!(", {} malformed answers", tally.malformed)
         } else {
             String::new()
         },
-        pps = positions / secs,
-        tps = tokens / secs,
-        rps = ok as f64 / secs,
-        p50 = percentile_ms(&tally.latencies, 0.50),
-        p90 = percentile_ms(&tally.latencies, 0.90),
-        p99 = percentile_ms(&tally.latencies, 0.99),
-        bpp = tally.bytes as f64 / positions,
+        secs = r.secs,
+        pps = r.positions / r.secs,
+        tps = r.tokens / r.secs,
+        rps = r.ok as f64 / r.secs,
+        p50 = r.percentile_ms(0.50),
+        p90 = r.percentile_ms(0.90),
+        p99 = r.percentile_ms(0.99),
+        mean_ms = r.mean_ms,
+        bpp = tally.bytes as f64 / r.positions,
         bytes = tally.bytes,
-        ids = tally.entries as f64 / positions,
-    );
+        ids = tally.entries as f64 / r.positions,
+    )
+}
+
+/// Prints the table, and writes the JSON where `--json` asks (`-`: stdout,
+/// the table then going to stderr).
+fn emit(args: &Args, table: &str, report: &serde_json::Value) -> anyhow::Result<()> {
     match args.json.as_deref() {
         Some(p) if p == Path::new("-") => {
             eprintln!("{table}");
@@ -524,4 +562,21 @@ async fn main() -> anyhow::Result<()> {
         None => println!("{table}"),
     }
     Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
+    let args = Args::parse();
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let mut config = ClientConfig::new(args.server.clone());
+    config.bearer_token = args.auth_token.clone();
+    config.timeout = Duration::from_secs_f64(args.timeout_s);
+    let client = TeacherClient::connect(config).await.context("connecting to the teacher")?;
+    let info = client.model_info().clone();
+    let pool = sequence_pool(&args, info.vocab_size)?;
+    let requests = Arc::new(Requests { pool, args: args.clone() });
+    let (tally, elapsed) = measure(&client, &args, &requests).await;
+    let results = Results::of(tally, elapsed, &args);
+    emit(&args, &table_report(&args, &info, &results), &json_report(&args, &info, &results))
 }

@@ -25,6 +25,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use logitd_proto::csr;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::TeacherTargets;
@@ -615,7 +616,7 @@ fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, Shar
         let t = TeacherTargets {
             num_samples,
             first_position: first[s],
-            offsets: offsets[p0..=p1].iter().map(|o| o - offsets[p0]).collect(),
+            offsets: csr::rebased(&offsets, p0..p1),
             token_ids: ids[e0..e1].to_vec(),
             counts: counts[e0..e1].to_vec(),
             logprobs: logprobs[e0..e1].to_vec(),

@@ -1,9 +1,11 @@
 //! The decoded sparse teacher target of one sequence.
 
-use logitd_proto::{DecodeError, decode_values, v1::SampledSequence};
+use logitd_proto::{DecodeError, csr, decode_values, v1::SampledSequence};
 
 /// Teacher targets of one sequence in CSR form: returned position `p` owns
-/// entries `offsets[p]..offsets[p + 1]` of `token_ids`, `counts` and `logprobs`.
+/// entries `offsets[p]..offsets[p + 1]` of `token_ids`, `counts` and `logprobs`
+/// (the offset arithmetic is [`logitd_proto::csr`], shared with the server's
+/// sampled rows; the validation of a received message is the client's own).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TeacherTargets {
     /// k: draws per position (counts of a position sum to it in sample mode).
@@ -123,8 +125,7 @@ impl TeacherTargets {
 
     /// Appends the positions of `other` after these (offsets rebased).
     pub(crate) fn append(&mut self, other: &TeacherTargets) {
-        let base = *self.offsets.last().expect("offsets starts with 0");
-        self.offsets.extend(other.offsets[1..].iter().map(|o| o + base));
+        csr::append(&mut self.offsets, &other.offsets);
         self.token_ids.extend_from_slice(&other.token_ids);
         self.counts.extend_from_slice(&other.counts);
         self.logprobs.extend_from_slice(&other.logprobs);
@@ -167,7 +168,7 @@ impl TeacherTargets {
 
     /// Entry range of position `p`.
     pub fn range(&self, p: usize) -> std::ops::Range<usize> {
-        self.offsets[p] as usize..self.offsets[p + 1] as usize
+        csr::entries(&self.offsets, p..p + 1)
     }
 
     /// Per position, the teacher probability mass of the sampled ids, Σ_{i∈S} p_i.

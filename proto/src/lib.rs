@@ -1,7 +1,7 @@
 //! The logitd wire protocol, `logitd.v1`, generated from
 //! `proto/logitd/v1/teacher.proto`, plus the encodings of log-probability values
-//! (f32, f16, bf16) and the names of gRPC status codes, shared by the server and
-//! the client.
+//! (f32, f16, bf16), the row arithmetic of sampled targets ([`csr`]) and the
+//! names of gRPC status codes, shared by the server and the client.
 
 /// Generated messages and the `Teacher` service client and server.
 pub mod v1 {
@@ -12,6 +12,7 @@ pub mod v1 {
 /// The encoded file descriptor set of `logitd.v1`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("logitd_v1_descriptor");
 
+pub mod csr;
 mod status;
 mod values;
 

@@ -108,7 +108,8 @@ impl RowKey {
 }
 
 /// Sampled rows in CSR form: row r owns entries `offsets[r]..offsets[r + 1]` of
-/// `token_ids`, `counts` and `logprobs`, and `lse[r]`.
+/// `token_ids`, `counts` and `logprobs`, and `lse[r]` (the offset arithmetic is
+/// [`logitd_proto::csr`], shared with the client's `TeacherTargets`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampledRows {
     /// rows + 1 entries, starting at 0.
@@ -166,11 +167,11 @@ impl SampledRows {
 
     /// Row `r`. Panics if `r >= num_rows()`.
     pub fn row(&self, r: usize) -> SampledRow<'_> {
-        let (a, b) = (self.offsets[r] as usize, self.offsets[r + 1] as usize);
+        let e = logitd_proto::csr::entries(&self.offsets, r..r + 1);
         SampledRow {
-            token_ids: &self.token_ids[a..b],
-            counts: &self.counts[a..b],
-            logprobs: &self.logprobs[a..b],
+            token_ids: &self.token_ids[e.clone()],
+            counts: &self.counts[e.clone()],
+            logprobs: &self.logprobs[e],
             lse: self.lse[r],
         }
     }
@@ -193,10 +194,9 @@ impl SampledRows {
 
     /// A copy of rows `rows` (offsets rebased to 0).
     pub fn slice(&self, rows: std::ops::Range<usize>) -> SampledRows {
-        let base = self.offsets[rows.start];
-        let entries = base as usize..self.offsets[rows.end] as usize;
+        let entries = logitd_proto::csr::entries(&self.offsets, rows.clone());
         SampledRows {
-            offsets: self.offsets[rows.start..=rows.end].iter().map(|o| o - base).collect(),
+            offsets: logitd_proto::csr::rebased(&self.offsets, rows.clone()),
             token_ids: self.token_ids[entries.clone()].to_vec(),
             counts: self.counts[entries.clone()].to_vec(),
             logprobs: self.logprobs[entries].to_vec(),

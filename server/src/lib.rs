@@ -5,9 +5,10 @@
 //! - [`queue`], [`engine`]: the batching queue, the batcher and engine threads.
 //! - [`service`], [`server`]: the gRPC service and the `serve` command.
 //! - [`response`]: sampled rows → the wire's columnar sequences.
-//! - [`metrics`], [`config`]: metric names and the command line.
+//! - [`metrics`], [`config`], [`device`]: metric names, the command line, device set-up.
 
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod metrics;
 pub mod model;

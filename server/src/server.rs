@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use logitd_proto::v1::{ModelInfo, teacher_server::TeacherServer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -17,11 +17,10 @@ use tonic_health::ServingStatus;
 
 use crate::{
     config::{DtypeArg, ModelArgs, ServeArgs},
-    engine::{Engine, Scheduler},
+    device,
+    engine::{Engine, WorkerThreads},
     metrics as m,
     model::{ModelError, Teacher, tokenizer_sha256},
-    queue::WorkItem,
-    sampler::{Method, SamplingParams},
     service::{Grpc, Limits, TeacherService},
 };
 
@@ -31,9 +30,12 @@ pub enum ServeError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The model could not be loaded or warmed up.
+    /// The model could not be loaded.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The warm-up batch failed.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     /// A listener could not be bound or a TLS file read.
     #[error("{0}")]
     Io(String),
@@ -84,7 +86,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
             demo
         }
     };
-    let device = parse_device(&args.device)?;
+    let device = device::parse(&args.device).map_err(|e| ServeError::Config(e.to_string()))?;
     let dtype = match (args.dtype, device.is_cpu()) {
         (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,
         (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => DType::BF16,
@@ -124,41 +126,6 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
         max_num_samples: args.max_num_samples,
     };
     Ok(Loaded { teacher, info })
-}
-
-/// Waits until the GPU work this thread queued (loading, warm-up) has finished,
-/// before another thread (the engine's) uses its results. candle 0.11 queues a
-/// CUDA device's work on the calling thread's per-thread default stream, which
-/// is not ordered with other threads' streams, so without this the engine
-/// could read weights or buffers still being written. No-op on the CPU.
-fn settle_device(device: &Device) -> Result<(), ServeError> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        // The whole context: every stream, whichever thread queued the work.
-        d.cuda_stream()
-            .context()
-            .synchronize()
-            .map_err(candle_core::Error::wrap)
-            .map_err(ModelError::from)?;
-        return Ok(());
-    }
-    device.synchronize().map_err(ModelError::from)?;
-    Ok(())
-}
-
-fn parse_device(s: &str) -> Result<Device, ServeError> {
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(ordinal) = s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {
-        return Err(ServeError::Config(format!("--device {s:?}: expected `cpu` or `cuda:N`")));
-    };
-    if !candle_core::utils::cuda_is_available() {
-        return Err(ServeError::Config(format!(
-            "--device {s}: this build has no CUDA support (build with `--features cuda`)"
-        )));
-    }
-    Device::new_cuda(ordinal).map_err(|e| ServeError::Config(format!("--device {s}: {e}")))
 }
 
 /// Checks `authorization: Bearer <token>` in constant time: the SHA-256 of
@@ -287,7 +254,7 @@ pub async fn serve_until(
     let model_args = args.model.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         let loaded = load_model(&model_args)?;
-        settle_device(loaded.teacher.device())?;
+        device::settle(loaded.teacher.device())?;
         Ok::<_, ServeError>(loaded)
     })
     .await
@@ -300,22 +267,10 @@ pub async fn serve_until(
     .set(1.0);
     metrics::gauge!(m::QUEUE_CAPACITY_TOKENS).set(args.max_queue_tokens as f64);
 
-    // Warm up: one short sequence through forward, head and sampler.
-    let mut engine = Engine::new(loaded.teacher, args.model.head_chunk_rows);
+    let head_chunk_rows = args.model.head_chunk_rows;
     let engine = tokio::task::spawn_blocking(move || {
-        let (tx, _rx) = tokio::sync::oneshot::channel();
-        let item = WorkItem {
-            tokens: vec![0; 4],
-            first_position: 0,
-            params: SamplingParams::new(Method::Sample, 8, 1.0).expect("valid warm-up parameters"),
-            seed: 0,
-            key_sequence: 0,
-            deadline: None,
-            enqueued: std::time::Instant::now(),
-            reply: tx,
-        };
-        engine.run(&[item])?;
-        settle_device(engine.teacher().device())?;
+        let mut engine = Engine::new(loaded.teacher, head_chunk_rows)?;
+        engine.warm_up()?;
         Ok::<_, ServeError>(engine)
     })
     .await
@@ -326,7 +281,7 @@ pub async fn serve_until(
         engine.inject_faults(args.inject_engine_fault.clone());
     }
 
-    let (scheduler, threads) = Scheduler::start(
+    let (scheduler, threads) = WorkerThreads::start(
         engine,
         args.max_queue_tokens as usize,
         args.model.max_batch_tokens as usize,

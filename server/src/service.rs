@@ -211,18 +211,7 @@ pub fn work_items(
         .enumerate()
         .map(|(i, s)| {
             let key = RowKey::for_sequence(seed, i as u32, s.seed, 0);
-            let (tx, rx) = oneshot::channel();
-            let item = WorkItem {
-                tokens: s.token_ids,
-                first_position: s.first_position,
-                params,
-                seed: key.seed,
-                key_sequence: key.sequence,
-                deadline,
-                enqueued: now,
-                reply: tx,
-            };
-            (item, rx)
+            WorkItem::new(s.token_ids, s.first_position, params, key, deadline, now)
         })
         .unzip()
 }

@@ -325,9 +325,9 @@ fn engine_loop<B: ScoringBackend>(mut engine: Engine<B>, rx: Receiver<Vec<WorkIt
             Err(e) => {
                 // The batch fails; the server keeps serving the next one.
                 tracing::error!(error = %e, sequences = batch.len(), tokens, "batch failed");
-                let message = e.to_string();
+                let e = Arc::new(e);
                 for item in batch {
-                    let _ = item.reply.send(Err(message.clone()));
+                    let _ = item.reply.send(Err(e.clone()));
                 }
             }
         }

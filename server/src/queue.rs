@@ -8,15 +8,20 @@
 
 use std::{
     collections::VecDeque,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
 
-use crate::sampler::{RowKey, SampledRows, SamplingParams};
+use crate::{
+    engine::EngineError,
+    sampler::{RowKey, SampledRows, SamplingParams},
+};
 
-/// What the engine answers for one work item.
-pub type ItemResult = Result<SampledRows, String>;
+/// What the engine answers for one work item (a failed batch's error is
+/// shared by all its items).
+pub type ItemResult = Result<SampledRows, Arc<EngineError>>;
 
 /// One sequence of a request: the unit the batcher packs.
 #[derive(Debug)]

@@ -19,6 +19,7 @@ use crate::{
     config::{DtypeArg, ModelArgs, ServeArgs},
     device,
     engine::{Engine, WorkerThreads},
+    error::{AuthError, ServiceError},
     metrics as m,
     model::{ModelError, Teacher, tokenizer_sha256},
     service::{Grpc, Limits, TeacherService},
@@ -144,16 +145,14 @@ impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.0 else { return Ok(req) };
         let Some(value) = req.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(
-                "missing `authorization: Bearer <token>` metadata",
-            ));
+            return Err(ServiceError::from(AuthError::Missing).into());
         };
         let token = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
         let sent: [u8; 32] = Sha256::digest(token).into();
         if bool::from(sent.ct_eq(expected)) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(ServiceError::from(AuthError::Invalid).into())
         }
     }
 }

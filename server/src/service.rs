@@ -121,7 +121,7 @@ impl Limits {
 }
 
 /// The service state shared by all calls.
-pub struct TeacherService {
+pub struct LoadedService {
     scheduler: SchedulerHandle,
     limits: Limits,
     info: ModelInfo,
@@ -130,7 +130,7 @@ pub struct TeacherService {
 /// Requests answered concurrently on one stream (answers still come in order).
 const STREAM_IN_FLIGHT: usize = 8;
 
-impl TeacherService {
+impl LoadedService {
     /// A service submitting to `scheduler`.
     pub fn new(scheduler: SchedulerHandle, limits: Limits, info: ModelInfo) -> Self {
         Self { scheduler, limits, info }
@@ -284,18 +284,18 @@ pub fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
-/// The gRPC face of the [`TeacherService`], which exists once the model is
+/// The gRPC face of the [`LoadedService`], which exists once the model is
 /// loaded and warmed up; until then every call is UNAVAILABLE. Teacher calls
 /// beyond `max_calls` at once are refused with RESOURCE_EXHAUSTED (a stream
 /// holds its slot while it is open); health checks are not counted.
 #[derive(Clone)]
-pub struct Grpc {
-    service: Arc<std::sync::OnceLock<Arc<TeacherService>>>,
+pub struct TeacherService {
+    service: Arc<std::sync::OnceLock<Arc<LoadedService>>>,
     calls: Arc<tokio::sync::Semaphore>,
     max_calls: usize,
 }
 
-impl Grpc {
+impl TeacherService {
     /// A face answering UNAVAILABLE until [`set_ready`](Self::set_ready).
     pub fn new(max_calls: usize) -> Self {
         Self {
@@ -306,11 +306,11 @@ impl Grpc {
     }
 
     /// Starts serving calls with `service`.
-    pub fn set_ready(&self, service: TeacherService) {
+    pub fn set_ready(&self, service: LoadedService) {
         let _ = self.service.set(Arc::new(service));
     }
 
-    fn ready(&self) -> Result<Arc<TeacherService>, ServiceError> {
+    fn ready(&self) -> Result<Arc<LoadedService>, ServiceError> {
         self.service.get().cloned().ok_or(ServiceError::NotReady)
     }
 
@@ -326,7 +326,7 @@ type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<SampleLogitsResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
-impl Teacher for Grpc {
+impl Teacher for TeacherService {
     async fn sample_logits(
         &self,
         request: Request<SampleLogitsRequest>,

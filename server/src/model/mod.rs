@@ -11,6 +11,7 @@
 
 mod config;
 mod gguf;
+mod hf_config;
 mod teacher;
 mod tokenizer;
 mod weights;

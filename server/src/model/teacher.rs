@@ -5,7 +5,7 @@ use std::{ops::Range, path::Path, time::Instant};
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    Activation, ModelConfig, ModelError, Rope, RopeScaling,
+    Activation, LayerKind, ModelConfig, ModelError, Rope, RopeScaling,
     weights::{Loader, SafetensorsSource, WeightSource},
 };
 use crate::sampler::LmHead;
@@ -128,6 +128,81 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+}
+
+impl Layer {
+    /// Decoder layer `i` of kind `kind`, its weights from `l`.
+    fn load(
+        l: &mut Loader,
+        c: &ModelConfig,
+        i: usize,
+        kind: &LayerKind,
+    ) -> Result<Self, ModelError> {
+        let p = format!("model.layers.{i}");
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let gemma = c.arch.is_gemma();
+        Ok(Layer {
+            window: kind.window,
+            local_rope: kind.local_rope,
+            attn_norm: l.norm(&format!("{p}.input_layernorm.weight"), h)?,
+            post_attn_norm: if gemma {
+                Some(l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?)
+            } else {
+                None
+            },
+            ffn_norm: if gemma {
+                l.norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?
+            } else {
+                l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?
+            },
+            post_ffn_norm: if gemma {
+                Some(l.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)
+            } else {
+                None
+            },
+            q: Linear::load(l, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+            k: Linear::load(
+                l,
+                &format!("{p}.self_attn.k_proj"),
+                c.num_kv_heads * hd,
+                h,
+                c.qkv_bias,
+            )?,
+            v: Linear::load(
+                l,
+                &format!("{p}.self_attn.v_proj"),
+                c.num_kv_heads * hd,
+                h,
+                c.qkv_bias,
+            )?,
+            o: Linear::load(l, &format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, c.o_bias)?,
+            q_norm: if c.qk_norm {
+                Some(l.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
+            } else {
+                None
+            },
+            k_norm: if c.qk_norm {
+                Some(l.norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
+            } else {
+                None
+            },
+            gate: Linear::load(
+                l,
+                &format!("{p}.mlp.gate_proj"),
+                c.intermediate_size,
+                h,
+                c.mlp_bias,
+            )?,
+            up: Linear::load(l, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+            down: Linear::load(
+                l,
+                &format!("{p}.mlp.down_proj"),
+                h,
+                c.intermediate_size,
+                c.mlp_bias,
+            )?,
+        })
+    }
 }
 
 /// One attention tile: a chunk of one sequence's queries against its keys.
@@ -342,90 +417,10 @@ impl Teacher {
             // back to the embedding as transformers does when it ties them.
             l.optional("lm_head.weight", &[v, h])?
         };
-        let gemma = c.arch.is_gemma();
         let mut layers = Vec::with_capacity(c.num_layers());
         for (i, kind) in c.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
             let started = Instant::now();
-            let layer = Layer {
-                window: kind.window,
-                local_rope: kind.local_rope,
-                attn_norm: l.norm(&format!("{p}.input_layernorm.weight"), h)?,
-                post_attn_norm: if gemma {
-                    Some(l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?)
-                } else {
-                    None
-                },
-                ffn_norm: if gemma {
-                    l.norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?
-                } else {
-                    l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?
-                },
-                post_ffn_norm: if gemma {
-                    Some(l.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)
-                } else {
-                    None
-                },
-                q: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.q_proj"),
-                    c.num_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                k: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.k_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                v: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.v_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                o: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    c.num_heads * hd,
-                    c.o_bias,
-                )?,
-                q_norm: if c.qk_norm {
-                    Some(l.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                k_norm: if c.qk_norm {
-                    Some(l.norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                gate: Linear::load(
-                    &mut l,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                up: Linear::load(
-                    &mut l,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                down: Linear::load(
-                    &mut l,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    c.mlp_bias,
-                )?,
-            };
+            let layer = Layer::load(&mut l, c, i, kind)?;
             tracing::debug!(layer = i, seconds = started.elapsed().as_secs_f64(), "layer loaded");
             layers.push(layer);
         }

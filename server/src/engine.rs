@@ -466,14 +466,25 @@ mod tests {
         let mut engine = Engine::with_backend(Fake::default());
         engine.inject_faults(vec![1]);
         let (handle, threads) = WorkerThreads::start(engine, 1000, 1000, Duration::ZERO);
-        let submit = |tokens: Vec<u32>| {
+        // One request of `sequences`, queued at once (so one batch).
+        let submit = |sequences: Vec<Vec<u32>>| {
             let key = RowKey { seed: 0, sequence: 0, position: 0 };
-            let (w, rx) = WorkItem::new(tokens, 0, params(4), key, None, Instant::now());
-            handle.submit(vec![w]).unwrap();
-            rx.blocking_recv().unwrap()
+            let (items, replies): (Vec<_>, Vec<_>) = sequences
+                .into_iter()
+                .map(|t| WorkItem::new(t, 0, params(4), key, None, Instant::now()))
+                .unzip();
+            handle.submit(items).unwrap();
+            replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect::<Vec<_>>()
         };
-        assert!(submit(vec![1, 2]).is_err(), "batch 1 fails");
-        assert_eq!(submit(vec![5]).unwrap().token_ids, [5], "batch 2 is served");
+        let failed = submit(vec![vec![1, 2], vec![3]]);
+        assert_eq!(failed.len(), 2);
+        for r in &failed {
+            let e = r.as_ref().unwrap_err();
+            assert!(matches!(**e, EngineError::InjectedFault(1)), "{e}");
+        }
+        let served = submit(vec![vec![5], vec![6, 7]]);
+        let ids: Vec<Vec<u32>> = served.into_iter().map(|r| r.unwrap().token_ids).collect();
+        assert_eq!(ids, [vec![5], vec![6, 7]], "the next batch is served");
         handle.close();
         threads.join();
     }

@@ -308,6 +308,7 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
         rows.iter().map(|&p| RowKey { seed: 1, sequence: 0, position: p }).collect();
     let params = SamplingParams::new(Method::Sample, 256, 1.0)?;
     let mut sampler = SamplerBackend::new(&dev, vocab, None)?;
+    let chunk = sampler.chunk_rows();
     for _ in 0..2 {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();

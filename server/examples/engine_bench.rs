@@ -9,7 +9,7 @@
 //! `engine` runs batches of SEQUENCES × LENGTH tokens (the sequences
 //! `logitd-bench --input CORPUS --length L` sends: batch r is made of corpus
 //! lines r·S … r·S + S − 1, cycling, each cut to LENGTH tokens) through
-//! [`Engine::run`] — forward, chunked LM head and sampler, exactly as the
+//! [`Engine::score`] — forward, chunked LM head and sampler, exactly as the
 //! server's engine thread does, but with no queue, no batcher and no gRPC — for
 //! DURATION_S seconds after WARMUP (default 1) batches. Then it runs two more
 //! batches step by step to say where the time goes: forward, LM head, sampler,
@@ -34,7 +34,7 @@ use logitd::{
     model::{PackedBatch, Teacher},
     queue::WorkItem,
     response::sampled_sequence,
-    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
+    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
 };
 use logitd_proto::v1::{SampleLogitsResponse, ValueEncoding};
 use prost::Message;
@@ -114,11 +114,11 @@ fn engine(args: &[String]) -> anyhow::Result<()> {
     let warmup: u64 = args.get(6).map_or(Ok(1), |s| s.parse())?;
     let pool = read_pool(Path::new(corpus), length)?;
     let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
-    let mut engine = Engine::new(teacher, None);
+    let mut engine = Engine::new(teacher, None)?;
     let params = SamplingParams::new(Method::Sample, k, 1.0)?;
     let mut bench = Bench { model, pool, sequences, length, k, params, r: 0 };
     for _ in 0..warmup {
-        engine.run(&items(&bench.pool, bench.r, sequences, params))?;
+        engine.score(&items(&bench.pool, bench.r, sequences, params))?;
         bench.r += 1;
     }
     if duration == "stdin" {
@@ -150,11 +150,11 @@ impl Bench<'_> {
     /// (b) for `duration` seconds, then the step-by-step breakdown; one JSON line.
     fn measure(&mut self, engine: &mut Engine, duration: f64) -> anyhow::Result<()> {
         let (pool, sequences, params) = (&self.pool, self.sequences, self.params);
-        // (b): Engine::run only, back to back, for the duration.
+        // (b): Engine::score only, back to back, for the duration.
         let (mut batches, mut positions, mut entries) = (0u64, 0u64, 0u64);
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < duration || batches == 0 {
-            let results = engine.run(&items(pool, self.r, sequences, params))?;
+            let results = engine.score(&items(pool, self.r, sequences, params))?;
             for rows in &results {
                 positions += rows.num_rows() as u64;
                 entries += rows.num_entries() as u64;
@@ -167,7 +167,7 @@ impl Bench<'_> {
         // Where the time goes: the same work step by step (two batches).
         let teacher = engine.teacher();
         let vocab = teacher.config().vocab_size;
-        let chunk_rows = teacher.default_head_chunk_rows();
+        let chunk_rows = SamplerBackend::new(teacher.device(), vocab, None)?.chunk_rows();
         let mut sampler = CpuSampler::new();
         let (mut forward_s, mut head_s, mut sample_s, mut encode_s) = (0.0, 0.0, 0.0, 0.0);
         let (mut split_positions, mut bytes) = (0u64, 0u64);

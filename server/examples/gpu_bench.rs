@@ -26,7 +26,7 @@
 //!   and sampling (k = 256) of every position; tokens/s and MFU (useful FLOPs:
 //!   2 per weight per token, plus causal attention; peak from the device name
 //!   or LOGITD_PEAK_TFLOPS).
-//! - `engine`: `Engine::run` on the same batches for DURATION_S seconds (the
+//! - `engine`: `Engine::score` on the same batches for DURATION_S seconds (the
 //!   server's engine without queue and gRPC), tokens/s.
 
 use std::{path::Path, time::Instant};
@@ -37,7 +37,9 @@ use logitd::{
     engine::Engine,
     model::{PackedBatch, Teacher},
     queue::WorkItem,
-    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams, gpu::CudaSampler},
+    sampler::{
+        CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplingParams, gpu::CudaSampler,
+    },
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
@@ -305,12 +307,12 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
     let keys: Vec<RowKey> =
         rows.iter().map(|&p| RowKey { seed: 1, sequence: 0, position: p }).collect();
     let params = SamplingParams::new(Method::Sample, 256, 1.0)?;
-    let chunk = teacher.default_head_chunk_rows();
-    let mut cpu = CpuSampler::new();
+    let mut sampler = SamplerBackend::new(&dev, vocab, None)?;
+    let chunk = sampler.chunk_rows();
     for _ in 0..2 {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();
-        teacher.sample(&h, &rows, &keys, &params, chunk, &mut cpu, &mut out)?;
+        sampler.sample(&teacher, &h, &rows, &keys, &params, &mut out)?;
     }
     dev.synchronize()?;
     let t = Instant::now();
@@ -324,7 +326,7 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..reps {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();
-        teacher.sample(&h, &rows, &keys, &params, chunk, &mut cpu, &mut out)?;
+        sampler.sample(&teacher, &h, &rows, &keys, &params, &mut out)?;
     }
     dev.synchronize()?;
     let full = t.elapsed().as_secs_f64() / reps as f64;
@@ -355,7 +357,7 @@ fn engine(args: &[String]) -> anyhow::Result<()> {
     let name = device_name(&d);
     let teacher = Teacher::load(Path::new(dir), &dev, DType::BF16)?;
     let vocab = teacher.config().vocab_size;
-    let mut engine = Engine::new(teacher, None);
+    let mut engine = Engine::new(teacher, None)?;
     let params = SamplingParams::new(Method::Sample, 256, 1.0)?;
     let items = |r: u64| -> Vec<WorkItem> {
         random_batch(sequences, len, vocab, r)
@@ -374,13 +376,13 @@ fn engine(args: &[String]) -> anyhow::Result<()> {
             .collect()
     };
     for r in 0..2 {
-        engine.run(&items(r))?;
+        engine.score(&items(r))?;
     }
     let t = Instant::now();
     let mut batches = 0u64;
     while t.elapsed().as_secs_f64() < secs {
         let batch = items(100 + batches);
-        engine.run(&batch)?;
+        engine.score(&batch)?;
         batches += 1;
     }
     let elapsed = t.elapsed().as_secs_f64();

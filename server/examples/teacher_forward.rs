@@ -14,7 +14,7 @@ use std::{path::PathBuf, time::Instant};
 use candle_core::{DType, Device};
 use logitd::{
     model::{PackedBatch, Teacher},
-    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
+    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
 };
 
 fn peak_rss_mib() -> f64 {
@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let keys: Vec<RowKey> = (0..packed.num_tokens() as u32)
         .map(|i| RowKey { seed: 1, sequence: 0, position: i })
         .collect();
-    let mut sampler = CpuSampler::new();
+    let mut sampler = SamplerBackend::new(teacher.device(), vocab as usize, None)?;
     let (mut forward_s, mut head_s, mut entries) = (0.0, 0.0, 0usize);
     for _ in 0..repeat {
         let t = Instant::now();
@@ -62,15 +62,7 @@ fn main() -> anyhow::Result<()> {
         if sample {
             let t = Instant::now();
             let mut out = SampledRows::new();
-            teacher.sample(
-                &hidden,
-                &rows,
-                &keys,
-                &params,
-                teacher.default_head_chunk_rows(),
-                &mut sampler,
-                &mut out,
-            )?;
+            sampler.sample(&teacher, &hidden, &rows, &keys, &params, &mut out)?;
             head_s += t.elapsed().as_secs_f64();
             entries += out.num_entries();
         }

@@ -1,7 +1,11 @@
-//! The engine thread, which owns the teacher and its device, and the batcher
-//! thread, which forms batches from the queue while the engine computes the
-//! previous one (one batch is prefetched). Only plain vectors cross into async
-//! code: a [`WorkItem`] in, a [`SampledRows`] or an error message out.
+//! The engine, which owns the scoring backend (the teacher and the sampler
+//! backend of its device) and runs packed batches on it; the engine thread,
+//! which owns the engine; and the batcher thread, which forms batches from
+//! the queue while the engine computes the previous one (one batch is
+//! prefetched). Only plain vectors cross into async code: a [`WorkItem`] in, a
+//! [`SampledRows`] or an [`EngineError`] out. The engine never touches the
+//! model's weights or the sampler's arithmetic: it packs, groups by sampling
+//! parameters and splits the results back per item.
 
 use std::{
     sync::{
@@ -13,32 +17,105 @@ use std::{
 };
 
 use crate::{
-    metrics as m,
+    device, metrics as m,
     model::{ModelError, PackedBatch, Teacher},
     queue::{BatchQueue, SubmitError, WorkItem},
-    sampler::{CpuSampler, RowKey, SampledRows},
+    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
 };
 
-/// Runs batches on the teacher.
-pub struct Engine {
+/// Why a batch failed. Every item of the batch gets the same error; the next
+/// batch is served as usual.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A test asked for this batch to fail (`--inject-engine-fault`).
+    #[error("injected device fault on batch {0}")]
+    InjectedFault(u64),
+    /// The model, the LM head or the sampler failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// What the engine runs a batch on: the model's forward over a packed batch,
+/// then the LM head and the sampler for chosen rows of its result.
+/// [`TeacherBackend`] is the real one; tests use fakes with no model.
+pub trait ScoringBackend: Send + 'static {
+    /// The forward's result for one packed batch (hidden states).
+    type Hidden;
+
+    /// Runs the model over `batch`.
+    fn forward(&mut self, batch: &PackedBatch) -> Result<Self::Hidden, ModelError>;
+
+    /// Appends one sampled row per entry of `rows` (token indices of the
+    /// batch, keyed by `keys`) to `out`.
+    fn sample(
+        &mut self,
+        hidden: &Self::Hidden,
+        rows: &[u32],
+        keys: &[RowKey],
+        params: &SamplingParams,
+        out: &mut SampledRows,
+    ) -> Result<(), ModelError>;
+
+    /// Waits until the device work queued from this thread has finished, so
+    /// that another thread may use its results.
+    fn settle(&self) -> Result<(), ModelError>;
+}
+
+/// The teacher model and the sampler backend of its device.
+pub struct TeacherBackend {
     teacher: Teacher,
-    sampler: CpuSampler,
-    head_chunk_rows: usize,
+    sampler: SamplerBackend,
+}
+
+impl ScoringBackend for TeacherBackend {
+    type Hidden = candle_core::Tensor;
+
+    fn forward(&mut self, batch: &PackedBatch) -> Result<Self::Hidden, ModelError> {
+        self.teacher.hidden_states(batch)
+    }
+
+    fn sample(
+        &mut self,
+        hidden: &Self::Hidden,
+        rows: &[u32],
+        keys: &[RowKey],
+        params: &SamplingParams,
+        out: &mut SampledRows,
+    ) -> Result<(), ModelError> {
+        self.sampler.sample(&self.teacher, hidden, rows, keys, params, out)
+    }
+
+    fn settle(&self) -> Result<(), ModelError> {
+        device::settle(self.teacher.device())
+    }
+}
+
+/// Runs batches on a scoring backend (by default the teacher).
+pub struct Engine<B: ScoringBackend = TeacherBackend> {
+    backend: B,
     batches: u64,
     faults: Vec<u64>,
 }
 
-impl Engine {
-    /// An engine for `teacher`, sampling `head_chunk_rows` rows per LM-head chunk.
-    pub fn new(teacher: Teacher, head_chunk_rows: Option<usize>) -> Self {
-        let head_chunk_rows = head_chunk_rows.unwrap_or_else(|| teacher.default_head_chunk_rows());
-        Self {
-            teacher,
-            sampler: CpuSampler::new(),
-            head_chunk_rows,
-            batches: 0,
-            faults: Vec::new(),
-        }
+impl Engine<TeacherBackend> {
+    /// An engine for `teacher`, sampling `head_chunk_rows` rows per LM-head
+    /// chunk (by default the sampler backend's choice for the device).
+    pub fn new(teacher: Teacher, head_chunk_rows: Option<usize>) -> Result<Self, ModelError> {
+        let sampler =
+            SamplerBackend::new(teacher.device(), teacher.config().vocab_size, head_chunk_rows)?;
+        Ok(Self::with_backend(TeacherBackend { teacher, sampler }))
+    }
+
+    /// The teacher.
+    pub fn teacher(&self) -> &Teacher {
+        &self.backend.teacher
+    }
+}
+
+impl<B: ScoringBackend> Engine<B> {
+    /// An engine running batches on `backend`.
+    pub fn with_backend(backend: B) -> Self {
+        Self { backend, batches: 0, faults: Vec::new() }
     }
 
     /// Testing only: batches (1-based, counted from the next one) that fail as
@@ -48,26 +125,30 @@ impl Engine {
         self.faults = batches;
     }
 
-    /// The teacher.
-    pub fn teacher(&self) -> &Teacher {
-        &self.teacher
+    /// One short sequence through forward, head and sampler, then waits for
+    /// the device, so that the first request does not pay for the set-up.
+    pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        let params = SamplingParams::new(Method::Sample, 8, 1.0).expect("valid warm-up parameters");
+        let key = RowKey { seed: 0, sequence: 0, position: 0 };
+        let (item, _reply) = WorkItem::new(vec![0; 4], 0, params, key, None, Instant::now());
+        self.score(&[item])?;
+        self.batches -= 1; // the warm-up is not a served batch
+        self.backend.settle()?;
+        Ok(())
     }
 
     /// Runs one packed batch: forward, then the chunked head and the sampler for
     /// every returned position, grouped by sampling parameters. One result per
     /// item, in order.
-    pub fn run(&mut self, items: &[WorkItem]) -> Result<Vec<SampledRows>, ModelError> {
+    pub fn score(&mut self, items: &[WorkItem]) -> Result<Vec<SampledRows>, EngineError> {
         self.batches += 1;
         if self.faults.contains(&self.batches) {
-            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                "injected device fault on batch {}",
-                self.batches
-            ))));
+            return Err(EngineError::InjectedFault(self.batches));
         }
         let sequences: Vec<&[u32]> = items.iter().map(|i| i.tokens.as_slice()).collect();
         let batch = PackedBatch::new(&sequences)?;
         let started = Instant::now();
-        let hidden = self.teacher.hidden_states(&batch)?;
+        let hidden = self.backend.forward(&batch)?;
         metrics::histogram!(m::FORWARD_DURATION).record(started.elapsed().as_secs_f64());
         let started = Instant::now();
         let mut results = Vec::with_capacity(items.len());
@@ -76,35 +157,41 @@ impl Engine {
             // A run of consecutive items with the same parameters is one head pass.
             let params = items[i].params;
             let end = i + items[i..].iter().take_while(|w| w.params == params).count();
-            let (mut rows, mut keys, mut counts) = (vec![], vec![], vec![]);
-            for (s, item) in items.iter().enumerate().take(end).skip(i) {
-                let start = batch.sequence(s).start as u32;
-                let n = item.tokens.len() as u32 - item.first_position;
-                for p in item.first_position..item.tokens.len() as u32 {
-                    rows.push(start + p);
-                    keys.push(RowKey { seed: item.seed, sequence: item.key_sequence, position: p });
-                }
-                counts.push(n as usize);
-            }
-            let mut out = SampledRows::new();
-            self.teacher.sample(
-                &hidden,
-                &rows,
-                &keys,
-                &params,
-                self.head_chunk_rows,
-                &mut self.sampler,
-                &mut out,
-            )?;
-            let mut r = 0;
-            for n in counts {
-                results.push(out.slice(r..r + n));
-                r += n;
-            }
+            self.score_run(&batch, &hidden, items, i..end, &mut results)?;
             i = end;
         }
         metrics::histogram!(m::SAMPLE_DURATION).record(started.elapsed().as_secs_f64());
         Ok(results)
+    }
+
+    /// Samples the items `run` of the batch (all with the same parameters) in
+    /// one pass, pushing one result per item.
+    fn score_run(
+        &mut self,
+        batch: &PackedBatch,
+        hidden: &B::Hidden,
+        items: &[WorkItem],
+        run: std::ops::Range<usize>,
+        results: &mut Vec<SampledRows>,
+    ) -> Result<(), EngineError> {
+        let (mut rows, mut keys, mut counts) = (vec![], vec![], vec![]);
+        for s in run.clone() {
+            let item = &items[s];
+            let start = batch.sequence(s).start as u32;
+            for p in item.first_position..item.tokens.len() as u32 {
+                rows.push(start + p);
+                keys.push(RowKey { seed: item.seed, sequence: item.key_sequence, position: p });
+            }
+            counts.push(item.tokens.len() - item.first_position as usize);
+        }
+        let mut out = SampledRows::new();
+        self.backend.sample(hidden, &rows, &keys, &items[run.start].params, &mut out)?;
+        let mut r = 0;
+        for n in counts {
+            results.push(out.slice(r..r + n));
+            r += n;
+        }
+        Ok(())
     }
 }
 
@@ -143,16 +230,16 @@ impl SchedulerHandle {
     }
 }
 
-/// The batcher and engine threads.
-pub struct Scheduler {
+/// The batcher and engine threads (joined on shutdown).
+pub struct WorkerThreads {
     batcher: JoinHandle<()>,
     engine: JoinHandle<()>,
 }
 
-impl Scheduler {
+impl WorkerThreads {
     /// Starts the threads; returns the handle to submit work and the threads to join.
-    pub fn start(
-        engine: Engine,
+    pub fn start<B: ScoringBackend>(
+        engine: Engine<B>,
         max_queue_tokens: usize,
         max_batch_tokens: usize,
         max_wait: Duration,
@@ -222,12 +309,12 @@ fn batcher_loop(shared: &Shared, max_wait: Duration, tx: SyncSender<Vec<WorkItem
     }
 }
 
-fn engine_loop(mut engine: Engine, rx: Receiver<Vec<WorkItem>>) {
+fn engine_loop<B: ScoringBackend>(mut engine: Engine<B>, rx: Receiver<Vec<WorkItem>>) {
     for batch in rx {
         let tokens: usize = batch.iter().map(WorkItem::len).sum();
         metrics::histogram!(m::BATCH_TOKENS).record(tokens as f64);
         metrics::histogram!(m::BATCH_SEQUENCES).record(batch.len() as f64);
-        match engine.run(&batch) {
+        match engine.score(&batch) {
             Ok(results) => {
                 metrics::counter!(m::TOKENS).increment(tokens as u64);
                 for (item, rows) in batch.into_iter().zip(results) {
@@ -238,9 +325,9 @@ fn engine_loop(mut engine: Engine, rx: Receiver<Vec<WorkItem>>) {
             Err(e) => {
                 // The batch fails; the server keeps serving the next one.
                 tracing::error!(error = %e, sequences = batch.len(), tokens, "batch failed");
-                let message = e.to_string();
+                let e = Arc::new(e);
                 for item in batch {
-                    let _ = item.reply.send(Err(message.clone()));
+                    let _ = item.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -253,5 +340,162 @@ fn record_row_metrics(rows: &SampledRows) {
         metrics::histogram!(m::SAMPLED_UNIQUE_IDS).record(row.token_ids.len() as f64);
         let mass: f64 = row.logprobs.iter().map(|&l| f64::from(l).exp()).sum();
         metrics::histogram!(m::TEACHER_MASS_COVERED).record(mass);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend with no model: the "hidden state" of a token is the token,
+    /// and a sampled row is one entry holding the row's token, k draws of it,
+    /// a logprob of minus its position and an lse of its key's seed, so a
+    /// result shows which row of which sequence it came from. It records the
+    /// parameters and row count of every sample call, and fails where told.
+    #[derive(Default)]
+    struct Fake {
+        calls: Vec<(SamplingParams, usize)>,
+        fail_sample_with_k: Option<u32>,
+        settled: std::cell::Cell<usize>,
+    }
+
+    impl ScoringBackend for Fake {
+        type Hidden = Vec<u32>;
+
+        fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<u32>, ModelError> {
+            Ok(batch.tokens().to_vec())
+        }
+
+        fn sample(
+            &mut self,
+            hidden: &Vec<u32>,
+            rows: &[u32],
+            keys: &[RowKey],
+            params: &SamplingParams,
+            out: &mut SampledRows,
+        ) -> Result<(), ModelError> {
+            self.calls.push((*params, rows.len()));
+            if self.fail_sample_with_k == Some(params.num_samples()) {
+                return Err(crate::sampler::SamplerError::NonFiniteLogit {
+                    index: 0,
+                    value: f32::NAN,
+                }
+                .into());
+            }
+            for (&r, key) in rows.iter().zip(keys) {
+                out.token_ids.push(hidden[r as usize]);
+                out.counts.push(params.num_samples());
+                out.logprobs.push(-(key.position as f32));
+                out.offsets.push(out.token_ids.len() as u32);
+                out.lse.push(key.seed as f32);
+            }
+            Ok(())
+        }
+
+        fn settle(&self) -> Result<(), ModelError> {
+            self.settled.set(self.settled.get() + 1);
+            Ok(())
+        }
+    }
+
+    fn params(k: u32) -> SamplingParams {
+        SamplingParams::new(Method::Sample, k, 1.0).unwrap()
+    }
+
+    fn item(tokens: Vec<u32>, first: u32, k: u32, seed: u64) -> WorkItem {
+        let key = RowKey { seed, sequence: 0, position: 0 };
+        WorkItem::new(tokens, first, params(k), key, None, Instant::now()).0
+    }
+
+    #[test]
+    fn results_come_back_one_per_item_in_order_with_their_own_rows() {
+        let mut engine = Engine::with_backend(Fake::default());
+        let items = vec![
+            item(vec![10, 11, 12], 0, 4, 1),
+            item(vec![20], 0, 4, 2),
+            item(vec![30, 31, 32, 33], 2, 4, 3),
+        ];
+        let results = engine.score(&items).unwrap();
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0].token_ids, [10, 11, 12]);
+        assert_eq!(results[0].logprobs, [0.0, -1.0, -2.0]);
+        assert_eq!(results[1].token_ids, [20]);
+        // Positions before first_position are context only.
+        assert_eq!(results[2].token_ids, [32, 33]);
+        assert_eq!(results[2].logprobs, [-2.0, -3.0]);
+        assert_eq!(results[2].offsets, [0, 1, 2]);
+        let seeds: Vec<Vec<f32>> = results.iter().map(|r| r.lse.clone()).collect();
+        assert_eq!(seeds, [vec![1.0; 3], vec![2.0], vec![3.0; 2]]);
+    }
+
+    #[test]
+    fn consecutive_items_with_the_same_parameters_share_one_head_pass() {
+        let mut engine = Engine::with_backend(Fake::default());
+        let items = vec![
+            item(vec![1, 2], 0, 4, 0),
+            item(vec![3], 0, 4, 0),
+            item(vec![4, 5, 6], 1, 8, 0),
+            item(vec![7], 0, 4, 0),
+        ];
+        let results = engine.score(&items).unwrap();
+        assert_eq!(engine.backend.calls, [(params(4), 3), (params(8), 2), (params(4), 1)]);
+        let counts: Vec<Vec<u32>> = results.iter().map(|r| r.counts.clone()).collect();
+        assert_eq!(counts, [vec![4, 4], vec![4], vec![8, 8], vec![4]]);
+        assert_eq!(results[3].token_ids, [7]);
+    }
+
+    #[test]
+    fn a_failed_batch_fails_alone_and_the_next_one_is_served() {
+        let mut engine = Engine::with_backend(Fake::default());
+        engine.inject_faults(vec![2]);
+        assert!(engine.score(&[item(vec![1], 0, 4, 0)]).is_ok());
+        let e = engine.score(&[item(vec![1], 0, 4, 0)]).unwrap_err();
+        assert!(matches!(e, EngineError::InjectedFault(2)), "{e}");
+        assert_eq!(e.to_string(), "injected device fault on batch 2");
+        assert!(engine.score(&[item(vec![1], 0, 4, 0)]).is_ok());
+
+        // A sampler error (non-finite logits) fails its batch, not the next.
+        engine.backend.fail_sample_with_k = Some(8);
+        let e = engine.score(&[item(vec![1], 0, 4, 0), item(vec![2], 0, 8, 0)]).unwrap_err();
+        assert!(matches!(e, EngineError::Model(ModelError::Sampler(_))), "{e}");
+        assert_eq!(engine.score(&[item(vec![3], 0, 4, 0)]).unwrap()[0].token_ids, [3]);
+    }
+
+    #[test]
+    fn the_engine_thread_answers_every_item_of_a_failed_batch_and_keeps_serving() {
+        let mut engine = Engine::with_backend(Fake::default());
+        engine.inject_faults(vec![1]);
+        let (handle, threads) = WorkerThreads::start(engine, 1000, 1000, Duration::ZERO);
+        // One request of `sequences`, queued at once (so one batch).
+        let submit = |sequences: Vec<Vec<u32>>| {
+            let key = RowKey { seed: 0, sequence: 0, position: 0 };
+            let (items, replies): (Vec<_>, Vec<_>) = sequences
+                .into_iter()
+                .map(|t| WorkItem::new(t, 0, params(4), key, None, Instant::now()))
+                .unzip();
+            handle.submit(items).unwrap();
+            replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect::<Vec<_>>()
+        };
+        let failed = submit(vec![vec![1, 2], vec![3]]);
+        assert_eq!(failed.len(), 2);
+        for r in &failed {
+            let e = r.as_ref().unwrap_err();
+            assert!(matches!(**e, EngineError::InjectedFault(1)), "{e}");
+        }
+        let served = submit(vec![vec![5], vec![6, 7]]);
+        let ids: Vec<Vec<u32>> = served.into_iter().map(|r| r.unwrap().token_ids).collect();
+        assert_eq!(ids, [vec![5], vec![6, 7]], "the next batch is served");
+        handle.close();
+        threads.join();
+    }
+
+    #[test]
+    fn warm_up_runs_one_batch_and_settles_without_counting_it() {
+        let mut engine = Engine::with_backend(Fake::default());
+        engine.warm_up().unwrap();
+        assert_eq!(engine.backend.calls, [(params(8), 4)]);
+        assert_eq!(engine.backend.settled.get(), 1);
+        engine.inject_faults(vec![1]);
+        assert!(engine.score(&[item(vec![1], 0, 4, 0)]).is_err());
     }
 }

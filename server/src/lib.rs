@@ -4,11 +4,14 @@
 //! - [`model`]: the teacher (own model code on candle) over packed batches.
 //! - [`queue`], [`engine`]: the batching queue, the batcher and engine threads.
 //! - [`service`], [`server`]: the gRPC service and the `serve` command.
+//! - [`error`]: every way a call fails, and its gRPC status.
 //! - [`response`]: sampled rows → the wire's columnar sequences.
-//! - [`metrics`], [`config`]: metric names and the command line.
+//! - [`metrics`], [`config`], [`device`]: metric names, the command line, device set-up.
 
 pub mod config;
+pub mod device;
 pub mod engine;
+pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod queue;

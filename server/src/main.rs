@@ -7,7 +7,7 @@ use clap::Parser;
 use logitd::{
     config::{Cli, Command, SampleArgs},
     model::{PackedBatch, load_tokenizer},
-    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
+    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
     server,
 };
 use tracing_subscriber::EnvFilter;
@@ -106,8 +106,9 @@ fn sample(args: &SampleArgs) -> anyhow::Result<()> {
     let keys: Vec<RowKey> =
         rows.iter().map(|&p| RowKey { seed: args.seed, sequence: 0, position: p }).collect();
     let mut out = SampledRows::new();
-    let chunk = args.model.head_chunk_rows.unwrap_or_else(|| teacher.default_head_chunk_rows());
-    teacher.sample(&hidden, &rows, &keys, &params, chunk, &mut CpuSampler::new(), &mut out)?;
+    let vocab = teacher.config().vocab_size;
+    let mut sampler = SamplerBackend::new(teacher.device(), vocab, args.model.head_chunk_rows)?;
+    sampler.sample(teacher, &hidden, &rows, &keys, &params, &mut out)?;
     println!(
         "model {} ({}), k = {}, T = {}, seed {}",
         loaded.info.model_id,

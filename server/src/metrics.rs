@@ -7,6 +7,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Calls answered, by `method` and gRPC `status` (the error type label).
 pub const REQUESTS: &str = "logitd_requests_total";
+/// Failed calls, by `method`, gRPC `status` and `error_type` (what went
+/// wrong, finer than the status: `validation`, `overloaded`, `shutting_down`,
+/// `deadline_exceeded`, `engine_stopped`, `injected_fault`, `sampler`,
+/// `device`, `model`, `not_ready`, `too_many_calls`, `stream_read`).
+pub const ERRORS: &str = "logitd_errors_total";
 /// Wall time of a call, by `method`.
 pub const REQUEST_DURATION: &str = "logitd_request_duration_seconds";
 /// Time a sequence waited in the queue.
@@ -79,6 +84,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(REQUESTS, "gRPC calls answered, by method and status code");
+    describe_counter!(ERRORS, "gRPC calls failed, by method, status code and error type");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Wall time of a gRPC call");
     describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time a sequence waited in the queue");
     describe_gauge!(QUEUE_TOKENS, "Tokens waiting in the queue");

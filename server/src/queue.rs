@@ -8,15 +8,20 @@
 
 use std::{
     collections::VecDeque,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
 
-use crate::sampler::{SampledRows, SamplingParams};
+use crate::{
+    engine::EngineError,
+    sampler::{RowKey, SampledRows, SamplingParams},
+};
 
-/// What the engine answers for one work item.
-pub type ItemResult = Result<SampledRows, String>;
+/// What the engine answers for one work item (a failed batch's error is
+/// shared by all its items).
+pub type ItemResult = Result<SampledRows, Arc<EngineError>>;
 
 /// One sequence of a request: the unit the batcher packs.
 #[derive(Debug)]
@@ -40,6 +45,31 @@ pub struct WorkItem {
 }
 
 impl WorkItem {
+    /// An item sampling positions `first_position..` of `tokens` with rows
+    /// keyed by `key`'s seed and sequence, queued at `now`, with the receiver
+    /// its result arrives on.
+    pub fn new(
+        tokens: Vec<u32>,
+        first_position: u32,
+        params: SamplingParams,
+        key: RowKey,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> (Self, oneshot::Receiver<ItemResult>) {
+        let (reply, rx) = oneshot::channel();
+        let item = Self {
+            tokens,
+            first_position,
+            params,
+            seed: key.seed,
+            key_sequence: key.sequence,
+            deadline,
+            enqueued: now,
+            reply,
+        };
+        (item, rx)
+    }
+
     /// Tokens the item costs in a batch.
     pub fn len(&self) -> usize {
         self.tokens.len()

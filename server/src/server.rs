@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use logitd_proto::v1::{ModelInfo, teacher_server::TeacherServer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -17,12 +17,12 @@ use tonic_health::ServingStatus;
 
 use crate::{
     config::{DtypeArg, ModelArgs, ServeArgs},
-    engine::{Engine, Scheduler},
+    device,
+    engine::{Engine, SchedulerHandle, WorkerThreads},
+    error::{AuthError, ServiceError},
     metrics as m,
     model::{ModelError, Teacher, tokenizer_sha256},
-    queue::WorkItem,
-    sampler::{Method, SamplingParams},
-    service::{Grpc, Limits, TeacherService},
+    service::{Limits, LoadedService, TeacherService},
 };
 
 /// Why the server could not start or stopped badly.
@@ -31,15 +31,29 @@ pub enum ServeError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The model could not be loaded or warmed up.
+    /// The model could not be loaded.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The warm-up batch failed.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     /// A listener could not be bound or a TLS file read.
     #[error("{0}")]
     Io(String),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A task of the server panicked or was cancelled.
+    #[error("{task} task failed: {source}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// Its panic or cancellation.
+        source: tokio::task::JoinError,
+    },
 }
 
 /// The cache the demo teacher is fetched into by `tests/fetch-teachers.sh`.
@@ -84,7 +98,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
             demo
         }
     };
-    let device = parse_device(&args.device)?;
+    let device = device::parse(&args.device).map_err(|e| ServeError::Config(e.to_string()))?;
     let dtype = match (args.dtype, device.is_cpu()) {
         (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,
         (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => DType::BF16,
@@ -126,41 +140,6 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
     Ok(Loaded { teacher, info })
 }
 
-/// Waits until the GPU work this thread queued (loading, warm-up) has finished,
-/// before another thread (the engine's) uses its results. candle 0.11 queues a
-/// CUDA device's work on the calling thread's per-thread default stream, which
-/// is not ordered with other threads' streams, so without this the engine
-/// could read weights or buffers still being written. No-op on the CPU.
-fn settle_device(device: &Device) -> Result<(), ServeError> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        // The whole context: every stream, whichever thread queued the work.
-        d.cuda_stream()
-            .context()
-            .synchronize()
-            .map_err(candle_core::Error::wrap)
-            .map_err(ModelError::from)?;
-        return Ok(());
-    }
-    device.synchronize().map_err(ModelError::from)?;
-    Ok(())
-}
-
-fn parse_device(s: &str) -> Result<Device, ServeError> {
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(ordinal) = s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {
-        return Err(ServeError::Config(format!("--device {s:?}: expected `cpu` or `cuda:N`")));
-    };
-    if !candle_core::utils::cuda_is_available() {
-        return Err(ServeError::Config(format!(
-            "--device {s}: this build has no CUDA support (build with `--features cuda`)"
-        )));
-    }
-    Device::new_cuda(ordinal).map_err(|e| ServeError::Config(format!("--device {s}: {e}")))
-}
-
 /// Checks `authorization: Bearer <token>` in constant time: the SHA-256 of
 /// what was sent is compared with that of the token, so neither the token's
 /// bytes nor its length show in the time taken.
@@ -177,16 +156,14 @@ impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.0 else { return Ok(req) };
         let Some(value) = req.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(
-                "missing `authorization: Bearer <token>` metadata",
-            ));
+            return Err(ServiceError::from(AuthError::Missing).into());
         };
         let token = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
         let sent: [u8; 32] = Sha256::digest(token).into();
         if bool::from(sent.ct_eq(expected)) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(ServiceError::from(AuthError::Invalid).into())
         }
     }
 }
@@ -219,23 +196,83 @@ pub async fn serve_until(
 ) -> Result<(), ServeError> {
     let handle = m::install().map_err(|e| ServeError::Io(format!("metrics recorder: {e}")))?;
     // Bind first, so the ports are known (and taken) while the model loads.
+    let (grpc_listener, metrics_listener, bound) = bind(&args).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_serving(&health, false).await;
+
+    // The gRPC server comes up at once: health answers NOT_SERVING and Teacher
+    // calls UNAVAILABLE until the model is loaded and warmed up.
+    let grpc = TeacherService::new(args.max_concurrent_requests);
+    let router = build_router(&args, grpc.clone(), health_service)?;
+    let (goaway_tx, goaway_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = goaway_rx.await;
+    }));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_stop = async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    };
+    let metrics_task = tokio::spawn(m::serve(metrics_listener, handle, metrics_stop));
+    // Stable line for scripts and tests: where to connect.
+    println!("logitd: gRPC on {}, metrics on {}", bound.grpc, m::describe_addr(bound.metrics));
+    on_bound(bound);
+
+    let (info, engine) = load_and_warm_up(&args).await?;
+    let (scheduler, threads) = WorkerThreads::start(
+        engine,
+        args.max_queue_tokens as usize,
+        args.model.max_batch_tokens as usize,
+        args.max_wait(),
+    );
+    grpc.set_ready(LoadedService::new(scheduler.clone(), limits(&args, &info), info.clone()));
+    set_serving(&health, true).await;
+    tracing::info!(grpc_addr = %bound.grpc, metrics_addr = %bound.metrics, model = %info.model_id, "serving");
+
+    shutdown.await;
+    drain(&args, &health, &scheduler, threads).await;
+    stop_grpc(server, goaway_tx).await?;
+    let _ = stop_tx.send(true);
+    let _ = metrics_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds the gRPC and metrics ports.
+async fn bind(args: &ServeArgs) -> Result<(TcpListener, TcpListener, Bound), ServeError> {
     let grpc_listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| ServeError::Io(format!("--listen {}: {e}", args.listen)))?;
     let metrics_listener = TcpListener::bind(args.metrics_listen)
         .await
         .map_err(|e| ServeError::Io(format!("--metrics-listen {}: {e}", args.metrics_listen)))?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
-    let metrics_addr = metrics_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+    let grpc = grpc_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+    let metrics = metrics_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+    Ok((grpc_listener, metrics_listener, Bound { grpc, metrics }))
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_not_serving::<TeacherServer<Grpc>>().await;
+/// Health of the whole server and of the Teacher service.
+async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_service_status("", ServingStatus::Serving).await;
+        health.set_serving::<TeacherServer<TeacherService>>().await;
+    } else {
+        health.set_service_status("", ServingStatus::NotServing).await;
+        health.set_not_serving::<TeacherServer<TeacherService>>().await;
+    }
+}
 
-    // The gRPC server comes up at once: health answers NOT_SERVING and Teacher
-    // calls UNAVAILABLE until the model is loaded and warmed up.
-    let grpc = Grpc::new(args.max_concurrent_requests);
-    let teacher = TeacherServer::new(grpc.clone())
+/// The gRPC router: TLS (and client certificates), message-size limits,
+/// bearer-token auth on the Teacher service, reflection, health, and named
+/// UNIMPLEMENTED answers.
+fn build_router(
+    args: &ServeArgs,
+    grpc: TeacherService,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::transport::server::Router, ServeError> {
+    let teacher = TeacherServer::new(grpc)
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
     let auth = BearerAuth::new(args.auth_token.as_deref());
@@ -245,10 +282,8 @@ pub async fn serve_until(
             .register_encoded_file_descriptor_set(logitd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 =
-        reflection().build_v1().map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
-    let reflection_v1alpha =
-        reflection().build_v1alpha().map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     // Deadlines (the client's grpc-timeout, else --request-timeout-s) are
     // enforced per request by the service, which answers DEADLINE_EXCEEDED.
     let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
@@ -265,33 +300,21 @@ pub async fn serve_until(
         .add_service(InterceptedService::new(teacher, auth))
         .into_axum_router()
         .layer(axum::middleware::from_fn(name_unimplemented));
-    let router = builder.add_routes(routes.into());
-    let (goaway_tx, goaway_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = goaway_rx.await;
-    }));
+    Ok(builder.add_routes(routes.into()))
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let metrics_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let metrics_task = tokio::spawn(m::serve(metrics_listener, handle, metrics_stop));
-    // Stable line for scripts and tests: where to connect.
-    println!("logitd: gRPC on {grpc_addr}, metrics on {}", m::describe_addr(metrics_addr));
-    on_bound(Bound { grpc: grpc_addr, metrics: metrics_addr });
-
+/// Loads the model and warms the engine up, off the async threads; reports
+/// the model in the metrics. Returns what GetModelInfo answers and the engine
+/// (with `--inject-engine-fault` applied).
+async fn load_and_warm_up(args: &ServeArgs) -> Result<(ModelInfo, Engine), ServeError> {
     let model_args = args.model.clone();
     let loaded = tokio::task::spawn_blocking(move || {
         let loaded = load_model(&model_args)?;
-        settle_device(loaded.teacher.device())?;
+        device::settle(loaded.teacher.device())?;
         Ok::<_, ServeError>(loaded)
     })
     .await
-    .map_err(|e| ServeError::Config(format!("model loading panicked: {e}")))??;
+    .map_err(|source| ServeError::Task { task: "model loading", source })??;
     let info = loaded.info.clone();
     metrics::gauge!(m::MODEL_INFO,
         "model_id" => info.model_id.clone(), "architecture" => info.architecture.clone(),
@@ -300,73 +323,62 @@ pub async fn serve_until(
     .set(1.0);
     metrics::gauge!(m::QUEUE_CAPACITY_TOKENS).set(args.max_queue_tokens as f64);
 
-    // Warm up: one short sequence through forward, head and sampler.
-    let mut engine = Engine::new(loaded.teacher, args.model.head_chunk_rows);
-    let engine = tokio::task::spawn_blocking(move || {
-        let (tx, _rx) = tokio::sync::oneshot::channel();
-        let item = WorkItem {
-            tokens: vec![0; 4],
-            first_position: 0,
-            params: SamplingParams::new(Method::Sample, 8, 1.0).expect("valid warm-up parameters"),
-            seed: 0,
-            key_sequence: 0,
-            deadline: None,
-            enqueued: std::time::Instant::now(),
-            reply: tx,
-        };
-        engine.run(&[item])?;
-        settle_device(engine.teacher().device())?;
+    let head_chunk_rows = args.model.head_chunk_rows;
+    let mut engine = tokio::task::spawn_blocking(move || {
+        let mut engine = Engine::new(loaded.teacher, head_chunk_rows)?;
+        engine.warm_up()?;
         Ok::<_, ServeError>(engine)
     })
     .await
-    .map_err(|e| ServeError::Config(format!("warm-up panicked: {e}")))??;
-    let mut engine = engine;
+    .map_err(|source| ServeError::Task { task: "warm-up", source })??;
     if !args.inject_engine_fault.is_empty() {
         tracing::warn!(batches = ?args.inject_engine_fault, "test fault injection is on");
         engine.inject_faults(args.inject_engine_fault.clone());
     }
+    Ok((info, engine))
+}
 
-    let (scheduler, threads) = Scheduler::start(
-        engine,
-        args.max_queue_tokens as usize,
-        args.model.max_batch_tokens as usize,
-        args.max_wait(),
-    );
-    let limits = Limits {
+/// The limits requests are validated against.
+fn limits(args: &ServeArgs, info: &ModelInfo) -> Limits {
+    Limits {
         vocab_size: info.vocab_size,
         max_sequence_length: info.max_sequence_length,
         default_num_samples: info.default_num_samples,
         max_num_samples: info.max_num_samples,
         max_request_tokens: args.max_queue_tokens as usize,
         default_timeout: Duration::from_secs(args.request_timeout_s),
-    };
-    grpc.set_ready(TeacherService::new(scheduler.clone(), limits, info.clone()));
-    health.set_service_status("", ServingStatus::Serving).await;
-    health.set_serving::<TeacherServer<Grpc>>().await;
-    tracing::info!(%grpc_addr, %metrics_addr, model = %info.model_id, "serving");
+    }
+}
 
-    // On a signal: NOT_SERVING and new work refused (UNAVAILABLE) while queued
-    // and running work finishes, bounded by the drain timeout; then GOAWAY, and
-    // the server stops once the last answers are sent.
-    shutdown.await;
+/// On a signal: NOT_SERVING and new work refused (UNAVAILABLE) while queued
+/// and running work finishes, bounded by the drain timeout.
+async fn drain(
+    args: &ServeArgs,
+    health: &tonic_health::server::HealthReporter,
+    scheduler: &SchedulerHandle,
+    threads: WorkerThreads,
+) {
     let drain = Duration::from_secs(args.drain_timeout_s);
     tracing::info!(drain_timeout_s = drain.as_secs(), "shutting down: draining");
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_not_serving::<TeacherServer<Grpc>>().await;
+    set_serving(health, false).await;
     scheduler.close();
     let mut join = tokio::task::spawn_blocking(move || threads.join());
     if tokio::time::timeout(drain, &mut join).await.is_err() {
         tracing::warn!("drain timeout reached; stopping with work still queued");
     }
-    let _ = goaway_tx.send(());
+}
+
+/// GOAWAY, then waits (5 s at most) until the server sent the last answers.
+async fn stop_grpc(
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    goaway: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), ServeError> {
+    let _ = goaway.send(());
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(r)) => r?,
-        Ok(Err(e)) => return Err(ServeError::Config(format!("gRPC server task failed: {e}"))),
+        Ok(Err(source)) => return Err(ServeError::Task { task: "gRPC server", source }),
         Err(_) => tracing::warn!("calls still open 5 s after GOAWAY; exiting"),
     }
-    let _ = stop_tx.send(true);
-    let _ = metrics_task.await;
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -1,5 +1,7 @@
-//! The `logitd.v1.Teacher` gRPC service: validation, submission to the
-//! scheduler, reassembly and encoding of the reply.
+//! The `logitd.v1.Teacher` gRPC service: validation into a
+//! [`ValidatedRequest`], submission to the scheduler, reassembly and encoding
+//! of the reply. Failures are [`ServiceError`]s until the tonic boundary; it
+//! builds no `Status` itself and never touches the model or the sampler.
 
 use std::{
     pin::Pin,
@@ -9,8 +11,8 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use logitd_proto::v1::{
-    GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SamplingMethod,
-    Sequence, ValueEncoding, teacher_server::Teacher,
+    GetModelInfoRequest, ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SampledSequence,
+    SamplingMethod, Sequence, ValueEncoding, teacher_server::Teacher,
 };
 use prost::Message;
 use tokio::sync::oneshot;
@@ -18,8 +20,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     engine::SchedulerHandle,
+    error::{ServiceError, ValidationError},
     metrics as m,
-    queue::{ItemResult, SubmitError, WorkItem},
+    queue::{ItemResult, WorkItem},
     response::sampled_sequence,
     sampler::{Method, RowKey, SamplingParams},
 };
@@ -41,78 +44,84 @@ pub struct Limits {
     pub default_timeout: Duration,
 }
 
+/// A request that passed [`Limits::validate`]: its sequences, the sampling
+/// parameters and encoding it asked for (defaults applied), and its seed.
+#[derive(Debug, Clone)]
+pub struct ValidatedRequest {
+    /// The sequences, each non-empty, within the vocabulary and the limits.
+    pub sequences: Vec<Sequence>,
+    /// Method, k and temperature.
+    pub params: SamplingParams,
+    /// How the log-probabilities go on the wire.
+    pub encoding: ValueEncoding,
+    /// The request's seed, if it sent one.
+    pub seed: Option<u64>,
+}
+
 impl Limits {
-    /// Checks a request; the message names the offending value.
-    pub fn validate(
-        &self,
-        req: &SampleLogitsRequest,
-    ) -> Result<(SamplingParams, ValueEncoding), Status> {
-        let l = self;
-        let bad = |m: String| Err(Status::invalid_argument(m));
-        if req.sequences.is_empty() {
-            return bad("request has no sequences".into());
+    /// Checks a request; the error names the offending value.
+    pub fn validate(&self, req: SampleLogitsRequest) -> Result<ValidatedRequest, ValidationError> {
+        let total = self.validate_sequences(&req.sequences)?;
+        if total > self.max_request_tokens {
+            return Err(ValidationError::RequestTooLarge {
+                tokens: total,
+                max: self.max_request_tokens,
+            });
         }
-        let mut total = 0usize;
-        for (i, s) in req.sequences.iter().enumerate() {
-            let n = s.token_ids.len();
-            if n == 0 {
-                return bad(format!("sequence {i} is empty"));
-            }
-            if n > l.max_sequence_length as usize {
-                return bad(format!(
-                    "sequence {i} has {n} tokens, more than the max_sequence_length of {}",
-                    l.max_sequence_length
-                ));
-            }
-            if let Some((p, &t)) = s.token_ids.iter().enumerate().find(|(_, t)| **t >= l.vocab_size)
-            {
-                return bad(format!(
-                    "sequence {i}, position {p}: token id {t} is outside the vocabulary (vocab_size {})",
-                    l.vocab_size
-                ));
-            }
-            if s.first_position as usize >= n {
-                return bad(format!(
-                    "sequence {i}: first_position {} must be less than its length {n}",
-                    s.first_position
-                ));
-            }
-            total += n;
-        }
-        if total > l.max_request_tokens {
-            return bad(format!(
-                "request has {total} tokens, more than the server queues at once ({}); split it into smaller requests",
-                l.max_request_tokens
-            ));
-        }
-        let k = if req.num_samples == 0 { l.default_num_samples } else { req.num_samples };
-        if k > l.max_num_samples {
-            return bad(format!(
-                "num_samples {k} is more than the max_num_samples of {}",
-                l.max_num_samples
-            ));
+        let k = if req.num_samples == 0 { self.default_num_samples } else { req.num_samples };
+        if k > self.max_num_samples {
+            return Err(ValidationError::TooManySamples { k, max: self.max_num_samples });
         }
         let method = match SamplingMethod::try_from(req.method) {
             Ok(SamplingMethod::Unspecified | SamplingMethod::Sample) => Method::Sample,
             Ok(SamplingMethod::TopK) => Method::TopK,
-            Err(_) => return bad(format!("method {} is not a SamplingMethod", req.method)),
+            Err(_) => return Err(ValidationError::UnknownMethod(req.method)),
         };
-        let encoding = ValueEncoding::try_from(req.value_encoding).map_err(|_| {
-            Status::invalid_argument(format!(
-                "value_encoding {} is not a ValueEncoding",
-                req.value_encoding
-            ))
-        })?;
+        let encoding = ValueEncoding::try_from(req.value_encoding)
+            .map_err(|_| ValidationError::UnknownValueEncoding(req.value_encoding))?;
         let t = req.temperature.unwrap_or(1.0);
-        let params = SamplingParams::new(method, k, t).map_err(|_| {
-            Status::invalid_argument(format!("temperature {t} must be finite and > 0"))
-        })?;
-        Ok((params, encoding))
+        let params =
+            SamplingParams::new(method, k, t).map_err(|_| ValidationError::BadTemperature(t))?;
+        Ok(ValidatedRequest { sequences: req.sequences, params, encoding, seed: req.seed })
+    }
+
+    /// Checks every sequence; returns their total tokens.
+    fn validate_sequences(&self, sequences: &[Sequence]) -> Result<usize, ValidationError> {
+        if sequences.is_empty() {
+            return Err(ValidationError::NoSequences);
+        }
+        let mut total = 0usize;
+        for (index, s) in sequences.iter().enumerate() {
+            let len = s.token_ids.len();
+            if len == 0 {
+                return Err(ValidationError::EmptySequence { index });
+            }
+            if len > self.max_sequence_length as usize {
+                let max = self.max_sequence_length;
+                return Err(ValidationError::SequenceTooLong { index, len, max });
+            }
+            let outside = s.token_ids.iter().enumerate().find(|(_, t)| **t >= self.vocab_size);
+            if let Some((position, &token)) = outside {
+                let vocab_size = self.vocab_size;
+                return Err(ValidationError::TokenOutsideVocabulary {
+                    index,
+                    position,
+                    token,
+                    vocab_size,
+                });
+            }
+            if s.first_position as usize >= len {
+                let first_position = s.first_position;
+                return Err(ValidationError::FirstPositionPastEnd { index, first_position, len });
+            }
+            total += len;
+        }
+        Ok(total)
     }
 }
 
 /// The service state shared by all calls.
-pub struct TeacherService {
+pub struct LoadedService {
     scheduler: SchedulerHandle,
     limits: Limits,
     info: ModelInfo,
@@ -121,7 +130,7 @@ pub struct TeacherService {
 /// Requests answered concurrently on one stream (answers still come in order).
 const STREAM_IN_FLIGHT: usize = 8;
 
-impl TeacherService {
+impl LoadedService {
     /// A service submitting to `scheduler`.
     pub fn new(scheduler: SchedulerHandle, limits: Limits, info: ModelInfo) -> Self {
         Self { scheduler, limits, info }
@@ -132,22 +141,17 @@ impl TeacherService {
         &self,
         req: SampleLogitsRequest,
         deadline: Option<Instant>,
-    ) -> Result<SampleLogitsResponse, Status> {
-        let (params, encoding) = self.limits.validate(&req)?;
+    ) -> Result<SampleLogitsResponse, ServiceError> {
+        let req = self.limits.validate(req)?;
+        let (params, encoding) = (req.params, req.encoding);
         let seed = req.seed.unwrap_or_else(rand::random);
         let now = Instant::now();
         let deadline = deadline.unwrap_or(now + self.limits.default_timeout);
         let firsts: Vec<u32> = req.sequences.iter().map(|s| s.first_position).collect();
         let (items, receivers) = work_items(req.sequences, params, seed, Some(deadline), now);
-        self.scheduler.submit(items).map_err(|e| match e {
-            SubmitError::Full { .. } => Status::resource_exhausted(e.to_string()),
-            SubmitError::Closed => Status::unavailable(e.to_string()),
-        })?;
-        let deadline_exceeded = || {
-            Status::deadline_exceeded(format!(
-                "the deadline ({} ms after the request arrived) passed before the answer was ready",
-                deadline.saturating_duration_since(now).as_millis()
-            ))
+        self.scheduler.submit(items)?;
+        let deadline_exceeded = || ServiceError::DeadlineExceeded {
+            after_ms: deadline.saturating_duration_since(now).as_millis(),
         };
         // At the deadline the receivers are dropped, and the batcher drops the
         // items it has not started.
@@ -164,20 +168,31 @@ impl TeacherService {
                         if Instant::now() >= deadline {
                             deadline_exceeded()
                         } else {
-                            Status::unavailable("the engine stopped before answering")
+                            ServiceError::EngineStopped
                         }
                     })?
-                    .map_err(|e| {
-                        Status::internal(format!("the teacher failed on this batch: {e}"))
-                    })?;
+                    .map_err(ServiceError::Engine)?;
                 sequences.push(sampled_sequence(rows, first, encoding));
             }
-            Ok::<_, Status>(sequences)
+            Ok::<_, ServiceError>(sequences)
         };
         let sequences = tokio::time::timeout_at(deadline.into(), answers)
             .await
             .map_err(|_| deadline_exceeded())??;
-        let response = SampleLogitsResponse {
+        let response = self.response(sequences, seed, params, encoding);
+        metrics::counter!(m::RESPONSE_BYTES).increment(response.encoded_len() as u64);
+        Ok(response)
+    }
+
+    /// The response to a request answered with `sequences`.
+    fn response(
+        &self,
+        sequences: Vec<SampledSequence>,
+        seed: u64,
+        params: SamplingParams,
+        encoding: ValueEncoding,
+    ) -> SampleLogitsResponse {
+        SampleLogitsResponse {
             sequences,
             seed,
             model_id: self.info.model_id.clone(),
@@ -191,9 +206,7 @@ impl TeacherService {
                 ValueEncoding::Unspecified => ValueEncoding::F32,
                 e => e,
             } as i32,
-        };
-        metrics::counter!(m::RESPONSE_BYTES).increment(response.encoded_len() as u64);
-        Ok(response)
+        }
     }
 }
 
@@ -211,18 +224,7 @@ pub fn work_items(
         .enumerate()
         .map(|(i, s)| {
             let key = RowKey::for_sequence(seed, i as u32, s.seed, 0);
-            let (tx, rx) = oneshot::channel();
-            let item = WorkItem {
-                tokens: s.token_ids,
-                first_position: s.first_position,
-                params,
-                seed: key.seed,
-                key_sequence: key.sequence,
-                deadline,
-                enqueued: now,
-                reply: tx,
-            };
-            (item, rx)
+            WorkItem::new(s.token_ids, s.first_position, params, key, deadline, now)
         })
         .unzip()
 }
@@ -244,25 +246,32 @@ pub fn deadline_from_metadata(meta: &tonic::metadata::MetadataMap) -> Option<Ins
     Instant::now().checked_add(d)
 }
 
-fn record(method: &'static str, started: Instant, status: tonic::Code) {
-    metrics::counter!(m::REQUESTS, "method" => method, "status" => logitd_proto::code_name(status))
+/// Counts a call by method and status (and an error by its type) and records
+/// its duration.
+fn record<T>(method: &'static str, started: Instant, result: &Result<T, ServiceError>) {
+    let status = result.as_ref().map_or_else(ServiceError::code, |_| tonic::Code::Ok);
+    metrics::counter!(m::REQUESTS, "method" => method, "status" => logitd_proto::code_name(status)).increment(1);
+    if let Err(e) = result {
+        metrics::counter!(m::ERRORS, "method" => method, "status" => logitd_proto::code_name(status),
+            "error_type" => e.error_type())
         .increment(1);
+    }
     metrics::histogram!(m::REQUEST_DURATION, "method" => method)
         .record(started.elapsed().as_secs_f64());
 }
 
-/// The gRPC face of the [`TeacherService`], which exists once the model is
+/// The gRPC face of the [`LoadedService`], which exists once the model is
 /// loaded and warmed up; until then every call is UNAVAILABLE. Teacher calls
 /// beyond `max_calls` at once are refused with RESOURCE_EXHAUSTED (a stream
 /// holds its slot while it is open); health checks are not counted.
 #[derive(Clone)]
-pub struct Grpc {
-    service: Arc<std::sync::OnceLock<Arc<TeacherService>>>,
+pub struct TeacherService {
+    service: Arc<std::sync::OnceLock<Arc<LoadedService>>>,
     calls: Arc<tokio::sync::Semaphore>,
     max_calls: usize,
 }
 
-impl Grpc {
+impl TeacherService {
     /// A face answering UNAVAILABLE until [`set_ready`](Self::set_ready).
     pub fn new(max_calls: usize) -> Self {
         Self {
@@ -273,24 +282,19 @@ impl Grpc {
     }
 
     /// Starts serving calls with `service`.
-    pub fn set_ready(&self, service: TeacherService) {
+    pub fn set_ready(&self, service: LoadedService) {
         let _ = self.service.set(Arc::new(service));
     }
 
-    fn ready(&self) -> Result<Arc<TeacherService>, Status> {
-        self.service
-            .get()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("the teacher is still loading; retry shortly"))
+    fn ready(&self) -> Result<Arc<LoadedService>, ServiceError> {
+        self.service.get().cloned().ok_or(ServiceError::NotReady)
     }
 
-    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.calls.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{} calls are in progress, the limit of --max-concurrent-requests; retry with backoff",
-                self.max_calls
-            ))
-        })
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        self.calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::TooManyCalls { limit: self.max_calls })
     }
 }
 
@@ -298,7 +302,7 @@ type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<SampleLogitsResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
-impl Teacher for Grpc {
+impl Teacher for TeacherService {
     async fn sample_logits(
         &self,
         request: Request<SampleLogitsRequest>,
@@ -307,14 +311,10 @@ impl Teacher for Grpc {
         let deadline = deadline_from_metadata(request.metadata());
         let result = match self.ready().and_then(|s| Ok((s, self.slot()?))) {
             Ok((service, _slot)) => service.sample(request.into_inner(), deadline).await,
-            Err(status) => Err(status),
+            Err(e) => Err(e),
         };
-        record(
-            "SampleLogits",
-            started,
-            result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-        );
-        result.map(Response::new)
+        record("SampleLogits", started, &result);
+        Ok(Response::new(result?))
     }
 
     type SampleLogitsStreamStream = ResponseStream;
@@ -325,13 +325,11 @@ impl Teacher for Grpc {
     ) -> Result<Response<Self::SampleLogitsStreamStream>, Status> {
         let deadline = deadline_from_metadata(request.metadata());
         let service = self.ready()?;
-        let slot = match self.slot() {
-            Ok(slot) => slot,
-            Err(status) => {
-                record("SampleLogitsStream", Instant::now(), status.code());
-                return Err(status);
-            }
-        };
+        let slot = self.slot();
+        if slot.is_err() {
+            record("SampleLogitsStream", Instant::now(), &slot);
+        }
+        let slot = slot?;
         let inbound = request.into_inner();
         // Up to STREAM_IN_FLIGHT requests of the stream are served at once;
         // `buffered` yields their answers in request order, and the next request
@@ -345,17 +343,11 @@ impl Teacher for Grpc {
                     let started = Instant::now();
                     let result = match req {
                         Ok(req) => service.sample(req, deadline).await,
-                        Err(status) => Err(status),
+                        Err(status) => Err(ServiceError::Inbound(status)),
                     }
-                    .map_err(|s| {
-                        Status::new(s.code(), format!("request {i} of the stream: {}", s.message()))
-                    });
-                    record(
-                        "SampleLogitsStream",
-                        started,
-                        result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-                    );
-                    result
+                    .map_err(|e| ServiceError::InStream { index: i, source: Box::new(e) });
+                    record("SampleLogitsStream", started, &result);
+                    result.map_err(Status::from)
                 }
             })
             .buffered(STREAM_IN_FLIGHT)
@@ -372,11 +364,7 @@ impl Teacher for Grpc {
     ) -> Result<Response<ModelInfo>, Status> {
         let started = Instant::now();
         let result = self.ready().map(|s| s.info.clone());
-        record(
-            "GetModelInfo",
-            started,
-            result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-        );
-        result.map(Response::new)
+        record("GetModelInfo", started, &result);
+        Ok(Response::new(result?))
     }
 }

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use logitd::{
     model::{PackedBatch, Teacher},
     sampler::{
-        CpuSampler, Method, RowKey, SampledRows, SamplerError, SamplingParams,
+        CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplerError, SamplingParams,
         gpu::{CudaSampler, GpuSampleError},
     },
 };
@@ -456,8 +456,9 @@ fn teacher_sample_on_cuda_is_the_reference_on_the_same_logits() {
     ] {
         for chunk in [1, 5, 1000] {
             let mut g = SampledRows::new();
-            teacher
-                .sample(&hidden, &rows, &keys, &params, chunk, &mut CpuSampler::new(), &mut g)
+            SamplerBackend::new(&dev, vocab, Some(chunk))
+                .unwrap()
+                .sample(&teacher, &hidden, &rows, &keys, &params, &mut g)
                 .unwrap();
             let mut z = Vec::new();
             for part in rows.chunks(chunk) {

@@ -1,10 +1,10 @@
 //! Teacher configuration: one [`ModelConfig`] for every supported architecture,
-//! read from a Hugging Face `config.json` (legacy `rope_theta`/`rope_scaling`
-//! keys or transformers-5 `rope_parameters`) or from GGUF metadata.
+//! read from a Hugging Face `config.json` (through the serde types of
+//! `hf_config.rs`: legacy `rope_theta`/`rope_scaling` keys or transformers-5
+//! `rope_parameters`) or from GGUF metadata (`gguf.rs`); the Gemma sliding
+//! pattern both use is [`Arch::gemma_layer_slides`].
 
-use serde_json::Value;
-
-use super::ModelError;
+use super::{ModelError, hf_config::HfConfig};
 
 /// Supported architectures, chosen by `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,19 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// Whether layer `i` of a Gemma slides when the checkpoint does not list
+    /// the layer types (GGUF always, HF configs before transformers 5): Gemma 2
+    /// alternates starting with a sliding layer; Gemma 3 has `pattern − 1`
+    /// sliding layers then a global one (`sliding_window_pattern`, 6 in every
+    /// released Gemma 3 and in llama.cpp). False for other architectures.
+    pub fn gemma_layer_slides(&self, i: usize, pattern: usize) -> bool {
+        match self {
+            Arch::Gemma2 => i.is_multiple_of(2),
+            Arch::Gemma3 => !(i + 1).is_multiple_of(pattern),
+            _ => false,
         }
     }
 
@@ -144,247 +157,23 @@ pub struct ModelConfig {
     pub layers: Vec<LayerKind>,
 }
 
-fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    v.get(key).filter(|x| !x.is_null())
-}
-
-fn req_usize(v: &Value, key: &str) -> Result<usize, ModelError> {
-    get(v, key).and_then(Value::as_u64).map(|x| x as usize).ok_or_else(|| {
-        ModelError::Config(format!("config.json: `{key}` is missing or not an integer"))
-    })
-}
-
-fn opt_f64(v: &Value, key: &str) -> Option<f64> {
-    get(v, key).and_then(Value::as_f64)
-}
-
-fn opt_bool(v: &Value, key: &str) -> Option<bool> {
-    get(v, key).and_then(Value::as_bool)
-}
-
-/// Parses one rope dict (`rope_scaling` or an entry of `rope_parameters`).
-fn parse_rope(theta: f64, scaling: Option<&Value>) -> Result<Rope, ModelError> {
-    let Some(s) = scaling else { return Ok(Rope { theta, scaling: RopeScaling::None }) };
-    let kind =
-        get(s, "rope_type").or_else(|| get(s, "type")).and_then(Value::as_str).unwrap_or("default");
-    let factor = || {
-        opt_f64(s, "factor")
-            .ok_or_else(|| ModelError::Config(format!("rope scaling `{kind}` needs `factor`")))
-    };
-    let scaling = match kind {
-        "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: factor()? },
-        "llama3" => RopeScaling::Llama3 {
-            factor: factor()?,
-            low_freq_factor: opt_f64(s, "low_freq_factor").unwrap_or(1.0),
-            high_freq_factor: opt_f64(s, "high_freq_factor").unwrap_or(4.0),
-            original_max_position_embeddings: opt_f64(s, "original_max_position_embeddings")
-                .ok_or_else(|| {
-                    ModelError::Config(
-                        "llama3 rope scaling needs `original_max_position_embeddings`".into(),
-                    )
-                })?,
-        },
-        other => {
-            return Err(ModelError::Config(format!(
-                "rope scaling type `{other}` is not supported (supported: default, linear, llama3)"
-            )));
-        }
-    };
-    Ok(Rope { theta, scaling })
+/// The attention of each layer: `sliding[i]` says whether layer i uses the
+/// sliding `window` (and, on Gemma 3, the local RoPE).
+pub(crate) fn layer_kinds(arch: Arch, sliding: &[bool], window: Option<usize>) -> Vec<LayerKind> {
+    sliding
+        .iter()
+        .map(|&s| LayerKind {
+            window: if s { window } else { None },
+            local_rope: s && arch == Arch::Gemma3,
+        })
+        .collect()
 }
 
 impl ModelConfig {
     /// Reads a Hugging Face `config.json` (a multimodal Gemma 3 config is read
     /// through its `text_config`).
     pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-        let model_type = get(&root, "model_type").and_then(Value::as_str).unwrap_or_default();
-        let (v, arch) = match model_type {
-            "llama" => (&root, Arch::Llama),
-            "mistral" => (&root, Arch::Mistral),
-            "qwen2" => (&root, Arch::Qwen2),
-            "qwen3" => (&root, Arch::Qwen3),
-            "gemma2" => (&root, Arch::Gemma2),
-            "gemma3_text" => (&root, Arch::Gemma3),
-            "gemma3" => (
-                get(&root, "text_config").ok_or_else(|| {
-                    ModelError::Config("config.json: gemma3 config without `text_config`".into())
-                })?,
-                Arch::Gemma3,
-            ),
-            other => {
-                return Err(ModelError::UnsupportedModelType(if other.is_empty() {
-                    "(none: config.json has no `model_type`)".into()
-                } else {
-                    other.into()
-                }));
-            }
-        };
-        // A multimodal config keeps tie_word_embeddings at the top level.
-        let tie = opt_bool(v, "tie_word_embeddings")
-            .or_else(|| opt_bool(&root, "tie_word_embeddings"))
-            .unwrap_or(arch.is_gemma());
-        let hidden_size = req_usize(v, "hidden_size")?;
-        let num_heads = req_usize(v, "num_attention_heads")?;
-        let num_layers = req_usize(v, "num_hidden_layers")?;
-        let head_dim = get(v, "head_dim")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_heads);
-        let num_kv_heads = get(v, "num_key_value_heads")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(num_heads);
-        if num_heads % num_kv_heads != 0 {
-            return Err(ModelError::Config(format!(
-                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
-            )));
-        }
-
-        // RoPE: transformers 5 `rope_parameters` (flat, or per layer type), else
-        // the legacy `rope_theta` + `rope_scaling` (+ Gemma 3 `rope_local_base_freq`).
-        let legacy_theta = opt_f64(v, "rope_theta").unwrap_or(10_000.0);
-        let (rope, rope_local) = match get(v, "rope_parameters") {
-            Some(p)
-                if get(p, "full_attention").is_some() || get(p, "sliding_attention").is_some() =>
-            {
-                let one = |key: &str| -> Result<Option<Rope>, ModelError> {
-                    get(p, key)
-                        .map(|r| {
-                            parse_rope(opt_f64(r, "rope_theta").unwrap_or(legacy_theta), Some(r))
-                        })
-                        .transpose()
-                };
-                let full = one("full_attention")?
-                    .unwrap_or(Rope { theta: legacy_theta, scaling: RopeScaling::None });
-                (full, one("sliding_attention")?)
-            }
-            Some(p) => {
-                (parse_rope(opt_f64(p, "rope_theta").unwrap_or(legacy_theta), Some(p))?, None)
-            }
-            None => {
-                let local = opt_f64(v, "rope_local_base_freq")
-                    .map(|theta| Rope { theta, scaling: RopeScaling::None });
-                (parse_rope(legacy_theta, get(v, "rope_scaling"))?, local)
-            }
-        };
-        let rope_local = match arch {
-            Arch::Gemma3 => {
-                Some(rope_local.unwrap_or(Rope { theta: 10_000.0, scaling: RopeScaling::None }))
-            }
-            _ => None,
-        };
-
-        // Which layers slide.
-        let window = get(v, "sliding_window").and_then(Value::as_u64).map(|x| x as usize);
-        let sliding: Vec<bool> = if let Some(types) =
-            get(v, "layer_types").and_then(Value::as_array)
-        {
-            if types.len() != num_layers {
-                return Err(ModelError::Config(format!(
-                    "layer_types has {} entries for {num_layers} layers",
-                    types.len()
-                )));
-            }
-            types
-                .iter()
-                .map(|t| match t.as_str() {
-                    Some("sliding_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    other => Err(ModelError::Config(format!("unsupported layer type {other:?}"))),
-                })
-                .collect::<Result<_, _>>()?
-        } else {
-            (0..num_layers)
-                .map(|i| match arch {
-                    Arch::Gemma2 => i % 2 == 0,
-                    Arch::Gemma3 => {
-                        let pattern = get(v, "sliding_window_pattern")
-                            .and_then(Value::as_u64)
-                            .unwrap_or(6) as usize;
-                        (i + 1) % pattern != 0
-                    }
-                    Arch::Mistral => window.is_some(),
-                    Arch::Qwen2 | Arch::Qwen3 => {
-                        opt_bool(v, "use_sliding_window").unwrap_or(false)
-                            && i >= get(v, "max_window_layers").and_then(Value::as_u64).unwrap_or(0)
-                                as usize
-                    }
-                    Arch::Llama => false,
-                })
-                .collect()
-        };
-        let layers = sliding
-            .iter()
-            .map(|&s| {
-                if s && window.is_none() {
-                    return Err(ModelError::Config(
-                        "a sliding layer but no `sliding_window`".into(),
-                    ));
-                }
-                Ok(LayerKind {
-                    window: if s { window } else { None },
-                    local_rope: s && arch == Arch::Gemma3,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let activation = match get(v, "hidden_activation")
-            .or_else(|| get(v, "hidden_act"))
-            .and_then(Value::as_str)
-        {
-            None if arch.is_gemma() => Activation::GeluTanh,
-            None | Some("silu") | Some("swish") => Activation::Silu,
-            Some("gelu_pytorch_tanh") | Some("gelu_new") | Some("gelu_fast") => {
-                Activation::GeluTanh
-            }
-            Some("gelu") => Activation::Gelu,
-            Some(other) => {
-                return Err(ModelError::Config(format!("activation `{other}` is not supported")));
-            }
-        };
-        let attn_bias = opt_bool(v, "attention_bias").unwrap_or(false);
-        let query_scalar = match arch {
-            Arch::Gemma2 | Arch::Gemma3 => {
-                opt_f64(v, "query_pre_attn_scalar").unwrap_or(head_dim as f64)
-            }
-            _ => head_dim as f64,
-        };
-        Ok(ModelConfig {
-            arch,
-            vocab_size: req_usize(v, "vocab_size")?,
-            hidden_size,
-            intermediate_size: req_usize(v, "intermediate_size")?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            rms_norm_eps: opt_f64(v, "rms_norm_eps").unwrap_or(1e-6),
-            max_position_embeddings: get(v, "max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(4096) as usize,
-            tie_word_embeddings: tie,
-            qkv_bias: arch == Arch::Qwen2 || attn_bias,
-            o_bias: attn_bias && matches!(arch, Arch::Llama | Arch::Mistral),
-            mlp_bias: opt_bool(v, "mlp_bias").unwrap_or(false),
-            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
-            activation,
-            embed_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt()),
-            attn_softcap: if arch.is_gemma() { opt_f64(v, "attn_logit_softcapping") } else { None },
-            // transformers applies the final soft-cap in Gemma3ForCausalLM but not in
-            // Gemma3ForConditionalGeneration (model_type `gemma3`), whatever the
-            // text config says; released multimodal configs set it to null anyway.
-            final_softcap: if arch.is_gemma() && model_type != "gemma3" {
-                opt_f64(v, "final_logit_softcapping")
-            } else {
-                None
-            },
-            attn_scale: query_scalar.powf(-0.5),
-            rope,
-            rope_local,
-            layers,
-        })
+        HfConfig::parse(text)?.into_config()
     }
 
     /// Number of layers.

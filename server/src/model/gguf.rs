@@ -10,7 +10,8 @@ use candle_core::{
 };
 
 use super::{
-    Activation, Arch, LayerKind, ModelConfig, ModelError, Rope, RopeScaling, weights::WeightSource,
+    Activation, Arch, ModelConfig, ModelError, Rope, RopeScaling, config::layer_kinds,
+    weights::WeightSource,
 };
 
 /// A GGUF file with its parsed header.
@@ -115,21 +116,9 @@ fn config_from_metadata(c: &Content) -> Result<ModelConfig, ModelError> {
         ));
     }
     let window = meta_u(c, &format!("{a}.attention.sliding_window"))?;
-    let layers = (0..num_layers)
-        .map(|i| {
-            // llama.cpp's fixed patterns: Gemma 2 alternates starting with a
-            // sliding layer; Gemma 3 has five sliding layers then a global one.
-            let sliding = match arch {
-                Arch::Gemma2 => i % 2 == 0,
-                Arch::Gemma3 => (i + 1) % 6 != 0,
-                _ => false,
-            };
-            LayerKind {
-                window: if sliding { window } else { None },
-                local_rope: sliding && arch == Arch::Gemma3,
-            }
-        })
-        .collect();
+    // llama.cpp's fixed patterns (Gemma 3: pattern 6).
+    let sliding: Vec<bool> = (0..num_layers).map(|i| arch.gemma_layer_slides(i, 6)).collect();
+    let layers = layer_kinds(arch, &sliding, window);
     let gemma = arch.is_gemma();
     Ok(ModelConfig {
         arch,

@@ -4,12 +4,14 @@
 //! - [`ModelConfig`] describes any supported architecture ([`Arch`]).
 //! - [`Teacher::load`] reads a Hugging Face directory (safetensors, mmapped) or a
 //!   GGUF file (dequantised at load).
-//! - [`Teacher::hidden_states`] runs a [`PackedBatch`]; [`Teacher::sample`] sends
-//!   the chosen rows through the LM head and the sampler in row chunks, so at most
-//!   `chunk × V` logits exist at once.
+//! - [`Teacher::hidden_states`] runs a [`PackedBatch`]; [`Teacher::head_logits`]
+//!   gives the LM head's logits of chosen hidden-state rows. The model stops at
+//!   logits: chunking the head and sampling belong to the sampler backend
+//!   (`crate::sampler::SamplerBackend`).
 
 mod config;
 mod gguf;
+mod hf_config;
 mod teacher;
 mod tokenizer;
 mod weights;
@@ -17,9 +19,7 @@ mod weights;
 use std::path::PathBuf;
 
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
-pub use teacher::{
-    DEFAULT_ATTENTION_TILE_ELEMENTS, DEFAULT_HEAD_CHUNK_LOGITS, PackedBatch, Teacher,
-};
+pub use teacher::{DEFAULT_ATTENTION_TILE_ELEMENTS, PackedBatch, Teacher};
 pub use tokenizer::{load_tokenizer, tokenizer_sha256};
 
 /// Why a teacher could not be loaded or run.

@@ -5,20 +5,10 @@ use std::{ops::Range, path::Path, time::Instant};
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    Activation, ModelConfig, ModelError, Rope, RopeScaling,
+    Activation, LayerKind, ModelConfig, ModelError, Rope, RopeScaling,
     weights::{Loader, SafetensorsSource, WeightSource},
 };
-use crate::sampler::{CpuSampler, RowKey, SampledRows, SamplingParams};
-
-/// Logits per LM-head chunk when the caller leaves the chunk size to us: 32 Mi
-/// f32 values (128 MiB), i.e. 128 rows at V = 262,144 and 682 at V = 49,152.
-pub const DEFAULT_HEAD_CHUNK_LOGITS: usize = 1 << 25;
-
-/// Logits per LM-head chunk on a GPU: 256 Mi (512 MiB in bf16), 1,024 rows at
-/// V = 262,144, so the sampling kernel (one block per row) has several waves of
-/// rows for the GPU's SMs rather than one partial wave, and the head matmul is
-/// large enough to run at cuBLAS speed.
-pub const DEFAULT_GPU_HEAD_CHUNK_LOGITS: usize = 1 << 28;
+use crate::sampler::LmHead;
 
 /// Scores per attention tile, at most (heads × query rows × keys), unless a
 /// test sets another bound with [`Teacher::set_attention_tile_elements`]:
@@ -140,6 +130,81 @@ struct Layer {
     down: Linear,
 }
 
+impl Layer {
+    /// Decoder layer `i` of kind `kind`, its weights from `l`.
+    fn load(
+        l: &mut Loader,
+        c: &ModelConfig,
+        i: usize,
+        kind: &LayerKind,
+    ) -> Result<Self, ModelError> {
+        let p = format!("model.layers.{i}");
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let gemma = c.arch.is_gemma();
+        Ok(Layer {
+            window: kind.window,
+            local_rope: kind.local_rope,
+            attn_norm: l.norm(&format!("{p}.input_layernorm.weight"), h)?,
+            post_attn_norm: if gemma {
+                Some(l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?)
+            } else {
+                None
+            },
+            ffn_norm: if gemma {
+                l.norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?
+            } else {
+                l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?
+            },
+            post_ffn_norm: if gemma {
+                Some(l.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)
+            } else {
+                None
+            },
+            q: Linear::load(l, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+            k: Linear::load(
+                l,
+                &format!("{p}.self_attn.k_proj"),
+                c.num_kv_heads * hd,
+                h,
+                c.qkv_bias,
+            )?,
+            v: Linear::load(
+                l,
+                &format!("{p}.self_attn.v_proj"),
+                c.num_kv_heads * hd,
+                h,
+                c.qkv_bias,
+            )?,
+            o: Linear::load(l, &format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, c.o_bias)?,
+            q_norm: if c.qk_norm {
+                Some(l.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
+            } else {
+                None
+            },
+            k_norm: if c.qk_norm {
+                Some(l.norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
+            } else {
+                None
+            },
+            gate: Linear::load(
+                l,
+                &format!("{p}.mlp.gate_proj"),
+                c.intermediate_size,
+                h,
+                c.mlp_bias,
+            )?,
+            up: Linear::load(l, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+            down: Linear::load(
+                l,
+                &format!("{p}.mlp.down_proj"),
+                h,
+                c.intermediate_size,
+                c.mlp_bias,
+            )?,
+        })
+    }
+}
+
 /// One attention tile: a chunk of one sequence's queries against its keys.
 struct Tile {
     queries: Range<usize>,
@@ -255,9 +320,6 @@ pub struct Teacher {
     attention_tile_elements: usize,
     /// RoPE tables of positions 0..len, global and local.
     rope_cache: std::sync::Mutex<[Option<RopeTable>; 2]>,
-    /// The CUDA sampling kernel, loaded at the first chunk sampled on a GPU.
-    #[cfg(feature = "cuda")]
-    gpu_sampler: std::sync::Mutex<Option<crate::sampler::gpu::CudaSampler>>,
 }
 
 /// cos and sin of positions 0..len (f32, [len, head_dim / 2]).
@@ -355,90 +417,10 @@ impl Teacher {
             // back to the embedding as transformers does when it ties them.
             l.optional("lm_head.weight", &[v, h])?
         };
-        let gemma = c.arch.is_gemma();
         let mut layers = Vec::with_capacity(c.num_layers());
         for (i, kind) in c.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
             let started = Instant::now();
-            let layer = Layer {
-                window: kind.window,
-                local_rope: kind.local_rope,
-                attn_norm: l.norm(&format!("{p}.input_layernorm.weight"), h)?,
-                post_attn_norm: if gemma {
-                    Some(l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?)
-                } else {
-                    None
-                },
-                ffn_norm: if gemma {
-                    l.norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?
-                } else {
-                    l.norm(&format!("{p}.post_attention_layernorm.weight"), h)?
-                },
-                post_ffn_norm: if gemma {
-                    Some(l.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)
-                } else {
-                    None
-                },
-                q: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.q_proj"),
-                    c.num_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                k: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.k_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                v: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.v_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                o: Linear::load(
-                    &mut l,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    c.num_heads * hd,
-                    c.o_bias,
-                )?,
-                q_norm: if c.qk_norm {
-                    Some(l.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                k_norm: if c.qk_norm {
-                    Some(l.norm(&format!("{p}.self_attn.k_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                gate: Linear::load(
-                    &mut l,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                up: Linear::load(
-                    &mut l,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                down: Linear::load(
-                    &mut l,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    c.mlp_bias,
-                )?,
-            };
+            let layer = Layer::load(&mut l, c, i, kind)?;
             tracing::debug!(layer = i, seconds = started.elapsed().as_secs_f64(), "layer loaded");
             layers.push(layer);
         }
@@ -458,8 +440,6 @@ impl Teacher {
             inv_freq_local,
             attention_tile_elements: DEFAULT_ATTENTION_TILE_ELEMENTS,
             rope_cache: std::sync::Mutex::new([None, None]),
-            #[cfg(feature = "cuda")]
-            gpu_sampler: std::sync::Mutex::new(None),
         })
     }
 
@@ -663,151 +643,26 @@ impl Teacher {
         Ok(softcap(&logits, self.config.final_softcap)?)
     }
 
-    /// The LM head's logits as the GPU sampler reads them: straight from the
-    /// matmul in the compute dtype, or in f32 when a final soft-cap applies. In
-    /// f32 they are exactly [`Self::logits`] (widening is exact).
-    #[cfg(feature = "cuda")]
-    fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError> {
+    /// The LM head's logits [rows, V] of `hidden_rows` as the sampler backend
+    /// reads them: straight from the matmul in the compute dtype, or in f32
+    /// when a final soft-cap applies. Widened to f32 they are exactly
+    /// [`Self::logits`] (widening is exact).
+    pub fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError> {
         if self.config.final_softcap.is_some() {
             return self.logits(hidden_rows);
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(hidden_rows.matmul(&head.t()?)?)
     }
-
-    /// Rows per LM-head chunk so that a chunk holds about
-    /// [`DEFAULT_HEAD_CHUNK_LOGITS`] logits ([`DEFAULT_GPU_HEAD_CHUNK_LOGITS`]
-    /// on a GPU).
-    pub fn default_head_chunk_rows(&self) -> usize {
-        let logits = if self.device.is_cpu() {
-            DEFAULT_HEAD_CHUNK_LOGITS
-        } else {
-            DEFAULT_GPU_HEAD_CHUNK_LOGITS
-        };
-        (logits / self.config.vocab_size).max(1)
-    }
-
-    /// Sends `rows` (indices into the batch's tokens) of `hidden` through the LM
-    /// head and the sampler, `chunk_rows` at a time, appending one sampled row
-    /// per entry of `rows` (keyed by `keys`) to `out`. At most
-    /// `chunk_rows × V` logits exist at once; the sampler reads them in place,
-    /// on the CPU with `sampler`, on a GPU with the CUDA kernel (`sampler` is
-    /// then used only for chunks the kernel cannot take, see
-    /// [`GpuSampleError::TooLarge`](crate::sampler::gpu::GpuSampleError)).
-    #[allow(clippy::too_many_arguments)]
-    pub fn sample(
-        &self,
-        hidden: &Tensor,
-        rows: &[u32],
-        keys: &[RowKey],
-        params: &SamplingParams,
-        chunk_rows: usize,
-        sampler: &mut CpuSampler,
-        out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
-        if rows.len() != keys.len() {
-            return Err(ModelError::Batch(format!("{} rows but {} keys", rows.len(), keys.len())));
-        }
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(dev) = &self.device {
-            return self.sample_cuda(dev, hidden, rows, keys, params, chunk_rows, sampler, out);
-        }
-        let vocab = self.config.vocab_size;
-        for (chunk, chunk_keys) in
-            rows.chunks(chunk_rows.max(1)).zip(keys.chunks(chunk_rows.max(1)))
-        {
-            let idx = Tensor::from_slice(chunk, chunk.len(), &self.device)?;
-            let logits = self.logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
-            let (storage, layout) = logits.storage_and_layout();
-            match &*storage {
-                candle_core::Storage::Cpu(cpu) => {
-                    let start = layout.start_offset();
-                    let flat = &cpu.as_slice::<f32>()?[start..start + chunk.len() * vocab];
-                    sampler.sample_rows(flat, vocab, params, chunk_keys, out)?;
-                }
-                _ => {
-                    drop(storage);
-                    let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-                    sampler.sample_rows(&flat, vocab, params, chunk_keys, out)?;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
-#[cfg(feature = "cuda")]
-impl Teacher {
-    /// [`Self::sample`] on a CUDA device: each chunk's logits stay on the GPU
-    /// and the kernel samples them where they are.
-    #[allow(clippy::too_many_arguments)]
-    fn sample_cuda(
-        &self,
-        dev: &candle_core::CudaDevice,
-        hidden: &Tensor,
-        rows: &[u32],
-        keys: &[RowKey],
-        params: &SamplingParams,
-        chunk_rows: usize,
-        sampler: &mut CpuSampler,
-        out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
-        use crate::sampler::gpu::{CudaSampler, GpuSampleError};
-        let mut slot = self.gpu_sampler.lock().expect("GPU sampler lock poisoned: this is a bug");
-        if slot.is_none() {
-            *slot = Some(CudaSampler::new(dev)?);
-        }
-        let gpu = slot.as_mut().expect("loaded just now");
-        let vocab = self.config.vocab_size;
-        let fits = gpu.fits(params, vocab);
-        if !fits {
-            tracing::warn!(
-                vocab,
-                k = params.num_samples(),
-                "k is too large for the CUDA sampler's shared memory: sampling on the CPU"
-            );
-        }
-        // Pipelined: chunk i's head and kernel are queued before the host
-        // waits for chunk i - 1 and decodes it, so the GPU works meanwhile.
-        let gpu_err = |e: GpuSampleError| -> ModelError {
-            match e {
-                GpuSampleError::Sampler(e) => e.into(),
-                GpuSampleError::Device(e) => e.into(),
-                e => ModelError::Candle(candle_core::Error::Msg(e.to_string())),
-            }
-        };
-        gpu.discard_pending().map_err(gpu_err)?;
-        for (chunk, chunk_keys) in
-            rows.chunks(chunk_rows.max(1)).zip(keys.chunks(chunk_rows.max(1)))
-        {
-            let idx = Tensor::from_slice(chunk, chunk.len(), &self.device)?;
-            let logits = self.head_logits(&hidden.index_select(&idx, 0)?)?.contiguous()?;
-            if fits {
-                match gpu.launch(&logits, params, chunk_keys) {
-                    Ok(_) => {
-                        while gpu.pending() > 1 {
-                            gpu.finish(out).map_err(gpu_err)?;
-                        }
-                        continue;
-                    }
-                    Err(GpuSampleError::Sampler(e)) => return Err(e.into()),
-                    Err(GpuSampleError::Device(e)) => return Err(e.into()),
-                    Err(e @ (GpuSampleError::TooLarge { .. } | GpuSampleError::Unsupported(_))) => {
-                        tracing::warn!(error = %e, "sampling this chunk on the CPU");
-                    }
-                }
-            }
-            // Rows stay in order: the chunks before this one first.
-            while gpu.pending() > 0 {
-                gpu.finish(out).map_err(gpu_err)?;
-            }
-            let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            sampler.sample_rows(&flat, vocab, params, chunk_keys, out)?;
-        }
-        while gpu.pending() > 0 {
-            gpu.finish(out).map_err(gpu_err)?;
-        }
-        Ok(())
+impl LmHead for Teacher {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError> {
+        Teacher::head_logits(self, hidden_rows)
     }
 }
 

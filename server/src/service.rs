@@ -250,7 +250,8 @@ pub fn deadline_from_metadata(meta: &tonic::metadata::MetadataMap) -> Option<Ins
 /// its duration.
 fn record<T>(method: &'static str, started: Instant, result: &Result<T, ServiceError>) {
     let status = result.as_ref().map_or_else(ServiceError::code, |_| tonic::Code::Ok);
-    metrics::counter!(m::REQUESTS, "method" => method, "status" => logitd_proto::code_name(status)).increment(1);
+    metrics::counter!(m::REQUESTS, "method" => method, "status" => logitd_proto::code_name(status))
+        .increment(1);
     if let Err(e) = result {
         metrics::counter!(m::ERRORS, "method" => method, "status" => logitd_proto::code_name(status),
             "error_type" => e.error_type())

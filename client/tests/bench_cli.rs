@@ -73,7 +73,10 @@ async fn bench_reports_what_the_server_answered() {
     assert_eq!(unary["malformed_responses"], 0);
     assert_eq!(unary["positions"], 6 * 3 * (6 - 2));
     assert_eq!(f(&unary, "distinct_ids_per_position"), 16.0);
-    assert_eq!(unary["model_id"], "llama");
+    // The server's id: the directory name, "@" and 12 hex digits of the weights' digest.
+    let id = unary["model_id"].as_str().expect("model_id");
+    let digest = id.strip_prefix("llama@").unwrap_or_else(|| panic!("model_id {id:?}"));
+    assert!(digest.len() == 12 && digest.bytes().all(|b| b.is_ascii_hexdigit()), "{id:?}");
     latencies_are_ordered(&unary);
     assert!(f(&unary, "positions_per_s") > 0.0);
     // The same request sent here: its encoded size (+ the 5-byte gRPC header)

@@ -60,7 +60,10 @@ async fn dump_writes_the_targets_the_server_gives() {
 
     let reader = ShardReader::open(&out).unwrap();
     assert_eq!(reader.meta().num_samples, 16);
-    assert_eq!(reader.meta().model_id, "llama");
+    // The server's id: the directory name, "@" and 12 hex digits of the weights' digest.
+    let id = &reader.meta().model_id;
+    let digest = id.strip_prefix("llama@").unwrap_or_else(|| panic!("model_id {id:?}"));
+    assert!(digest.len() == 12 && digest.bytes().all(|b| b.is_ascii_hexdigit()), "{id:?}");
     assert!(reader.files().len() > 1);
     let stored: Vec<_> = reader.iter().collect::<Result<_, _>>().unwrap();
     assert_eq!(stored.len(), 23);

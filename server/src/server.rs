@@ -122,9 +122,11 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
             args.default_num_samples, args.max_num_samples
         )));
     }
+    // A name plus a short digest of the weights, as ModelInfo promises.
     let model_id = args.model_id.clone().unwrap_or_else(|| {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+        let name = name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name);
+        format!("{name}@{}", &teacher.weights_sha256()[..12])
     });
     let info = ModelInfo {
         model_id,

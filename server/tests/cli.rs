@@ -121,14 +121,17 @@ fn info_prints_the_model_info_of_each_fixture() {
         "default_num_samples",
         "max_num_samples",
     ];
-    for (name, arch) in [
-        ("llama", "llama"),
-        ("mistral", "mistral"),
-        ("qwen2", "qwen2"),
-        ("qwen3", "qwen3"),
-        ("gemma2", "gemma2"),
-        ("gemma3", "gemma3"),
-        ("gemma3_multimodal", "gemma3"),
+    // The digests: SHA-256 over the tensors in name order (name, NUL, dtype,
+    // shape as u64 LE, bytes), computed from the files by a Python script
+    // reading the safetensors header itself.
+    for (name, arch, digest) in [
+        ("llama", "llama", "2eeb6259b860"),
+        ("mistral", "mistral", "3026528c44c8"),
+        ("qwen2", "qwen2", "70f31b468847"),
+        ("qwen3", "qwen3", "bcafec594b23"),
+        ("gemma2", "gemma2", "ce759b60f4e3"),
+        ("gemma3", "gemma3", "755e5d29d15f"),
+        ("gemma3_multimodal", "gemma3", "d828319fc95d"),
     ] {
         let (model_type, vocab, context) = fixture_config(name);
         let j = info_json(&["--model", tiny(name).to_str().unwrap()]);
@@ -136,7 +139,11 @@ fn info_prints_the_model_info_of_each_fixture() {
         let mut want = FIELDS.to_vec();
         want.sort();
         assert_eq!(keys, want, "{name}: exactly the ModelInfo fields");
-        assert_eq!(j["model_id"], name, "{name}: the directory name");
+        assert_eq!(
+            j["model_id"],
+            format!("{name}@{digest}"),
+            "{name}: the directory name and digest"
+        );
         assert_eq!(j["architecture"], arch, "{name} (model_type {model_type})");
         assert_eq!(j["vocab_size"], vocab, "{name}: vocab_size of config.json");
         assert_eq!(j["max_sequence_length"], context, "{name}: the context length (< 8192)");
@@ -193,7 +200,8 @@ fn info_reflects_the_flags_and_the_tokenizer_digest() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["max_sequence_length"], 20);
-    assert_eq!(j["model_id"], dir.file_name().unwrap().to_str().unwrap());
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    assert_eq!(j["model_id"], format!("{name}@2eeb6259b860"), "the llama fixture's digest");
     // Errors: a missing model and an inconsistent k exit 1 and say why.
     let out = logitd(&["info", "--model", "/nonexistent/model-dir"], &[]);
     assert_eq!(out.status.code(), Some(1));

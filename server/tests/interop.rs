@@ -27,7 +27,7 @@ async fn python_grpcio_client_gets_the_same_answer_as_the_rust_client() {
     assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["vocab_size"], 96);
-    assert_eq!(got["model_id"], "gemma3");
+    assert_eq!(got["model_id"], "gemma3@755e5d29d15f");
     assert_eq!(got["invalid"]["code"], "INVALID_ARGUMENT");
     assert_eq!(got["invalid"]["message"], "request has no sequences");
     let ours = client

@@ -87,7 +87,7 @@ async fn tls_serves_only_clients_that_trust_its_certificate() {
     let trusting = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca_pem))
         .domain_name("localhost");
-    assert_eq!(model_info(&server, trusting).await.unwrap(), "llama");
+    assert_eq!(model_info(&server, trusting).await.unwrap(), "llama@2eeb6259b860");
 
     // A client trusting another CA refuses the server.
     let other = Pki::new("another CA");
@@ -131,7 +131,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     // With a certificate from the client CA: served.
     let (c, k) = client_pki.leaf(&["trainer-1"]);
     let ok = base().identity(Identity::from_pem(&c, &k));
-    assert_eq!(model_info(&server, ok).await.unwrap(), "llama");
+    assert_eq!(model_info(&server, ok).await.unwrap(), "llama@2eeb6259b860");
     // Without one, or with one from another CA (here the server's own): refused.
     assert!(model_info(&server, base()).await.is_err(), "served without a client certificate");
     let (c, k) = server_pki.leaf(&["intruder"]);

@@ -233,7 +233,7 @@ async fn metrics_count_known_traffic() {
     assert!(get("logitd_response_bytes_total").unwrap() > 0.0);
     assert!(get("logitd_request_duration_seconds_count{method=\"SampleLogits\"}").unwrap() >= 4.0);
     assert_eq!(get("logitd_queue_tokens"), Some(0.0));
-    assert!(text.contains("logitd_model_info{model_id=\"mistral\",architecture=\"mistral\",dtype=\"f32\",device=\"cpu\",vocab_size=\"96\"} 1"));
+    assert!(text.contains("logitd_model_info{model_id=\"mistral@3026528c44c8\",architecture=\"mistral\",dtype=\"f32\",device=\"cpu\",vocab_size=\"96\"} 1"));
     // promtool (Prometheus' own linter) accepts the exposition.
     let dir = std::env::temp_dir().join(format!("logitd-metrics-{}", std::process::id()));
     std::fs::write(&dir, &text).unwrap();

@@ -227,4 +227,23 @@ impl WeightSource for GgufSource {
         // llama.cpp's converter stores Gemma norms as 1 + w already.
         false
     }
+
+    /// Of the whole file (`sha256sum` gives the same), read once through the
+    /// source's reader before the tensors are.
+    fn digest(&mut self) -> Result<[u8; 32], ModelError> {
+        use sha2::{Digest, Sha256};
+        use std::io::{Read, Seek};
+        let io = |e| ModelError::Gguf(format!("reading the file for its digest: {e}"));
+        self.reader.rewind().map_err(io)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = self.reader.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(h.finalize().into())
+    }
 }

@@ -320,6 +320,8 @@ pub struct Teacher {
     attention_tile_elements: usize,
     /// RoPE tables of positions 0..len, global and local.
     rope_cache: std::sync::Mutex<[Option<RopeTable>; 2]>,
+    /// SHA-256 of the weights as loaded (hex; empty when not loaded from files).
+    weights_sha256: String,
 }
 
 /// cos and sin of positions 0..len (f32, [len, head_dim / 2]).
@@ -395,7 +397,9 @@ impl Teacher {
             dtype = ?dtype,
             "loading teacher"
         );
-        let teacher = Self::from_source(config, source.as_mut(), device, dtype)?;
+        let digest = source.digest()?;
+        let mut teacher = Self::from_source(config, source.as_mut(), device, dtype)?;
+        teacher.weights_sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "teacher loaded");
         Ok(teacher)
     }
@@ -440,6 +444,7 @@ impl Teacher {
             inv_freq_local,
             attention_tile_elements: DEFAULT_ATTENTION_TILE_ELEMENTS,
             rope_cache: std::sync::Mutex::new([None, None]),
+            weights_sha256: String::new(),
         })
     }
 
@@ -451,6 +456,13 @@ impl Teacher {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// SHA-256 (hex) of the weights it was loaded from: of a GGUF file, the
+    /// file's; of safetensors shards, over every tensor in name order (name,
+    /// NUL, dtype, shape as u64 LE, bytes).
+    pub fn weights_sha256(&self) -> &str {
+        &self.weights_sha256
     }
 
     /// The device.

@@ -17,6 +17,10 @@ pub(crate) trait WeightSource {
     /// Whether norm weights are stored as w in y = x̂ · (1 + w) (Gemma in HF
     /// checkpoints) rather than as the multiplier itself.
     fn gemma_norms_offset(&self) -> bool;
+
+    /// SHA-256 of the weights as stored (see [`SafetensorsSource`] and the
+    /// GGUF source for what exactly is hashed).
+    fn digest(&mut self) -> Result<[u8; 32], ModelError>;
 }
 
 /// Memory-mapped safetensors shards of a Hugging Face directory.
@@ -88,6 +92,27 @@ impl WeightSource for SafetensorsSource {
 
     fn gemma_norms_offset(&self) -> bool {
         self.gemma
+    }
+
+    /// Over every tensor of the shards in name order: its name, a NUL byte,
+    /// its dtype, its shape (u64 little-endian each) and its bytes, read
+    /// where they are mapped (the loader then reads the same pages: the
+    /// files are not read twice).
+    fn digest(&mut self) -> Result<[u8; 32], ModelError> {
+        use sha2::{Digest, Sha256};
+        let mut tensors = self.st.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut h = Sha256::new();
+        for (name, view) in &tensors {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(format!("{:?}", view.dtype()).as_bytes());
+            for &d in view.shape() {
+                h.update((d as u64).to_le_bytes());
+            }
+            h.update(view.data());
+        }
+        Ok(h.finalize().into())
     }
 }
 

@@ -20,6 +20,10 @@ def main():
     rc = protoc.main(["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={out}",
                       f"--grpc_python_out={out}", "logitd/v1/teacher.proto"])
     assert rc == 0, f"protoc failed: {rc}"
+    # A regular package (with __init__.py), so that the stubs win over an installed
+    # `logitd` Python package (client/python), which would hide a namespace package.
+    for pkg in ("logitd", os.path.join("logitd", "v1")):
+        open(os.path.join(out, pkg, "__init__.py"), "a").close()
     sys.path.insert(0, out)
     from logitd.v1 import teacher_pb2 as pb
     from logitd.v1 import teacher_pb2_grpc as rpc

@@ -113,28 +113,23 @@ def setup(seed=0, lengths=(5, 3, 7), vocab=40, k=12, extra_t=2, extra_k=3, dtype
 # The Rust reference (logitd._native.distill_loss_reference).
 
 
-def rust_loss(logits, seqs, target, normalization, weights=None):
-    """The Rust client's distill_loss on the concatenated CSR targets, float64."""
+def rust_loss(logits, targets, target, normalization, weights=None):
+    """The Rust client's distill_loss on the padded targets flattened to [B*T, K]
+    rows (rows without entries get weight 0 there), float64 logits."""
     from logitd import _native
 
-    ids, counts, lps, offsets, rows, pw = [], [], [], [0], [], []
-    for b, s in enumerate(seqs):
-        for t, (pid, pc, pl) in enumerate(s):
-            ids.extend(pid.tolist())
-            counts.extend(pc.tolist())
-            lps.extend(pl.tolist())
-            offsets.append(len(ids))
-            rows.append(np.asarray(logits[b, t], np.float64))
-            pw.append(1.0 if weights is None else float(weights[b, t]))
+    b, t, k = targets["token_ids"].shape
+    flat = lambda name: np.ascontiguousarray(targets[name].numpy().reshape(b * t, k))  # noqa: E731
     return _native.distill_loss_reference(
-        np.stack(rows),
-        np.asarray(offsets, np.uint32),
-        np.asarray(ids, np.uint32),
-        np.asarray(counts, np.uint32),
-        np.asarray(lps, np.float32),
+        np.ascontiguousarray(np.asarray(logits, np.float64)[:, :t].reshape(b * t, -1)),
+        flat("token_ids").astype(np.int64),
+        flat("logprobs").astype(np.float32),
+        flat("counts").astype(np.int32),
+        flat("mask") & targets["position_mask"].numpy().reshape(b * t, 1),
+        32,
         target=target,
         normalization=normalization,
-        position_weights=np.asarray(pw, np.float32),
+        position_weights=None if weights is None else np.asarray(weights, np.float32).reshape(b * t),
     )
 
 
@@ -160,7 +155,9 @@ def test_matches_rust_distill_loss(target, normalization):
     seqs, targets, logits = setup(seed=2)
     weights = np.random.default_rng(6).uniform(0, 2, size=logits.shape[:2]).astype(np.float32)
     for w in (None, weights):
-        want = rust_loss(logits.numpy(), seqs, target, normalization, w)
+        want = rust_loss(logits.numpy(), targets, target, normalization, w)
+        # ... which is also the float64 NumPy reference's value
+        assert abs(want - ref_loss(logits.numpy(), seqs, target, normalization, w)) <= 1e-9
         m = None if w is None else torch.from_numpy(w.astype(np.float64))
         got64 = distill_loss(logits, targets, target=target, normalization=normalization, mask=m)
         assert abs(got64.item() - want) <= 1e-9, (got64.item(), want)

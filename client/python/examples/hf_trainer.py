@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=64, help="teacher draws per position")
     p.add_argument("--target", choices=["renormalized", "counts"], default="renormalized")
     p.add_argument("--normalization", choices=["full", "sampled"], default="full")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -168,7 +168,7 @@ def main(argv=None):
     ))
     training = TrainingArguments(
         output_dir=str(args.out), max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
-        warmup_steps=0, logging_steps=max(1, args.steps // 10), save_strategy="no", report_to="none",
+        warmup_steps=0, logging_strategy="no", save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), seed=args.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True,
     )

@@ -11,7 +11,9 @@ from logitd.data import TeacherTargetsDataset, shard_of
 
 
 class FakePrefetcher:
-    """Yields (batch, ("targets", batch)) in order; records its arguments."""
+    """Like logitd.Prefetcher, takes Mappings with "input_ids" and "seed" (other
+    keys ride along) and yields (batch, ("targets", input_ids, seed)) in order;
+    records its arguments."""
 
     made = []
 
@@ -21,7 +23,7 @@ class FakePrefetcher:
 
     def __iter__(self):
         for b in self.batches:
-            yield b, ("targets", b)
+            yield b, ("targets", b["input_ids"], b["seed"])
 
 
 class FakeClient:
@@ -53,8 +55,9 @@ def test_options_and_depth_reach_the_prefetcher_and_targets_pair_with_batches():
     client = FakeClient()
     ds = TeacherTargetsDataset(client, BATCHES, depth=2, num_samples=16, seed=7, temperature=0.5)
     items = list(ds)
-    assert [t for _, t in items] == [("targets", b) for b in BATCHES]
-    assert FakePrefetcher.made == [(client, 2, {"num_samples": 16, "seed": 7, "temperature": 0.5})]
+    assert [b for b, _ in items] == BATCHES  # the batches as given, not the requests
+    assert [t for _, t in items] == [("targets", b, 7 + i) for i, b in enumerate(BATCHES)]
+    assert FakePrefetcher.made == [(client, 2, {"num_samples": 16, "temperature": 0.5})]
     # A list is re-iterable: a second epoch sees the same batches.
     assert [b for b, _ in ds] == BATCHES
 
@@ -62,6 +65,20 @@ def test_options_and_depth_reach_the_prefetcher_and_targets_pair_with_batches():
 def test_transform_runs_on_each_pair():
     ds = TeacherTargetsDataset(FakeClient(), BATCHES, transform=lambda b, t: (len(b), t[0]))
     assert list(ds) == [(1, "targets")] * len(BATCHES)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_batch_gets_the_seed_of_its_index_whatever_the_world_size(world_size):
+    """Batch i is sampled with seed + i on whichever rank fetches it, so the
+    targets do not depend on the world size; a Mapping batch's own seed wins."""
+    batches = [{"input_ids": b, "note": i} for i, b in enumerate(BATCHES)]
+    batches[4]["seed"] = 99
+    for rank in range(world_size):
+        ds = TeacherTargetsDataset(FakeClient(), batches, rank=rank, world_size=world_size, seed=100)
+        for batch, (_, ids, seed) in ds:
+            i = batch["note"]
+            assert batch is batches[i] and ids == BATCHES[i]
+            assert seed == (99 if i == 4 else 100 + i)
 
 
 def test_without_torch_distributed_one_process_takes_everything():

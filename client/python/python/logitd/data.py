@@ -22,12 +22,15 @@ and the DataLoader should use ``multiprocessing_context="spawn"``.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["TeacherTargetsDataset", "shard_of"]
+
+# The key under which a request carries its batch through the prefetcher.
+_ORIGINAL = "_logitd_batch"
 
 
 def shard_of(rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
@@ -58,7 +61,11 @@ class TeacherTargetsDataset(IterableDataset):
     ``torch.distributed`` when initialised, else everything).
     ``transform``: optional ``f(batch, targets) -> item`` applied to each pair (e.g.
     to pad the targets and build the model's inputs), run in the iterating process.
-    ``sample_options``: passed to the prefetcher (``num_samples``, ``seed``, ...).
+    ``sample_options``: passed to the prefetcher (``num_samples``, ``temperature``,
+    ``method``, ...); batch ``i`` of ``batches`` is sampled with seed
+    ``seed + i`` (``seed`` defaults to 0; a Mapping batch's own ``"seed"`` wins),
+    so its targets equal ``client.sample(batch, seed=seed + i, ...)`` whatever the
+    rank, world size or worker that fetches it.
 
     ``batches`` is iterated once per epoch (``iter(ds)``); give a list (or another
     re-iterable) to iterate more than once. Use ``DataLoader(ds, batch_size=None)``:
@@ -116,11 +123,31 @@ class TeacherTargetsDataset(IterableDataset):
             )
         return self.client
 
+    def _numbered(self, index: int, count: int) -> Iterator[Mapping]:
+        """This shard's batches, each as a request Mapping that carries its seed
+        (``seed + i``, i the batch's index in ``batches``) and the batch itself."""
+        base = int(self.sample_options.get("seed", 0))
+        for i, batch in enumerate(itertools.islice(self.batches, index, None, count)):
+            g = index + i * count  # the index in `batches`, the same for every world size
+            if isinstance(batch, Mapping):
+                request = dict(batch)
+                request.setdefault("seed", base + g)
+            else:
+                request = {"input_ids": batch, "seed": base + g}
+            request[_ORIGINAL] = batch
+            yield request
+
     def __iter__(self) -> Iterator[Any]:
         from logitd import Prefetcher  # the extension; imported here to keep this module light
 
         index, count = self.shard()
-        mine = itertools.islice(self.batches, index, None, count)
-        prefetcher = Prefetcher(self._client(), mine, depth=self.depth, **self.sample_options)
-        for batch, targets in prefetcher:
-            yield (batch, targets) if self.transform is None else self.transform(batch, targets)
+        options = {k: v for k, v in self.sample_options.items() if k != "seed"}
+        prefetcher = Prefetcher(self._client(), self._numbered(index, count), depth=self.depth, **options)
+        try:
+            for request, targets in prefetcher:
+                batch = request[_ORIGINAL]
+                yield (batch, targets) if self.transform is None else self.transform(batch, targets)
+        finally:
+            close = getattr(prefetcher, "close", None)
+            if close is not None:
+                close()

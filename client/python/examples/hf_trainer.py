@@ -38,7 +38,7 @@ from transformers import (
 
 import logitd
 from logitd.data import TeacherTargetsDataset
-from logitd.torch import distill_loss
+from logitd.torch import distill_loss, distill_loss_chunked
 
 
 def cache_dir() -> Path:
@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=64, help="teacher draws per position")
     p.add_argument("--target", choices=["renormalized", "counts"], default="renormalized")
     p.add_argument("--normalization", choices=["full", "sampled"], default="full")
+    p.add_argument("--chunked", action="store_true",
+                   help="compute both losses from the last hidden states with distill_loss_chunked "
+                        "(no [B*T, V] logits; what a 262k-vocabulary student needs)")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -106,12 +109,22 @@ def to_features(batch: np.ndarray, targets) -> dict:
     }
 
 
+def next_token_targets(input_ids: torch.Tensor) -> dict:
+    """The true next tokens as one-entry targets: distill_loss on them is the
+    cross-entropy (the last position has no next token)."""
+    ids = torch.roll(input_ids, -1, dims=1).unsqueeze(-1)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, -1] = False
+    return {"token_ids": ids, "logprobs": torch.zeros(ids.shape), "counts": mask.int(), "mask": mask,
+            "position_mask": mask.squeeze(-1)}
+
+
 class DistillTrainer(Trainer):
     """compute_loss = alpha * CE + (1 - alpha) * distill_loss."""
 
-    def __init__(self, *a, alpha: float, target: str, normalization: str, **kw):
+    def __init__(self, *a, alpha: float, target: str, normalization: str, chunked: bool, **kw):
         super().__init__(*a, **kw)
-        self.alpha, self.target, self.normalization = alpha, target, normalization
+        self.alpha, self.target, self.normalization, self.chunked = alpha, target, normalization, chunked
         self.parts: dict = {}
 
     def get_train_dataloader(self):
@@ -121,10 +134,18 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher = inputs.pop("teacher")
-        outputs = model(**inputs)  # outputs.loss: cross-entropy on the next tokens
-        kd = distill_loss(outputs.logits, teacher, target=self.target, normalization=self.normalization)
-        loss = self.alpha * outputs.loss + (1 - self.alpha) * kd
-        self.parts = {"ce": outputs.loss.item(), "kd": kd.item(), "loss": loss.item()}
+        if self.chunked:
+            # The decoder's last hidden states and the LM head: no logits tensor at all.
+            outputs = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            hidden, head = outputs.last_hidden_state, model.lm_head.weight
+            ce = distill_loss_chunked(hidden, head, next_token_targets(inputs["input_ids"]), target="counts")
+            kd = distill_loss_chunked(hidden, head, teacher, target=self.target, normalization=self.normalization)
+        else:
+            outputs = model(**inputs)  # outputs.loss: cross-entropy on the next tokens
+            ce = outputs.loss
+            kd = distill_loss(outputs.logits, teacher, target=self.target, normalization=self.normalization)
+        loss = self.alpha * ce + (1 - self.alpha) * kd
+        self.parts = {"ce": ce.item(), "kd": kd.item(), "loss": loss.item()}
         return (loss, outputs) if return_outputs else loss
 
 
@@ -174,7 +195,7 @@ def main(argv=None):
     )
     trainer = DistillTrainer(
         model=student, args=training, train_dataset=dataset,
-        alpha=args.alpha, target=args.target, normalization=args.normalization,
+        alpha=args.alpha, target=args.target, normalization=args.normalization, chunked=args.chunked,
     )
     trainer.add_callback(PrintLosses(trainer, args.out / "losses.csv"))
     trainer.train()

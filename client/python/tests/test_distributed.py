@@ -61,8 +61,8 @@ def rank_main(rank, endpoint, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_ranks_fetch_disjoint_batches_covering_the_input(teacher_endpoint, tmp_path):
-    mp.spawn(rank_main, args=(teacher_endpoint, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_two_ranks_fetch_disjoint_batches_covering_the_input(server, tmp_path):
+    mp.spawn(rank_main, args=(server.uri, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = json.loads((tmp_path / "result.json").read_text())
     batches = make_batches()
     assert [len(r) for r in per_rank] == [4, 3]
@@ -77,7 +77,7 @@ def test_two_ranks_fetch_disjoint_batches_covering_the_input(teacher_endpoint, t
 
     # Each batch's targets are its own: batch i is sampled with seed 5 + i on
     # whichever rank fetches it, the same as one process fetching it alone.
-    client = logitd.TeacherClient([teacher_endpoint])
+    client = logitd.TeacherClient(server.uri)
     for rank, got in enumerate(per_rank):
         for g in got:
             i = g["batch"][0][0] - 1000

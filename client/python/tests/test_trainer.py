@@ -12,10 +12,10 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"
 STEPS = 16
 
 
-def test_hf_trainer_example_loss_falls(teacher_endpoint, tmp_path):
+def test_hf_trainer_example_loss_falls(server, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     run = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--endpoint", teacher_endpoint, "--steps", str(STEPS),
+        [sys.executable, str(EXAMPLE), "--endpoint", server.uri, "--steps", str(STEPS),
          "--alpha", "0.5", "--out", str(tmp_path), "--batch", "4", "--seq-len", "32", "--num-samples", "32"],
         env=env, capture_output=True, text=True, timeout=900,
     )

@@ -339,3 +339,38 @@ def test_errors_name_the_value():
         distill_loss(logits[:, :2], targets)
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
         distill_loss(logits[0], targets)
+
+
+# ---------------------------------------------------------------------------
+# Real targets from a live server
+
+
+@pytest.mark.parametrize("target,normalization", COMBOS)
+def test_live_targets_through_padded_to_torch(client, target, normalization):
+    """Targets from the server, padded by the package and handed to torch, give the
+    loss the float64 reference computes from the CSR columns, with row t of the
+    logits matched to sequence position t (and the Rust reference agrees)."""
+    seqs = [[(7 * i + 13 * j) % 49152 for j in range(n)] for i, n in enumerate((9, 4, 12))]
+    t = client.sample(seqs, num_samples=32, seed=3, first_position=[0, 2, 0])
+    padded = t.padded().to_torch()
+    vocab = 49152
+    logits = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 12, vocab)) * 2)
+    csr = []
+    for b in range(len(t)):
+        positions = [((), (), ())] * int(t.first_positions[b])  # placeholders, weight 0 below
+        for p in range(int(t.seq_offsets[b]), int(t.seq_offsets[b + 1])):
+            e0, e1 = int(t.offsets[p]), int(t.offsets[p + 1])
+            positions.append((t.token_ids[e0:e1], t.counts[e0:e1], t.logprobs[e0:e1]))
+        csr.append(positions)
+    weights = np.zeros((3, 12))
+    for b, s in enumerate(csr):
+        for p in range(int(t.first_positions[b]), len(s)):
+            weights[b, p] = 1
+    csr = [[p if len(p[0]) else (np.array([0]), np.array([1]), np.array([0.0], np.float32)) for p in s] for s in csr]
+    want = ref_loss(logits.numpy(), csr, target, normalization, weights)
+    got = distill_loss(logits, padded, target=target, normalization=normalization)
+    assert abs(got.item() - want) <= 1e-9
+    assert abs(rust_loss(logits.numpy(), {k: getattr(padded, k) for k in
+                                          ("token_ids", "logprobs", "counts", "mask", "position_mask")},
+                         target, normalization) - want) <= 1e-9
+    assert padded.position_mask.sum().item() == 9 + 2 + 12  # positions first_position..length-1

@@ -87,3 +87,25 @@ def test_two_ranks_fetch_disjoint_batches_covering_the_input(server, tmp_path):
                 np.testing.assert_array_equal(saved[name], getattr(direct, name), err_msg=f"batch {i}: {name}")
             # ... and a returned position per token.
             assert g["positions"] == [len(s) for s in batches[i]]
+
+
+def test_dataloader_workers_with_a_client_factory(server):
+    """num_workers=2 (spawned): each worker makes its own client and takes every
+    other batch; together they yield every batch once, each with the targets of
+    its index's seed."""
+    import functools
+
+    batches = make_batches()
+    ds = TeacherTargetsDataset(functools.partial(logitd.TeacherClient, server.uri), batches, depth=2, **OPTIONS)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    got = {}
+    for batch, targets in loader:
+        i = batch[0][0] - 1000
+        assert i not in got
+        got[i] = targets.padded()
+    assert sorted(got) == list(range(NUM_BATCHES))
+    client = logitd.TeacherClient(server.uri)
+    for i, padded in got.items():
+        direct = client.sample(batches[i], num_samples=OPTIONS["num_samples"], seed=OPTIONS["seed"] + i).padded()
+        for name in ("token_ids", "counts", "logprobs", "mask"):
+            np.testing.assert_array_equal(getattr(padded, name), getattr(direct, name), err_msg=f"batch {i}: {name}")

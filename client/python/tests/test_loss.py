@@ -324,6 +324,9 @@ def test_position_with_a_single_entry_and_empty_rows():
         assert abs(got.item() - ce.item()) <= 1e-12
         # Sampled normalisation over a single id: log q = 0.
         assert distill_loss(x, targets, target=target, normalization="sampled").item() == 0
+        # A position marked real but without entries has no loss and no share of the mean.
+        odd = dict(targets, position_mask=torch.tensor([[True, True, True]]))
+        assert abs(distill_loss(x, odd, target=target).item() - ce.item()) <= 1e-12
 
 
 def test_errors_name_the_value():

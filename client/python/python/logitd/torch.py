@@ -147,15 +147,20 @@ def _position_losses(
     return share * log_z - (w * gathered).sum(dim=-1)
 
 
+def _weight_dtype(device: torch.device) -> torch.dtype:
+    # Weights in float64 as in the Rust client; MPS has no float64.
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _position_weights(
     position_mask: torch.Tensor, mask: Optional[torch.Tensor], shape, device
 ) -> torch.Tensor:
-    pw = position_mask.to(torch.float64)
+    pw = position_mask.to(_weight_dtype(device))
     if mask is not None:
         m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(mask)
         if tuple(m.shape) != tuple(shape):
             raise ValueError(f"mask has shape {tuple(m.shape)}, expected [B, T] = {tuple(shape)}")
-        m = m.to(device=device, dtype=torch.float64)
+        m = m.to(device=device, dtype=pw.dtype)
         bad = ~(torch.isfinite(m) & (m >= 0))
         if bool(bad.any()):
             b, t = (int(v) for v in bad.nonzero()[0])
@@ -185,8 +190,9 @@ def _prepare(targets, shape_bt, vocab, device, target, normalization, reduction,
             f"teacher id {int(ids[tuple(bad)])} at target position [{int(bad[0])}, {int(bad[1])}] "
             f"is outside the student vocabulary of {vocab}"
         )
-    w = target_weights(emask, target=target, logprobs=logprobs, counts=counts)
-    pw = _position_weights(position_mask, mask, (b, t), device)
+    w = target_weights(emask, target=target, logprobs=logprobs, counts=counts, dtype=_weight_dtype(device))
+    # A position counts only where it has entries (as in the Rust reference).
+    pw = _position_weights(position_mask & emask.any(dim=-1), mask, (b, t), device)
     return real_ids, emask, w, pw
 
 

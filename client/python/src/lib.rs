@@ -13,6 +13,7 @@ use std::{future::Future, sync::OnceLock, time::Duration};
 
 use pyo3::prelude::*;
 
+mod bench;
 mod client;
 mod errors;
 mod loss;
@@ -67,6 +68,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(loss::distill_loss_reference, m)?)?;
     m.add_function(wrap_pyfunction!(targets::pad, m)?)?;
     m.add_function(wrap_pyfunction!(client::sequence_seed, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::decode_response, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::rust_prefetch, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -252,6 +253,9 @@ def test_the_gil_is_released_while_a_call_waits():
 
 def test_ctrl_c_interrupts_a_waiting_call():
     hole = BlackHole()
+    # Python's own SIGINT handler (a background job may have inherited SIGINT ignored,
+    # and then interrupt_main does nothing).
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         timer = threading.Timer(0.5, _thread.interrupt_main)
         timer.start()
@@ -260,6 +264,7 @@ def test_ctrl_c_interrupts_a_waiting_call():
             logitd.TeacherClient(f"http://127.0.0.1:{hole.port}", timeout_s=30.0)
         assert time.monotonic() - start < 3.0
     finally:
+        signal.signal(signal.SIGINT, old)
         hole.close()
 
 
@@ -284,7 +289,7 @@ def test_a_server_restarted_mid_run_is_retried():
         t.start()
         go.wait(10)
         time.sleep(0.3)
-        s.stop(__import__("signal").SIGKILL)
+        s.stop(signal.SIGKILL)
         at_kill = len(results)
         time.sleep(1.0)
         s.start()

@@ -48,13 +48,21 @@ def test_at_most_depth_plus_one_batches_are_read_ahead(client, depth):
             pulled[0] += 1
             yield sequences(2, salt=i)
 
+    total = depth + 8
     ahead = []
     with logitd.Prefetcher(client, source(), depth=depth, num_samples=8) as p:
         for consumed, _ in enumerate(p, start=1):
-            time.sleep(0.3)  # a slow training step: the prefetcher fills up meanwhile
+            # A slow training step: the prefetcher fills up meanwhile. Wait (with a
+            # deadline) until it has read depth + 1 ahead or the source is done,
+            # then a little longer to catch it reading more.
+            want = min(depth + 1, total - consumed)
+            deadline = time.monotonic() + 60
+            while pulled[0] - consumed < want and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)
             ahead.append(pulled[0] - consumed)
     assert max(ahead) <= depth + 1, ahead
-    assert max(ahead) == depth + 1, f"the prefetcher did not read ahead: {ahead}"
+    assert ahead[: total - depth - 1] == [depth + 1] * (total - depth - 1), f"the prefetcher did not read ahead: {ahead}"
 
 
 def test_an_error_surfaces_on_its_own_batch(client):

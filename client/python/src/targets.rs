@@ -118,7 +118,15 @@ pub fn pad<'py>(
         ));
     }
     let p = off.len().saturating_sub(1);
-    if so[b] as usize != p || ids.len() != cs.len() || ids.len() != lp.len() {
+    if so.first().is_some_and(|&s| s != 0)
+        || so.windows(2).any(|w| w[1] < w[0])
+        || so[b] as usize != p
+        || off.first().is_some_and(|&o| o != 0)
+        || off.windows(2).any(|w| w[1] < w[0])
+        || off.last().is_some_and(|&o| o as usize != ids.len())
+        || ids.len() != cs.len()
+        || ids.len() != lp.len()
+    {
         return bad("the target columns do not fit together".into());
     }
     let t_max = len.iter().copied().max().unwrap_or(0).max(0) as usize;

@@ -92,3 +92,43 @@ def test_package_imports_without_torch():
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("target", ["renormalized", "counts"])
+@pytest.mark.parametrize("normalization", ["full", "sampled"])
+def test_distill_loss_reference_is_the_documented_float64_math(target, normalization):
+    """_native.distill_loss_reference (the Rust loss, for the torch loss' tests)
+    against its definition in float64 numpy, with an empty row and weights."""
+    from logitd import _native
+
+    rng = np.random.default_rng(3)
+    n, v, k = 6, 40, 5
+    logits = rng.normal(size=(n, v)) * 3
+    ids = np.stack([rng.choice(v, k, replace=False) for _ in range(n)]).astype(np.int64)
+    mask = rng.random((n, k)) < 0.7
+    mask[:, 0] = True
+    mask[2] = False  # a row without targets
+    logprobs = np.log(rng.dirichlet(np.ones(k), n)).astype(np.float32)
+    counts = rng.integers(1, 9, (n, k)).astype(np.int32)
+    pw = rng.random(n).astype(np.float32)
+    for weights in (None, pw):
+        num = den = 0.0
+        for p in range(n):
+            s = mask[p]
+            if not s.any():
+                continue
+            if target == "renormalized":
+                w = np.exp(logprobs[p, s].astype(np.float64))
+            else:
+                w = counts[p, s].astype(np.float64)
+            w /= w.sum()
+            x = logits[p] if normalization == "full" else logits[p, ids[p, s]]
+            log_z = np.log(np.exp(x - x.max()).sum()) + x.max()
+            loss = -(w * (logits[p, ids[p, s]] - log_z)).sum()
+            m = 1.0 if weights is None else float(weights[p])
+            num, den = num + m * loss, den + m
+        got = _native.distill_loss_reference(
+            logits, ids, logprobs, counts, mask, 8, target=target, normalization=normalization,
+            position_weights=weights,
+        )
+        assert abs(got - num / den) < 1e-12, (got, num / den)

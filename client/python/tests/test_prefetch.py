@@ -93,3 +93,21 @@ def test_a_failing_source_raises_after_the_batches_before_it(client):
     assert len(next(p)[1]) == 2 and len(next(p)[1]) == 2
     with pytest.raises(RuntimeError, match="the data loader broke"):
         next(p)
+
+
+def test_an_abandoned_prefetcher_is_freed(client):
+    """Nothing the runtime holds refers back to the Prefetcher (no cycle through
+    Rust, which Python's garbage collector cannot see)."""
+    import gc
+    import weakref
+
+    def source():
+        for i in range(100):
+            yield sequences(2, salt=i)
+
+    p = logitd.Prefetcher(client, source(), depth=2, num_samples=8)
+    next(p)
+    ref = weakref.ref(p)
+    del p
+    gc.collect()
+    assert ref() is None, "the prefetcher (and the batches it holds) leaked"

@@ -469,6 +469,27 @@ class TeacherClient:
 # ---------------------------------------------------------------- prefetcher
 
 
+def _prefetch_requests(
+    batches: Iterator[Any], pending: collections.deque, seed: int, first_position: Any
+) -> Iterator[tuple]:
+    """The Prefetcher's source: each batch as (flat ids, lengths, first positions,
+    seed), the batch itself queued in `pending`. Runs on a runtime thread (with
+    the GIL) when the Rust prefetcher pulls."""
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            if "input_ids" not in batch:
+                raise InvalidArgument(f"batch {i} has no 'input_ids'")
+            flat, lens = _flatten(batch["input_ids"], batch.get("lengths"), batch.get("attention_mask"))
+            first = batch.get("first_position", first_position)
+            batch_seed = batch.get("seed", seed + i)
+        else:
+            flat, lens = _flatten(batch)
+            first, batch_seed = first_position, seed + i
+        request = (flat, lens, _first_positions(first, len(lens)), int(batch_seed) % 2**64)
+        pending.append(batch)
+        yield request
+
+
 class Prefetcher:
     """Targets of training batches fetched ahead, over one streaming call.
 
@@ -499,35 +520,17 @@ class Prefetcher:
         value_encoding: str = "f32",
     ):
         self._pending: collections.deque = collections.deque()
-        self._seed = int(seed)
-        self._first_position = first_position
         self._native = _native.NativePrefetcher(
             client._native,
-            self._requests(iter(batches)),
+            # Not a method: the runtime holds the generator, which must not hold
+            # this object (a cycle through Rust that Python's GC cannot see).
+            _prefetch_requests(iter(batches), self._pending, int(seed), first_position),
             int(depth),
             num_samples=int(num_samples),
             temperature=None if temperature is None else float(temperature),
             method=method,
             value_encoding=value_encoding,
         )
-
-    def _requests(self, batches: Iterator[Any]) -> Iterator[tuple]:
-        # Runs on a runtime thread (with the GIL) when the Rust side pulls.
-        for i, batch in enumerate(batches):
-            if isinstance(batch, Mapping):
-                if "input_ids" not in batch:
-                    raise InvalidArgument(f"batch {i} has no 'input_ids'")
-                flat, lens = _flatten(
-                    batch["input_ids"], batch.get("lengths"), batch.get("attention_mask")
-                )
-                first = batch.get("first_position", self._first_position)
-                seed = batch.get("seed", self._seed + i)
-            else:
-                flat, lens = _flatten(batch)
-                first, seed = self._first_position, self._seed + i
-            request = (flat, lens, _first_positions(first, len(lens)), int(seed) % 2**64)
-            self._pending.append(batch)
-            yield request
 
     def __iter__(self) -> "Prefetcher":
         return self

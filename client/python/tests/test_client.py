@@ -303,3 +303,48 @@ def test_a_server_restarted_mid_run_is_retried():
             np.testing.assert_array_equal(got.logprobs.view(np.uint32), want[seed].logprobs.view(np.uint32))
     finally:
         s.stop()
+
+
+def _pki(dir_, name: str):
+    """A CA and a server certificate for the name logitd.test only (openssl CLI)."""
+    def run(*argv):
+        r = subprocess.run(["openssl", *argv], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"openssl {argv[0]} failed: {r.stderr}"
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca, ca_key = dir_ / f"{name}-ca.pem", dir_ / f"{name}-ca.key"
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", f"/CN={name} test CA")
+    key, csr, cert = dir_ / f"{name}.key", dir_ / f"{name}.csr", dir_ / f"{name}.pem"
+    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=logitd.test")
+    ext = dir_ / f"{name}.ext"
+    ext.write_text(
+        "subjectAltName=DNS:logitd.test\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+    )
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca, cert, key
+
+
+def test_tls_with_a_ca_and_a_domain(client, tmp_path):
+    ca, cert, key = _pki(tmp_path, "good")
+    other_ca, _, _ = _pki(tmp_path, "other")
+    s = Server(extra=("--tls-cert", str(cert), "--tls-key", str(key)))
+    try:
+        seqs = sequences(3, salt=5)
+        want = client.sample(seqs, num_samples=16, seed=2)
+        tls = {"ca": ca, "domain": "logitd.test"}
+        got = logitd.TeacherClient(f"https://127.0.0.1:{s.port}", tls=tls).sample(seqs, num_samples=16, seed=2)
+        np.testing.assert_array_equal(got.token_ids, want.token_ids)
+        np.testing.assert_array_equal(got.logprobs.view(np.uint32), want.logprobs.view(np.uint32))
+        # host:port without a scheme means https with tls
+        assert logitd.TeacherClient(f"127.0.0.1:{s.port}", tls=tls).model_info()["vocab_size"] == 49152
+        # Another CA, or the right CA without the certificate's name: refused, not retried.
+        for bad in ({"ca": other_ca, "domain": "logitd.test"}, str(ca)):
+            with pytest.raises(logitd.Unavailable, match="invalid peer certificate") as e:
+                logitd.TeacherClient(f"https://127.0.0.1:{s.port}", tls=bad)
+            assert e.value.attempts == 1, "a refused certificate is not retried"
+        with pytest.raises(logitd.ConfigError, match="CA certificate"):
+            logitd.TeacherClient(f"https://127.0.0.1:{s.port}", tls=tmp_path / "missing.pem")
+    finally:
+        s.stop()

@@ -1,0 +1,556 @@
+"""logitd for Python trainers: sampled teacher targets from a logitd server.
+
+The core is the Rust client crate (``logitd-client``) through PyO3: balancing
+over several servers, retries with backoff, deadlines, the tokenizer check,
+the streaming prefetcher and the shard reader. Replies arrive as numpy arrays
+(no per-element Python objects); ``PaddedTargets.to_torch`` hands them to
+PyTorch. Waiting calls release the GIL, and Ctrl-C interrupts them.
+
+    import logitd
+    teacher = logitd.TeacherClient("http://127.0.0.1:50051")
+    targets = teacher.sample(input_ids, attention_mask=attention_mask, num_samples=64, seed=step)
+    padded = targets.padded().to_torch(device)   # [B, T, K] ids, logprobs, counts, mask
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import _native, errors, shards
+from .errors import (
+    Cancelled,
+    ConfigError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    LogitdError,
+    MalformedTargets,
+    PermissionDenied,
+    ResourceExhausted,
+    ShardError,
+    TokenizerMismatch,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    VocabMismatch,
+)
+
+__version__ = _native.__version__
+
+__all__ = [
+    "TeacherClient",
+    "Targets",
+    "PaddedTargets",
+    "Prefetcher",
+    "sequence_seed",
+    "shards",
+    "errors",
+    "LogitdError",
+    "InvalidArgument",
+    "Unavailable",
+    "ResourceExhausted",
+    "DeadlineExceeded",
+    "Unauthenticated",
+    "PermissionDenied",
+    "Cancelled",
+    "FailedPrecondition",
+    "Unimplemented",
+    "Internal",
+    "TokenizerMismatch",
+    "VocabMismatch",
+    "ConfigError",
+    "MalformedTargets",
+    "ShardError",
+]
+
+
+def sequence_seed(batch_seed: int, index: int) -> int:
+    """The seed sequence ``index`` of a batch with seed ``batch_seed`` is sent with
+    (the Rust client's and ``logitd-client dump``'s derivation)."""
+    return _native.sequence_seed(batch_seed, index)
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True, eq=False)
+class PaddedTargets:
+    """Dense, right-padded targets: row ``t`` of sequence ``b`` is the teacher's
+    distribution for token ``t + 1`` (position ``t``).
+
+    ``token_ids`` int64, ``logprobs`` float32 and ``counts`` int32 are
+    ``[B, T, K]``; ``mask`` (bool ``[B, T, K]``) is True for real entries;
+    ``position_mask`` (bool ``[B, T]``) is True where position ``t`` has
+    targets (not before ``first_position``, not beyond the sequence). Padding
+    holds finite values (id 0, logprob 0.0, count 0), never -inf.
+    """
+
+    token_ids: Any
+    logprobs: Any
+    counts: Any
+    mask: Any
+    position_mask: Any
+    num_samples: int
+
+    def to_torch(self, device: Any = None) -> "PaddedTargets":
+        """The same fields as torch tensors (same dtypes) on ``device``."""
+        import torch  # imported here: the package works without torch
+
+        def conv(a: Any) -> Any:
+            t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+            return t if device is None else t.to(device, non_blocking=True)
+
+        return PaddedTargets(
+            token_ids=conv(self.token_ids),
+            logprobs=conv(self.logprobs),
+            counts=conv(self.counts),
+            mask=conv(self.mask),
+            position_mask=conv(self.position_mask),
+            num_samples=self.num_samples,
+        )
+
+
+class Targets:
+    """The teacher targets of a batch of B sequences in CSR form, as numpy arrays.
+
+    Positions of all sequences are concatenated: position ``p`` owns entries
+    ``offsets[p]:offsets[p + 1]`` of ``token_ids`` (int64; distinct ids,
+    ascending), ``counts`` (int32; draws per id) and ``logprobs`` (float32;
+    teacher log-probabilities over the whole vocabulary); ``lse`` (float32,
+    one per position) is the log-sum-exp of the teacher's logits / T.
+    Sequence ``b`` owns positions ``seq_offsets[b]:seq_offsets[b + 1]``, which
+    are its sequence positions ``first_positions[b]``, ``first_positions[b] + 1``,
+    … ``lengths[b] - 1``. ``len(targets)`` is B.
+    """
+
+    __slots__ = (
+        "offsets",
+        "token_ids",
+        "counts",
+        "logprobs",
+        "lse",
+        "seq_offsets",
+        "first_positions",
+        "lengths",
+        "num_samples",
+    )
+
+    def __init__(
+        self,
+        offsets: np.ndarray,
+        token_ids: np.ndarray,
+        counts: np.ndarray,
+        logprobs: np.ndarray,
+        lse: np.ndarray,
+        seq_offsets: np.ndarray,
+        first_positions: np.ndarray,
+        lengths: np.ndarray,
+        num_samples: int,
+    ):
+        self.offsets = offsets
+        self.token_ids = token_ids
+        self.counts = counts
+        self.logprobs = logprobs
+        self.lse = lse
+        self.seq_offsets = seq_offsets
+        self.first_positions = first_positions
+        self.lengths = lengths
+        self.num_samples = int(num_samples)
+
+    def __len__(self) -> int:
+        return len(self.first_positions)
+
+    def __repr__(self) -> str:
+        return (
+            f"Targets(sequences={len(self)}, positions={len(self.lse)}, "
+            f"entries={len(self.token_ids)}, num_samples={self.num_samples})"
+        )
+
+    @property
+    def num_positions(self) -> int:
+        """Returned positions of all sequences."""
+        return len(self.lse)
+
+    def padded(self, k_max: int | None = None) -> PaddedTargets:
+        """The dense ``[B, T, K]`` form (see :class:`PaddedTargets`), T the
+        longest sequence, K ``k_max`` or the most distinct ids of any position.
+        Raises ValueError naming the position when one has more than ``k_max`` ids."""
+        if k_max is not None and k_max < 0:
+            raise ValueError(f"k_max = {k_max} is negative")
+        ids, lp, counts, mask, pos = _native.pad(
+            self.offsets,
+            self.token_ids,
+            self.counts,
+            self.logprobs,
+            self.seq_offsets,
+            self.first_positions,
+            self.lengths,
+            k_max,
+        )
+        return PaddedTargets(ids, lp, counts, mask, pos, self.num_samples)
+
+    def sequence(self, b: int) -> "Targets":
+        """Sequence ``b`` alone (views, offsets rebased)."""
+        if not -len(self) <= b < len(self):
+            raise IndexError(f"sequence {b} of {len(self)}")
+        return Targets.concat([self], _select=[b % len(self)])
+
+    @staticmethod
+    def concat(parts: Sequence["Targets"], _select: Sequence[int] | None = None) -> "Targets":
+        """The sequences of several Targets (same num_samples) as one."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        k = parts[0].num_samples
+        if any(p.num_samples != k for p in parts):
+            raise ValueError(
+                f"cannot concatenate targets with num_samples {sorted({p.num_samples for p in parts})}"
+            )
+        offs, ids, cs, lps, lses, sos, fps, lens = [np.zeros(1, np.int64)], [], [], [], [], [np.zeros(1, np.int64)], [], []
+        entry_base = position_base = 0
+        for part in parts:
+            seqs = range(len(part)) if _select is None else _select
+            for b in seqs:
+                p0, p1 = int(part.seq_offsets[b]), int(part.seq_offsets[b + 1])
+                e0, e1 = int(part.offsets[p0]), int(part.offsets[p1])
+                offs.append(part.offsets[p0 + 1 : p1 + 1] - e0 + entry_base)
+                ids.append(part.token_ids[e0:e1])
+                cs.append(part.counts[e0:e1])
+                lps.append(part.logprobs[e0:e1])
+                lses.append(part.lse[p0:p1])
+                position_base += p1 - p0
+                entry_base += e1 - e0
+                sos.append(np.array([position_base], np.int64))
+                fps.append(part.first_positions[b : b + 1])
+                lens.append(part.lengths[b : b + 1])
+
+        def cat(xs: list, dtype: Any) -> np.ndarray:
+            return np.concatenate(xs).astype(dtype, copy=False) if xs else np.zeros(0, dtype)
+
+        return Targets(
+            cat(offs, np.int64),
+            cat(ids, np.int64),
+            cat(cs, np.int32),
+            cat(lps, np.float32),
+            cat(lses, np.float32),
+            cat(sos, np.int64),
+            cat(fps, np.int64),
+            cat(lens, np.int64),
+            k,
+        )
+
+
+def _targets(columns: tuple) -> Targets:
+    return Targets(*columns)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """numpy view of an array-like: numpy, torch tensors (any device), lists."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_ids(flat: np.ndarray, what: str) -> np.ndarray:
+    if flat.size and not np.issubdtype(flat.dtype, np.integer):
+        raise InvalidArgument(f"{what} must be integers, got dtype {flat.dtype}")
+    if flat.size:
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0:
+            raise InvalidArgument(f"token id {lo} in {what} is negative")
+        if hi >= 2**32:
+            raise InvalidArgument(f"token id {hi} in {what} does not fit in 32 bits")
+    return np.ascontiguousarray(flat, dtype=np.uint32)
+
+
+def _flatten(
+    sequences: Any, lengths: Any = None, attention_mask: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a batch as (flat uint32 ids, int64 lengths).
+
+    ``sequences``: a list of lists / 1-D arrays, or a 2-D array (numpy, torch,
+    anything with ``__array__``) whose rows are right-padded to a common
+    length and cut by ``lengths`` or a right-padded ``attention_mask`` (without
+    either, every row is a whole sequence)."""
+    two_d = isinstance(sequences, np.ndarray) or hasattr(sequences, "__array__") or type(
+        sequences
+    ).__module__.startswith("torch")
+    if two_d:
+        arr = _as_numpy(sequences)
+        if arr.ndim != 2:
+            raise InvalidArgument(
+                f"a padded batch must be 2-D [batch, length], got shape {arr.shape}"
+            )
+        b, t = arr.shape
+        if lengths is not None and attention_mask is not None:
+            raise InvalidArgument("give lengths or attention_mask, not both")
+        if attention_mask is not None:
+            mask = _as_numpy(attention_mask)
+            if mask.shape != arr.shape:
+                raise InvalidArgument(
+                    f"attention_mask has shape {mask.shape}, the batch {arr.shape}"
+                )
+            mask = mask.astype(bool, copy=False)
+            lens = mask.sum(axis=1).astype(np.int64)
+            right = np.arange(t)[None, :] < lens[:, None]
+            bad = np.nonzero((mask != right).any(axis=1))[0]
+            if bad.size:
+                raise InvalidArgument(
+                    f"attention_mask row {int(bad[0])} is not right-padded (ones, then zeros)"
+                )
+            return _check_ids(arr[mask], "sequences"), lens
+        if lengths is not None:
+            lens = _as_numpy(lengths).astype(np.int64).reshape(-1)
+            if lens.shape != (b,):
+                raise InvalidArgument(f"{lens.size} lengths for {b} sequences")
+            if lens.size and (lens.min() < 0 or lens.max() > t):
+                bad = int(lens[(lens < 0) | (lens > t)][0])
+                raise InvalidArgument(f"length {bad} is outside 0..={t}")
+            mask = np.arange(t)[None, :] < lens[:, None]
+            return _check_ids(arr[mask], "sequences"), lens
+        return _check_ids(arr.reshape(-1), "sequences"), np.full(b, t, np.int64)
+    if lengths is not None or attention_mask is not None:
+        raise InvalidArgument("lengths and attention_mask go with a padded 2-D batch only")
+    rows = [_as_numpy(s) for s in sequences]
+    for i, r in enumerate(rows):
+        if r.ndim != 1:
+            raise InvalidArgument(f"sequence {i} has shape {r.shape}, expected 1-D")
+        if r.size and not np.issubdtype(r.dtype, np.integer):
+            raise InvalidArgument(f"sequence {i} must be integers, got dtype {r.dtype}")
+    lens = np.fromiter((r.size for r in rows), np.int64, len(rows))
+    flat = np.concatenate([r.astype(np.int64, copy=False) for r in rows]) if rows else np.zeros(0, np.int64)
+    return _check_ids(flat, "sequences"), lens
+
+
+def _first_positions(first_position: Any, batch: int) -> np.ndarray:
+    f = np.asarray(_as_numpy(first_position) if not isinstance(first_position, int) else first_position)
+    if f.ndim == 0:
+        f = np.full(batch, int(f), np.int64)
+    f = f.astype(np.int64, copy=False).reshape(-1)
+    if f.shape != (batch,):
+        raise InvalidArgument(f"{f.size} first positions for {batch} sequences")
+    if f.size and f.min() < 0:
+        raise InvalidArgument(f"first_position {int(f.min())} is negative")
+    return np.ascontiguousarray(f)
+
+
+def _endpoints(endpoints: str | Sequence[str], tls: bool) -> list[str]:
+    if isinstance(endpoints, (str, os.PathLike)):
+        endpoints = [str(endpoints)]
+    out = []
+    for e in endpoints:
+        e = str(e)
+        if "://" not in e:
+            e = ("https://" if tls else "http://") + e
+        out.append(e)
+    if not out:
+        raise ConfigError("no endpoints")
+    return out
+
+
+# ---------------------------------------------------------------- client
+
+
+class TeacherClient:
+    """A logitd teacher: one or several servers behind one balanced channel.
+
+    Args:
+        endpoints: a URI (``"http://10.0.0.7:50051"``; ``"host:port"`` means
+            http, or https with ``tls``) or a list of them, balanced per call.
+        bearer_token: sent as ``authorization: Bearer <token>``.
+        tls: None (plaintext), the path of a PEM CA certificate the server's
+            certificate must chain to, or a dict with ``ca`` (path), ``domain``
+            (the name to verify instead of the endpoint's host), ``cert`` and
+            ``key`` (paths of a client certificate for mutual TLS).
+        expect_tokenizer_sha256: refuse (TokenizerMismatch) a server with
+            another tokenizer digest.
+        expect_vocab_size: refuse (VocabMismatch) a server with another
+            vocabulary size.
+        timeout_s: the deadline of each call (DeadlineExceeded after it).
+        max_attempts: attempts per call; UNAVAILABLE, RESOURCE_EXHAUSTED and
+            broken connections are retried with jittered exponential backoff.
+
+    Connecting fetches the server's ModelInfo (with retries) and runs the checks.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        bearer_token: str | None = None,
+        tls: str | os.PathLike | Mapping[str, str] | None = None,
+        expect_tokenizer_sha256: str | None = None,
+        expect_vocab_size: int | None = None,
+        timeout_s: float = 60.0,
+        max_attempts: int = 8,
+        max_sequences_per_request: int = 64,
+        max_concurrent_requests: int = 8,
+    ):
+        if isinstance(tls, bool):
+            raise ConfigError(
+                "tls=True: give the path of the CA certificate (or a dict with ca/domain/cert/key)"
+            )
+        if tls is None:
+            tls_args: dict[str, str | None] = {}
+        elif isinstance(tls, Mapping):
+            unknown = set(tls) - {"ca", "domain", "cert", "key"}
+            if unknown:
+                raise ConfigError(f"unknown tls keys {sorted(unknown)} (ca, domain, cert, key)")
+            tls_args = {f"tls_{k}": (None if v is None else os.fspath(v)) for k, v in tls.items()}
+        else:
+            tls_args = {"tls_ca": os.fspath(tls)}
+        self._native = _native.Client(
+            _endpoints(endpoints, tls is not None),
+            bearer_token=bearer_token,
+            expect_tokenizer_sha256=expect_tokenizer_sha256,
+            expect_vocab_size=expect_vocab_size,
+            timeout_s=float(timeout_s),
+            max_attempts=int(max_attempts),
+            max_sequences_per_request=int(max_sequences_per_request),
+            max_concurrent_requests=int(max_concurrent_requests),
+            **tls_args,
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        """What the server reported on connect: ``model_id``, ``architecture``,
+        ``vocab_size``, ``max_seq_len``, ``dtype``, ``device``,
+        ``tokenizer_sha256``, ``default_num_samples``, ``max_num_samples``."""
+        return self._native.model_info()
+
+    def sample(
+        self,
+        sequences: Any,
+        *,
+        num_samples: int = 256,
+        temperature: float | None = 1.0,
+        seed: int = 0,
+        first_position: int | Sequence[int] = 0,
+        method: str = "sample",
+        value_encoding: str = "f32",
+        lengths: Any = None,
+        attention_mask: Any = None,
+    ) -> Targets:
+        """Teacher targets of every position from ``first_position`` on of each sequence.
+
+        ``sequences``: a list of lists or 1-D arrays of token ids, or a padded
+        2-D array / tensor with ``lengths`` or a right-padded
+        ``attention_mask``. ``num_samples``: draws per position (k; 0 = the
+        server default). ``seed``: the batch seed; sequence b is sampled with
+        ``sequence_seed(seed, b)``, so results do not depend on how the batch
+        is split into requests. ``method``: ``"sample"`` (i.i.d. draws) or
+        ``"top_k"``. ``value_encoding``: ``"f32"``, ``"f16"`` or ``"bf16"`` on
+        the wire (decoded to float32). Large batches are split into concurrent
+        requests and reassembled in order.
+        """
+        flat, lens = _flatten(sequences, lengths, attention_mask)
+        first = _first_positions(first_position, len(lens))
+        return _targets(
+            self._native.sample(
+                flat,
+                lens,
+                first,
+                num_samples=int(num_samples),
+                temperature=None if temperature is None else float(temperature),
+                seed=int(seed),
+                method=method,
+                value_encoding=value_encoding,
+            )
+        )
+
+
+# ---------------------------------------------------------------- prefetcher
+
+
+def _prefetch_requests(
+    batches: Iterator[Any], pending: collections.deque, seed: int, first_position: Any
+) -> Iterator[tuple]:
+    """The Prefetcher's source: each batch as (flat ids, lengths, first positions,
+    seed), the batch itself queued in `pending`. Runs on a runtime thread (with
+    the GIL) when the Rust prefetcher pulls."""
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            if "input_ids" not in batch:
+                raise InvalidArgument(f"batch {i} has no 'input_ids'")
+            flat, lens = _flatten(batch["input_ids"], batch.get("lengths"), batch.get("attention_mask"))
+            first = batch.get("first_position", first_position)
+            batch_seed = batch.get("seed", seed + i)
+        else:
+            flat, lens = _flatten(batch)
+            first, batch_seed = first_position, seed + i
+        request = (flat, lens, _first_positions(first, len(lens)), int(batch_seed) % 2**64)
+        pending.append(batch)
+        yield request
+
+
+class Prefetcher:
+    """Targets of training batches fetched ahead, over one streaming call.
+
+    Iterating yields ``(batch, targets)`` in the order of ``batches``, with
+    ``depth`` batches in flight: the source is read ahead by at most
+    ``depth + 1`` batches. A batch is anything ``TeacherClient.sample`` takes
+    as ``sequences``, or a Mapping with ``"input_ids"`` and optionally
+    ``"attention_mask"``, ``"lengths"``, ``"first_position"`` and ``"seed"``
+    (other keys ride along). Batch i is sampled with seed ``batch["seed"]``
+    or ``seed + i``. UNAVAILABLE / RESOURCE_EXHAUSTED reopen the stream and
+    re-send (a restarting server); any other failure raises its typed
+    exception (``exc.batch`` is the batch) from ``next()`` for that batch only,
+    and iterating may go on. An exception raised by ``batches`` itself comes
+    after the batches before it. The GIL is released while waiting.
+    """
+
+    def __init__(
+        self,
+        client: TeacherClient,
+        batches: Iterable[Any],
+        depth: int = 4,
+        *,
+        num_samples: int = 256,
+        temperature: float | None = 1.0,
+        seed: int = 0,
+        first_position: int | Sequence[int] = 0,
+        method: str = "sample",
+        value_encoding: str = "f32",
+    ):
+        self._pending: collections.deque = collections.deque()
+        self._native = _native.NativePrefetcher(
+            client._native,
+            # Not a method: the runtime holds the generator, which must not hold
+            # this object (a cycle through Rust that Python's GC cannot see).
+            _prefetch_requests(iter(batches), self._pending, int(seed), first_position),
+            int(depth),
+            num_samples=int(num_samples),
+            temperature=None if temperature is None else float(temperature),
+            method=method,
+            value_encoding=value_encoding,
+        )
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> tuple[Any, Targets]:
+        try:
+            columns = self._native.next_targets()
+        except LogitdError as e:
+            if self._pending:
+                e.batch = self._pending.popleft()
+            raise
+        return self._pending.popleft(), _targets(columns)
+
+    def close(self) -> None:
+        """Stops fetching; batches in flight are dropped."""
+        self._native.close()
+        self._pending.clear()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,234 @@
+//! `_native.Client`: the Rust `TeacherClient` (balancing, retries, deadlines,
+//! tokenizer and vocabulary checks) for Python.
+
+use std::time::Duration;
+
+use logitd_client::{ClientConfig, SampleOptions, TeacherClient};
+use logitd_proto::v1::{SamplingMethod, ValueEncoding};
+use numpy::PyReadonlyArray1;
+use pyo3::{prelude::*, types::PyDict};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+use crate::{errors, targets::Columns, wait};
+
+/// The Rust [`SampleOptions`] of a call, from the Python arguments. The one
+/// place they are built (sample, prefetch).
+pub(crate) fn sample_options(
+    py: Python<'_>,
+    num_samples: u32,
+    temperature: Option<f32>,
+    seed: u64,
+    method: &str,
+    value_encoding: &str,
+) -> PyResult<SampleOptions> {
+    let method = match method {
+        "sample" => SamplingMethod::Sample as i32,
+        "top_k" => SamplingMethod::TopK as i32,
+        other => {
+            return Err(errors::invalid_argument(
+                py,
+                format!("method {other:?}: expected \"sample\" or \"top_k\""),
+            ));
+        }
+    };
+    let value_encoding = match value_encoding {
+        "f32" => ValueEncoding::F32 as i32,
+        "f16" => ValueEncoding::F16 as i32,
+        "bf16" => ValueEncoding::Bf16 as i32,
+        other => {
+            return Err(errors::invalid_argument(
+                py,
+                format!("value_encoding {other:?}: expected \"f32\", \"f16\" or \"bf16\""),
+            ));
+        }
+    };
+    Ok(SampleOptions { num_samples, temperature, seed, method, value_encoding })
+}
+
+/// Token ids in one flat array plus lengths, as one vector per sequence.
+pub(crate) fn split_sequences(
+    py: Python<'_>,
+    flat: &[u32],
+    lengths: &[i64],
+) -> PyResult<Vec<Vec<u32>>> {
+    let total: i64 = lengths.iter().sum();
+    if lengths.iter().any(|&l| l < 0) || total != flat.len() as i64 {
+        return Err(errors::invalid_argument(
+            py,
+            format!("lengths sum to {total} but there are {} token ids", flat.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(lengths.len());
+    let mut at = 0usize;
+    for &l in lengths {
+        out.push(flat[at..at + l as usize].to_vec());
+        at += l as usize;
+    }
+    Ok(out)
+}
+
+/// First positions (≥ 0, < 2^32) as u32.
+pub(crate) fn first_positions(py: Python<'_>, f: &[i64]) -> PyResult<Vec<u32>> {
+    f.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            u32::try_from(v).map_err(|_| {
+                errors::invalid_argument(
+                    py,
+                    format!("first_position {v} of sequence {i} is not in 0..2^32"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn contiguous<'a, T: numpy::Element>(
+    py: Python<'_>,
+    a: &'a PyReadonlyArray1<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| errors::invalid_argument(py, format!("{name} is not contiguous")))
+}
+
+/// A connected teacher (see `logitd.TeacherClient`).
+#[pyclass(module = "logitd._native", frozen)]
+pub struct Client {
+    pub(crate) inner: TeacherClient,
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (endpoints, *, bearer_token = None, tls_ca = None, tls_domain = None, tls_cert = None, tls_key = None, expect_tokenizer_sha256 = None, expect_vocab_size = None, timeout_s = 60.0, max_attempts = 8, max_sequences_per_request = 64, max_concurrent_requests = 8))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        endpoints: Vec<String>,
+        bearer_token: Option<String>,
+        tls_ca: Option<String>,
+        tls_domain: Option<String>,
+        tls_cert: Option<String>,
+        tls_key: Option<String>,
+        expect_tokenizer_sha256: Option<String>,
+        expect_vocab_size: Option<u32>,
+        timeout_s: f64,
+        max_attempts: u32,
+        max_sequences_per_request: usize,
+        max_concurrent_requests: usize,
+    ) -> PyResult<Self> {
+        if !(timeout_s.is_finite() && timeout_s > 0.0) {
+            return Err(errors::invalid_argument(
+                py,
+                format!("timeout_s = {timeout_s} is not a positive number of seconds"),
+            ));
+        }
+        if max_attempts == 0 {
+            return Err(errors::invalid_argument(py, "max_attempts = 0: at least 1".into()));
+        }
+        let mut config = ClientConfig::new(endpoints);
+        config.bearer_token = bearer_token;
+        config.timeout = Duration::from_secs_f64(timeout_s);
+        config.retry.max_attempts = max_attempts;
+        config.max_sequences_per_request = max_sequences_per_request.max(1);
+        config.max_concurrent_requests = max_concurrent_requests.max(1);
+        config.expect_tokenizer_sha256 = expect_tokenizer_sha256;
+        config.expect_vocab_size = expect_vocab_size;
+        let read = |what: &str, path: &str| {
+            std::fs::read(path).map_err(|e| {
+                errors::make(py, "ConfigError", format!("{what} {path:?}: {e}"), None, None)
+            })
+        };
+        if tls_ca.is_some() || tls_domain.is_some() || tls_cert.is_some() || tls_key.is_some() {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &tls_ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read("tls CA certificate", ca)?));
+            }
+            if let Some(d) = tls_domain {
+                tls = tls.domain_name(d);
+            }
+            match (&tls_cert, &tls_key) {
+                (Some(c), Some(k)) => {
+                    tls = tls.identity(Identity::from_pem(
+                        read("tls client certificate", c)?,
+                        read("tls client key", k)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(errors::make(
+                        py,
+                        "ConfigError",
+                        "a TLS client certificate needs both `cert` and `key`".into(),
+                        None,
+                        None,
+                    ));
+                }
+            }
+            config.tls = Some(tls);
+        }
+        let inner = {
+            let _guard = crate::runtime().enter();
+            wait(py, TeacherClient::connect(config))?
+        }
+        .map_err(|e| errors::client_error(py, e))?;
+        Ok(Self { inner })
+    }
+
+    /// What the server reported on connect, as a dict.
+    fn model_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let i = self.inner.model_info();
+        let d = PyDict::new(py);
+        d.set_item("model_id", &i.model_id)?;
+        d.set_item("architecture", &i.architecture)?;
+        d.set_item("vocab_size", i.vocab_size)?;
+        d.set_item("max_seq_len", i.max_sequence_length)?;
+        d.set_item("dtype", &i.dtype)?;
+        d.set_item("device", &i.device)?;
+        d.set_item("tokenizer_sha256", &i.tokenizer_sha256)?;
+        d.set_item("default_num_samples", i.default_num_samples)?;
+        d.set_item("max_num_samples", i.max_num_samples)?;
+        Ok(d)
+    }
+
+    /// Targets of the sequences `flat` split by `lengths`: the columns tuple
+    /// of `logitd.Targets`.
+    #[pyo3(signature = (flat, lengths, first_positions, *, num_samples, temperature, seed, method, value_encoding))]
+    #[allow(clippy::too_many_arguments)]
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        flat: PyReadonlyArray1<'py, u32>,
+        lengths: PyReadonlyArray1<'py, i64>,
+        first_positions: PyReadonlyArray1<'py, i64>,
+        num_samples: u32,
+        temperature: Option<f32>,
+        seed: u64,
+        method: &str,
+        value_encoding: &str,
+    ) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+        let options = sample_options(py, num_samples, temperature, seed, method, value_encoding)?;
+        let lengths = contiguous(py, &lengths, "lengths")?.to_vec();
+        let sequences = split_sequences(py, contiguous(py, &flat, "token ids")?, &lengths)?;
+        let first =
+            self::first_positions(py, contiguous(py, &first_positions, "first_positions")?)?;
+        if first.len() != sequences.len() {
+            return Err(errors::invalid_argument(
+                py,
+                format!("{} first positions for {} sequences", first.len(), sequences.len()),
+            ));
+        }
+        let client = &self.inner;
+        let targets = wait(py, client.sample_targets(&sequences, Some(&first), options))?
+            .map_err(|e| errors::client_error(py, e))?;
+        // Decoding into the columns needs no GIL.
+        let columns = py.detach(|| Columns::new(&targets, Some(lengths)));
+        columns.into_py(py)
+    }
+}
+
+/// A sequence's seed from the batch seed and its index (what the client and
+/// `logitd-client dump` send).
+#[pyfunction]
+pub fn sequence_seed(batch_seed: u64, index: u64) -> u64 {
+    logitd_client::sequence_seed(batch_seed, index)
+}

@@ -22,8 +22,8 @@ pub(crate) fn sample_options(
     value_encoding: &str,
 ) -> PyResult<SampleOptions> {
     let method = match method {
-        "sample" => SamplingMethod::Sample as i32,
-        "top_k" => SamplingMethod::TopK as i32,
+        "sample" => SamplingMethod::Sample,
+        "top_k" => SamplingMethod::TopK,
         other => {
             return Err(errors::invalid_argument(
                 py,
@@ -32,9 +32,9 @@ pub(crate) fn sample_options(
         }
     };
     let value_encoding = match value_encoding {
-        "f32" => ValueEncoding::F32 as i32,
-        "f16" => ValueEncoding::F16 as i32,
-        "bf16" => ValueEncoding::Bf16 as i32,
+        "f32" => ValueEncoding::F32,
+        "f16" => ValueEncoding::F16,
+        "bf16" => ValueEncoding::Bf16,
         other => {
             return Err(errors::invalid_argument(
                 py,

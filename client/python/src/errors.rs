@@ -4,29 +4,6 @@ use logitd_client::{ClientError, shard::ShardError};
 use pyo3::{exceptions::PyRuntimeError, prelude::*};
 use tonic::Code;
 
-/// The SCREAMING_CASE name of a gRPC code (as in the gRPC spec).
-pub(crate) fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The exception class of `logitd.errors` for a gRPC code.
 fn class_of(code: Code) -> &'static str {
     match code {
@@ -73,7 +50,7 @@ pub(crate) fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
             py,
             class_of(status.code()),
             status.message().to_string(),
-            Some(code_name(status.code())),
+            Some(logitd_proto::code_name(status.code())),
             Some(*attempts),
         ),
         ClientError::TokenizerMismatch { .. } => {

@@ -51,23 +51,8 @@ __all__ = [
     "sequence_seed",
     "shards",
     "errors",
-    "LogitdError",
-    "InvalidArgument",
-    "Unavailable",
-    "ResourceExhausted",
-    "DeadlineExceeded",
-    "Unauthenticated",
-    "PermissionDenied",
-    "Cancelled",
-    "FailedPrecondition",
-    "Unimplemented",
-    "Internal",
-    "TokenizerMismatch",
-    "VocabMismatch",
-    "ConfigError",
-    "MalformedTargets",
-    "ShardError",
 ]
+__all__ += errors.__all__  # the typed exceptions, re-exported
 
 
 def sequence_seed(batch_seed: int, index: int) -> int:

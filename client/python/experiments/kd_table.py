@@ -664,7 +664,7 @@ def run(args, log=print) -> dict:
                       for k, w in wire.items()})
     write_outputs(args, rows, summary, meta)
     log((args.out / "kd_table.md").read_text())
-    return dict(rows=rows, summary=summary, meta=meta, train_losses=train_losses)
+    return dict(rows=rows, summary=summary, meta=meta, train_losses=train_losses, wire=wire)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--bytes-sequences", type=int, default=64,
                    help="sequences over which bytes/position are measured in both f32 and f16")
+    p.add_argument("--shared-draws", action="store_true",
+                   help="every seed trains on seed 0's sampled draws (one teacher pass per target instead of one "
+                        "per target and seed); seeds then differ only in initial weights and data order")
     p.add_argument("--pilot", action="store_true", help="label every output as a pilot (not the table)")
     return p.parse_args(argv)
 
@@ -183,7 +186,7 @@ def dialogue(markdown: str) -> str:
 def load_tokenizer(args):
     import tokenizers
 
-    path = args.out / "tokenizer.json"
+    path = args.out / "work" / "tokenizer.json"
     if not path.is_file():
         run_checked([str(args.dense_bin), str(args.teacher), "--tokenizer", str(path)])
     return tokenizers.Tokenizer.from_file(str(path))
@@ -237,7 +240,7 @@ def teacher_dense(args, tokens: np.ndarray, name: str, dense: bool):
     tokens [N, L], from logitd's own model code (examples/teacher_dense.rs)."""
     from safetensors.numpy import load_file, save_file
 
-    path_in, path_out = args.out / f"{name}-tokens.safetensors", args.out / f"{name}-teacher.safetensors"
+    path_in, path_out = args.out / "work" / f"{name}-tokens.safetensors", args.out / "work" / f"{name}-teacher.safetensors"
     save_file({"tokens": np.ascontiguousarray(tokens, np.uint32)}, str(path_in))
     argv = [str(args.dense_bin), str(args.teacher), "--tokens", str(path_in), "--out", str(path_out)]
     if dense:
@@ -317,9 +320,10 @@ def wire_targets(client, metrics, inputs, method, k, seed, n_bytes):
     parts, dt, bpp, positions = fetch(client, metrics, inputs, method, k, seed, "f32")
     per_seq = [p.sequence(b) for p in parts for b in range(len(p))]
     w = WireTargets(per_seq, dt, positions, bpp)
-    sub = inputs[:n_bytes]
-    _, _, w.bytes_f32, _ = fetch(client, metrics, sub, method, k, seed, "f32")
-    _, _, w.bytes_f16, _ = fetch(client, metrics, sub, method, k, seed, "f16")
+    if n_bytes > 0:  # the same sequences in both encodings
+        sub = inputs[:n_bytes]
+        _, _, w.bytes_f32, _ = fetch(client, metrics, sub, method, k, seed, "f32")
+        _, _, w.bytes_f16, _ = fetch(client, metrics, sub, method, k, seed, "f16")
     w.distinct_ids = float(np.mean([len(p.token_ids) / p.num_positions for p in parts]))
     return w
 
@@ -508,7 +512,8 @@ def write_outputs(args, rows, summary, meta):
         f"torch {meta['machine']['torch']} ({meta['machine']['torch_threads']} threads); "
         f"SIMD: {' '.join(meta['machine'].get('simd', []))}",
         f"- steps {args.steps} × batch {args.batch} × {args.seq_len} tokens, {args.train_sequences} training sequences, "
-        f"{args.heldout_sequences} held-out sequences ({', '.join(HELDOUT_PLAYS)}), seeds {args.seeds}, lr {args.lr}",
+        f"{args.heldout_sequences} held-out sequences ({', '.join(HELDOUT_PLAYS)}), seeds {args.seeds}, lr {args.lr}, "
+        f"sampled draws {'shared by all seeds' if args.shared_draws else 'drawn per seed'}",
         f"- teacher's own held-out CE {meta['teacher_ce']:.3f}, ECE {meta['teacher_ece']:.3f}",
         "",
         "| arm | held-out CE | KL(teacher‖student) | top-1 ECE | mass outside teacher top-256 | train CE | "
@@ -571,7 +576,7 @@ def run(args, log=print) -> dict:
             sys.exit(f"{p} is missing: {what}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "work").mkdir(parents=True, exist_ok=True)  # scratch: tokenizer, token files
     tok = load_tokenizer(args)
     train, heldout = sequences(args, tok)
     L = args.seq_len
@@ -621,9 +626,12 @@ def run(args, log=print) -> dict:
                 continue
             for seed in range(args.seeds):
                 key = (spec["method"], spec["k"], seed)
-                src = (spec["method"], spec["k"], 0) if spec["method"] == "top_k" else key
+                shared = spec["method"] == "top_k" or args.shared_draws  # top-k does not depend on the seed
+                src = (spec["method"], spec["k"], 0) if shared else key
                 if src not in wire:
-                    w = wire_targets(client, metrics, train[:, :L], spec["method"], spec["k"], seed, args.bytes_sequences)
+                    # bytes/position: measured on seed 0's pass (later seeds only change the draws)
+                    n_bytes = args.bytes_sequences if seed == 0 else 0
+                    w = wire_targets(client, metrics, train[:, :L], spec["method"], spec["k"], seed, n_bytes)
                     wire[src] = w
                     log(f"wire {src}: {w.positions} positions in {w.pass_s:.1f} s; bytes/pos f32 {w.bytes_f32:.0f} "
                         f"f16 {w.bytes_f16:.0f}; distinct ids/pos {w.distinct_ids:.1f}")
@@ -635,7 +643,7 @@ def run(args, log=print) -> dict:
         spec = ARMS[arm]
         if spec["kind"] in ("wire", "tail"):
             ws = [wire[(spec["method"], spec["k"], s)] for s in range(args.seeds)]
-            w = ws[0]
+            w = ws[0]  # seed 0 carries the byte measurement
             costs[arm] = dict(bytes_f32=f"{w.bytes_f32:.0f}", bytes_f16=f"{w.bytes_f16:.0f}",
                               distinct_ids=f"{np.mean([x.distinct_ids for x in ws]):.1f}",
                               teacher_s=f"{np.mean([x.pass_s for x in ws]):.1f} ({1000 * np.mean([x.pass_s / x.positions for x in ws]):.2f})")

@@ -8,7 +8,8 @@ Checks, independently of the experiment's own checks, on the CSR targets as the
 client returned them: sampled arms' counts sum to k at every position; top-k arms
 have exactly k ids per position; the tail bucket's mass is in [0, 1]. Every arm's
 training loss falls; held-out metrics are finite; the outputs are written and
-labelled as a pilot.
+labelled as a pilot. Without a server: the tail-bucket loss and the held-out metrics
+(CE, KL, top-1 ECE, mass outside the teacher's top ids) against float64 NumPy references.
 """
 
 from __future__ import annotations
@@ -99,3 +100,93 @@ def test_outputs_are_written_and_labelled_pilot(result):
         assert (args.out / name).stat().st_size > 0, name
     assert "PILOT" in (args.out / "kd_table.md").read_text()
     assert r["meta"]["head_check_max_abs_p"] < 2e-3
+
+
+# ---------------------------------------------------------------- the experiment's losses and
+# metrics against float64 NumPy references (no server)
+
+
+def _padded(rng, b, t, k, vocab, method):
+    """Random PaddedTargets-like torch fields: distinct ids per row, full-vocabulary
+    teacher log-probs of those ids, counts (1 for top-k), some padding."""
+    import torch
+
+    ids = np.zeros((b, t, k), np.int64)
+    lp = np.zeros((b, t, k), np.float32)
+    counts = np.zeros((b, t, k), np.int32)
+    mask = np.zeros((b, t, k), bool)
+    teacher = rng.normal(size=(b, t, vocab)) * 2
+    teacher = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
+    for i in range(b):
+        for j in range(t):
+            n = k if method == "top_k" else int(rng.integers(1, k + 1))
+            row = np.argsort(-teacher[i, j])[:n] if method == "top_k" else rng.choice(vocab, n, replace=False)
+            ids[i, j, :n], lp[i, j, :n], mask[i, j, :n] = row, teacher[i, j, row], True
+            counts[i, j, :n] = 1 if method == "top_k" else rng.integers(1, 5, n)
+    import logitd
+
+    return logitd.PaddedTargets(torch.from_numpy(ids), torch.from_numpy(lp), torch.from_numpy(counts),
+                                torch.from_numpy(mask), torch.ones(b, t, dtype=torch.bool), 0)
+
+
+def test_tail_loss_matches_float64_reference():
+    import torch
+
+    kd = load_experiment()
+    rng = np.random.default_rng(3)
+    b, t, k, vocab = 2, 5, 7, 40
+    tg = _padded(rng, b, t, k, vocab, "top_k")
+    tg.mask[0, 1, 5:] = False  # a shorter row: padding must not count
+    logits = rng.normal(size=(b, t, vocab)) * 3
+    got = kd.tail_loss(torch.tensor(logits, dtype=torch.float32), tg).item()
+    ref = []
+    for i in range(b):
+        for j in range(t):
+            m = tg.mask[i, j].numpy()
+            s, p = tg.token_ids[i, j].numpy()[m], np.exp(tg.logprobs[i, j].numpy()[m].astype(np.float64))
+            lq = logits[i, j] - np.log(np.exp(logits[i, j]).sum())
+            qs = np.exp(lq[s]).sum()
+            ref.append(-(p * lq[s]).sum() - (1 - p.sum()) * np.log(1 - qs))
+    assert abs(got - np.mean(ref)) < 1e-4 * max(1.0, abs(np.mean(ref))), (got, np.mean(ref))
+
+
+def test_evaluate_matches_float64_reference():
+    import torch
+
+    kd = load_experiment()
+    rng = np.random.default_rng(4)
+    n, L, vocab = 4, 16, 50
+
+    class Fixed(torch.nn.Module):  # a "student" whose logits are given
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor(logits, dtype=torch.float32)
+
+        def forward(self, x):
+            assert x.shape == self.logits.shape[:2]
+            return self.logits
+
+    logits = rng.normal(size=(n, L, vocab)) * 3
+    tokens = rng.integers(0, vocab, size=(n, L + 1))
+    hit = rng.random((n, L)) < 0.5  # about half the top-1 predictions right, so ECE depends on the bins
+    tokens[:, 1:][hit] = logits.argmax(-1)[hit]
+    tlp = rng.normal(size=(n, L, vocab))
+    tlp = tlp - np.log(np.exp(tlp).sum(-1, keepdims=True))
+    top = np.argsort(-tlp, -1)[..., :4]
+    got = kd.evaluate(Fixed(logits), torch.from_numpy(tokens), torch.tensor(tlp).half(), torch.from_numpy(top), chunk=n)
+    lq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    y = tokens[:, 1:]
+    ce = -np.take_along_axis(lq, y[..., None], -1).mean()
+    tl = torch.tensor(tlp).half().double().numpy()  # the experiment reads the teacher in f16
+    kl = (np.exp(tl) * (tl - lq)).sum(-1).mean()
+    outside = (1 - np.take_along_axis(np.exp(lq), top, -1).sum(-1)).mean()
+    conf, acc = np.exp(lq.max(-1)).ravel(), (lq.argmax(-1) == y).ravel()
+    ece = 0.0
+    for lo in np.arange(15) / 15:
+        sel = (conf >= lo) & (conf < lo + 1 / 15)
+        if sel.any():
+            ece += sel.mean() * abs(acc[sel].mean() - conf[sel].mean())
+    assert abs(got["heldout_ce"] - ce) < 1e-5
+    assert abs(got["heldout_kl"] - kl) < 1e-4
+    assert abs(got["mass_outside_top256"] - outside) < 1e-5
+    assert abs(got["ece"] - ece) < 1e-5

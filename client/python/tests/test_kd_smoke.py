@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,10 @@ def load_experiment():
 def result(tmp_path_factory):
     kd = load_experiment()
     out = tmp_path_factory.mktemp("kd-smoke")
-    dense_bin = _binary("examples/teacher_dense", "LOGITD_TEACHER_DENSE_BIN")
+    dense_bin = Path(os.environ.get("LOGITD_TEACHER_DENSE_BIN", REPO / "target/debug/examples/teacher_dense"))
+    if not dense_bin.is_file():
+        pytest.fail(f"{dense_bin} is missing: cargo build -p logitd --example teacher_dense "
+                    "(or set LOGITD_TEACHER_DENSE_BIN)", pytrace=False)
     args = kd.parse_args([
         "--out", str(out), "--teacher", str(teacher_path()),
         "--logitd-bin", str(_binary("logitd", "LOGITD_BIN")), "--dense-bin", str(dense_bin),

@@ -415,6 +415,17 @@ def train_arm(args, arm, seed, train, heldout_t, teacher, wire, log=print):
     order = data_order(seed, len(train), args.steps, args.batch)
     seen = torch.from_numpy(train[order.flatten()[: len(heldout_t)]])  # trained on in the first steps
     rows, losses, head_s = [], [], 0.0
+
+    def record(step):
+        model.eval()
+        m = evaluate(model, heldout_t, teacher.get("heldout_lp"), teacher.get("heldout_top"))
+        m["train_ce"] = evaluate(model, seen, None, None)["heldout_ce"]
+        model.train()
+        tl = float(np.mean(losses[-args.eval_every:])) if losses else float("nan")
+        rows.append(dict(arm=arm, seed=seed, step=step, train_loss=tl, **m))
+        return m
+
+    record(0)  # the initial weights (the same for every arm of a seed)
     t_start = time.perf_counter()
     for step in range(1, args.steps + 1):
         picks = order[step - 1]
@@ -442,11 +453,7 @@ def train_arm(args, arm, seed, train, heldout_t, teacher, wire, log=print):
         opt.step()
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            m = evaluate(model, heldout_t, teacher.get("heldout_lp"), teacher.get("heldout_top"))
-            m["train_ce"] = evaluate(model, seen, None, None)["heldout_ce"]
-            model.train()
-            rows.append(dict(arm=arm, seed=seed, step=step, train_loss=float(np.mean(losses[-args.eval_every:])), **m))
+            m = record(step)
             log(f"{arm:>17} seed {seed} step {step:>4}: loss {losses[-1]:.3f} held-out CE {m['heldout_ce']:.3f} "
                 f"KL {m['heldout_kl']:.3f} ECE {m['ece']:.3f} train CE {m['train_ce']:.3f} "
                 f"({time.perf_counter() - t_start:.0f} s)")

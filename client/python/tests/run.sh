@@ -41,8 +41,9 @@ PATH="$VENV/bin:$PATH" MATURIN_PEP517_ARGS="${MATURIN_PEP517_ARGS:---profile dev
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   --no-build-isolation --no-deps --force-reinstall ./client/python
 
-step "server binaries (target/debug/logitd, logitd-client)"
+step "server binaries (target/debug/logitd, logitd-client, examples/teacher_dense)"
 cargo build --quiet -p logitd --bin logitd -p logitd-client --bin logitd-client
+cargo build --quiet -p logitd --example teacher_dense   # the distillation-table smoke test
 
 step "pytest client/python/tests"
 status=0

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use logitd::{
+    error::ServiceError,
     model::PackedBatch,
     queue::BatchQueue,
     service::{Limits, work_items},
@@ -28,30 +29,32 @@ fuzz_target!(|data: &[u8]| {
         max_request_tokens: 512,
         default_timeout: Duration::from_secs(1),
     };
-    let (params, _encoding) = match limits.validate(&req) {
+    let request = match limits.validate(req) {
         Ok(v) => v,
-        Err(status) => {
+        Err(e) => {
+            // The one way a validation error reaches the wire.
+            let status = tonic::Status::from(ServiceError::from(e));
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(!status.message().is_empty());
             return;
         }
     };
     // What validation promises.
-    assert!(!req.sequences.is_empty());
+    assert!(!request.sequences.is_empty());
     let mut total = 0;
-    for s in &req.sequences {
+    for s in &request.sequences {
         assert!(!s.token_ids.is_empty() && s.token_ids.len() <= 64);
         assert!(s.token_ids.iter().all(|&t| t < 1000));
         assert!((s.first_position as usize) < s.token_ids.len());
         total += s.token_ids.len();
     }
     assert!(total <= 512);
-    assert!((1..=300).contains(&params.num_samples()));
+    assert!((1..=300).contains(&request.params.num_samples()));
 
-    let expected: Vec<Vec<u32>> = req.sequences.iter().map(|s| s.token_ids.clone()).collect();
+    let expected: Vec<Vec<u32>> = request.sequences.iter().map(|s| s.token_ids.clone()).collect();
     let now = Instant::now();
     let (items, _receivers) =
-        work_items(req.sequences, params, req.seed.unwrap_or(0), None, now);
+        work_items(request.sequences, request.params, request.seed.unwrap_or(0), None, now);
     let mut queue = BatchQueue::new(512, MAX_BATCH_TOKENS);
     queue.push(items).expect("a validated request fits an empty queue");
     assert_eq!(queue.queued_tokens(), total);

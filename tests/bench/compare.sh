@@ -7,7 +7,7 @@
 #   (a) logitd end to end: `logitd serve` + the load generator `logitd-bench`
 #       (closed loop, CONCURRENCY unary callers, SEQUENCES x LENGTH per request;
 #       the server batches the callers' requests together)
-#   (b) logitd's engine alone (server/examples/engine_bench.rs: Engine::run on
+#   (b) logitd's engine alone (server/examples/engine_bench.rs: Engine::score on
 #       batches of CONCURRENCY x SEQUENCES sequences, the batches the server
 #       forms, no gRPC, no queue): (a)/(b) is the serving overhead
 #   (c) the peer: Hugging Face transformers on torch, the same forward on the

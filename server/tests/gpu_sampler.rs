@@ -13,7 +13,7 @@
 //!   file with `logits` [rows, V], made by the `dump_logits` example), when set.
 //! - Rows with NaN, +inf or only -inf fail as on the CPU.
 //! - The tiny fixture teachers on CUDA (f32 and bf16) against the CPU in f32,
-//!   and `Teacher::sample` on CUDA (the kernel) against the CPU sampler on the
+//!   and `SamplerBackend::sample` on CUDA (the kernel) against the CPU sampler on the
 //!   same logits.
 //!
 //! Every comparison prints a line `AGREEMENT ...` that tests/gpu/run.sh
@@ -433,10 +433,10 @@ fn teacher_on_cuda_matches_the_cpu() {
     }
 }
 
-/// `Teacher::sample` on CUDA runs the head in chunks and samples each chunk on
+/// `SamplerBackend::sample` on CUDA runs the head in chunks and samples each chunk on
 /// the GPU; the rows must be the CPU sampler's rows of the same logits. The
 /// reference's logits are computed chunk by chunk with the same row counts as
-/// `Teacher::sample` uses (cuBLAS does not promise the same bits for another
+/// `SamplerBackend::sample` uses (cuBLAS does not promise the same bits for another
 /// shape), and a sample row may still differ by draws moved across one CDF
 /// boundary (the f64 sums run in another order), as in the kernel tests.
 #[test]

@@ -12,7 +12,7 @@
 #              kernel's PTX loads and runs one launch, cuBLAS runs
 #   kernel     the kernel against the CPU reference sampler (random       ~60 s       150 s
 #              logits, 3 V x 3 dtypes, sample + top-k, bad rows)
-#   teacher    tiny fixture teachers on CUDA vs the CPU; Teacher::sample  ~40 s        90 s
+#   teacher    tiny fixture teachers on CUDA vs the CPU; SamplerBackend::sample ~40 s        90 s
 #              on CUDA; the kernel on the carried real-teacher logits
 #   sanitize   compute-sanitizer memcheck of the kernel tests, 16 rows    ~45 s        90 s
 #   sampler    kernel time per row vs the copy floor, vs torch            ~60 s       100 s

@@ -26,7 +26,8 @@
 //! How it runs fast: where the CPU has AVX2 and FMA (chosen at run time), the
 //! exponentials run four at a time (the same operations as the scalar
 //! [`exp_f32`], fused multiply-adds included, so the same bits) and the max is
-//! a loop compiled for AVX2. (Elsewhere `f64::mul_add` is exact too, but on an
+//! a loop compiled for AVX2; where it also has AVX-512F, eight at a time in
+//! f64 lanes (still the same operations, so the same bits). (Elsewhere `f64::mul_add` is exact too, but on an
 //! x86-64 CPU without FMA it is a call to the C library's `fma`, which is
 //! slow.) The sequential sums of [`GROUP`]
 //! blocks are accumulated side by side (independent chains, each still
@@ -189,6 +190,72 @@ fn exps_avx2(z: &[f32], max: f32, inv_t: f64, exps: &mut [f32]) {
     }
 }
 
+/// [`exp_f32`] of eight lanes with AVX-512: the same operations in the same
+/// order as [`exp4_avx2`] (and the scalar), so the same bits. The 32-entry
+/// table is read with two two-source permutes and a blend on bit 4 of the
+/// index (exact integer moves), where AVX2 needs four scalar loads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exp8_avx512(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let xd = _mm512_cvtps_pd(x);
+    let inv = _mm512_set1_pd(INV_LN2_N);
+    let shift = _mm512_set1_pd(SHIFT);
+    let kd = _mm512_fmadd_pd(inv, xd, shift);
+    let ki = _mm512_castpd_si512(kd);
+    let kd = _mm512_sub_pd(kd, shift);
+    let r = _mm512_fmsub_pd(inv, xd, kd);
+    // SAFETY: EXP2F_TAB holds 32 u64s, four vectors of 8.
+    let (t0, t1, t2, t3) = unsafe {
+        let p = EXP2F_TAB.as_ptr().cast::<__m512i>();
+        (
+            _mm512_loadu_si512(p),
+            _mm512_loadu_si512(p.add(1)),
+            _mm512_loadu_si512(p.add(2)),
+            _mm512_loadu_si512(p.add(3)),
+        )
+    };
+    // permutex2var uses bits 0–3 of each index (entries 0–15 of its two sources).
+    let lo = _mm512_permutex2var_epi64(t0, ki, t1);
+    let hi = _mm512_permutex2var_epi64(t2, ki, t3);
+    let upper = _mm512_test_epi64_mask(ki, _mm512_set1_epi64(16));
+    let t = _mm512_mask_blend_epi64(upper, lo, hi);
+    let s = _mm512_castsi512_pd(_mm512_add_epi64(t, _mm512_slli_epi64::<47>(ki)));
+    let z = _mm512_fmadd_pd(_mm512_set1_pd(C0), r, _mm512_set1_pd(C1));
+    let r2 = _mm512_mul_pd(r, r);
+    let y = _mm512_fmadd_pd(_mm512_set1_pd(C2), r, _mm512_set1_pd(1.0));
+    let y = _mm512_mul_pd(_mm512_fmadd_pd(z, r2, y), s);
+    let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(UNDERFLOW));
+    _mm256_andnot_ps(under, _mm512_cvtpd_ps(y))
+}
+
+/// e_i = exp_f32(x_i) for the whole row with [`exp8_avx512`]; x_i as in step 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exps_avx512(z: &[f32], max: f32, inv_t: f64, exps: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = z.len().min(exps.len());
+    let whole = n - n % 8;
+    let (m, it) = (f64::from(max), inv_t);
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= n, within both slices.
+        unsafe {
+            let v = _mm256_loadu_ps(z.as_ptr().add(i));
+            let x = if inv_t == 1.0 {
+                _mm256_sub_ps(v, _mm256_set1_ps(max))
+            } else {
+                let d = _mm512_sub_pd(_mm512_cvtps_pd(v), _mm512_set1_pd(m));
+                _mm512_cvtpd_ps(_mm512_mul_pd(d, _mm512_set1_pd(it)))
+            };
+            _mm256_storeu_ps(exps.as_mut_ptr().add(i), exp8_avx512(x));
+        }
+    }
+    for i in whole..n {
+        exps[i] =
+            exp_f32(if inv_t == 1.0 { z[i] - max } else { ((f64::from(z[i]) - m) * it) as f32 });
+    }
+}
+
 /// The max of a row, and whether it holds NaN or +inf.
 #[inline(always)]
 fn max_and_bad(z: &[f32]) -> (f32, bool) {
@@ -335,6 +402,34 @@ fn exps_and_sums_avx2(
     block_sums(e, marks, sums);
 }
 
+/// [`exps`] with [`exps_avx512`] and [`block_sums`], compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exps_and_sums_avx512(
+    z: &[f32],
+    max: f32,
+    inv_t: f64,
+    e: &mut [f32],
+    marks: &mut [f64],
+    sums: &mut Vec<f64>,
+) {
+    exps_avx512(z, max, inv_t, e);
+    block_sums(e, marks, sums);
+}
+
+/// Whether the CPU runs the AVX-512 build of the exponentials (AVX-512F, and
+/// the AVX2 + FMA the rest of that build uses).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the CPU runs the AVX2 + FMA builds.
 fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -357,8 +452,8 @@ fn max_and_bad_fastest(z: &[f32]) -> (f32, bool) {
     max_and_bad(z)
 }
 
-/// Steps 1 and 2 ([`exps`], [`block_sums`]), in the AVX2 + FMA build where the
-/// CPU has both.
+/// Steps 1 and 2 ([`exps`], [`block_sums`]), in the AVX-512 build where the CPU
+/// has AVX-512F, else in the AVX2 + FMA build where it has both.
 fn exps_and_sums_fastest(
     z: &[f32],
     max: f32,
@@ -367,6 +462,11 @@ fn exps_and_sums_fastest(
     marks: &mut [f64],
     sums: &mut Vec<f64>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just now).
+        return unsafe { exps_and_sums_avx512(z, max, inv_t, e, marks, sums) };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just now).
@@ -751,7 +851,9 @@ mod tests {
         for inv_t in [1.0, 1.0 / 0.7] {
             exps(&z, 0.0, inv_t, &mut plain.0);
             block_sums(&plain.0, &mut plain.1, &mut plain.2);
-            exps_and_sums_fastest(&z, 0.0, inv_t, &mut fast.0, &mut fast.1, &mut fast.2);
+            // The AVX2 build itself (on an AVX-512 CPU "fastest" is the AVX-512 one).
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { exps_and_sums_avx2(&z, 0.0, inv_t, &mut fast.0, &mut fast.1, &mut fast.2) };
             assert_eq!(plain, fast);
         }
         assert_eq!(max_and_bad(&z), max_and_bad_fastest(&z));
@@ -770,6 +872,80 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every f32 of [−104.5, 0] (and −0, −inf, large negatives) through `exps` of one
+    /// vector build, compared bit for bit with the scalar [`exp_f32`]; then a row at
+    /// T = 1 and T = 0.7 with its block sums. Returns how many inputs were compared.
+    #[cfg(target_arch = "x86_64")]
+    fn sweep_vector_build(build: fn(&[f32], f32, f64, &mut [f32])) -> u64 {
+        let limit = (-104.5f32).to_bits();
+        let mut xs: Vec<f32> = vec![0.0, -0.0, f32::NEG_INFINITY, -1000.0, f32::MIN, -104.0];
+        let mut got = vec![0.0f32; 1 << 20];
+        let mut compared = 0u64;
+        let mut next = 0x8000_0000u32;
+        loop {
+            while xs.len() < got.len() && next <= limit {
+                xs.push(f32::from_bits(next));
+                next += 1;
+            }
+            build(&xs, 0.0, 1.0, &mut got[..xs.len()]);
+            for (x, e) in xs.iter().zip(&got) {
+                assert_eq!(e.to_bits(), exp_f32(*x).to_bits(), "exp({x:e})");
+            }
+            compared += xs.len() as u64;
+            xs.clear();
+            if next > limit {
+                return compared;
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx512_build_gives_the_same_bits_on_every_float_of_the_range() {
+        // As for AVX2: say loudly when the CPU cannot run the build under test
+        // (LOGITD_REQUIRE_AVX512=1 fails instead).
+        if !avx512() {
+            let msg = "the_avx512_build_gives_the_same_bits_on_every_float_of_the_range: this \
+                       CPU has no AVX-512F, so the AVX-512 build was NOT compared with the scalar one";
+            assert!(std::env::var_os("LOGITD_REQUIRE_AVX512").is_none(), "{msg}");
+            eprintln!("\n!!!!! SKIPPED: {msg} !!!!!\n");
+            return;
+        }
+        // SAFETY (both closures): the CPU has AVX-512F, AVX2 and FMA (checked above).
+        let compared = sweep_vector_build(|z, m, t, e| unsafe { exps_avx512(z, m, t, e) });
+        // 0x8000_0000 ..= bits of −104.5: 1,121,320,961 floats, plus 6 specials.
+        assert_eq!(compared, u64::from((-104.5f32).to_bits() - 0x8000_0000) + 1 + 6);
+        let z: Vec<f32> =
+            (0..5 * BLOCK * GROUP + 77).map(|i| ((i * 7919) % 30_011) as f32 * -0.0037).collect();
+        let fresh =
+            || (vec![0.0f32; z.len()], vec![0.0f64; z.len().div_ceil(BLOCK) * SPANS], vec![]);
+        for inv_t in [1.0, 1.0 / 0.7, 1.0 / 1.3] {
+            let (mut plain, mut v512, mut fastest) = (fresh(), fresh(), fresh());
+            exps(&z, 0.0, inv_t, &mut plain.0);
+            block_sums(&plain.0, &mut plain.1, &mut plain.2);
+            unsafe { exps_and_sums_avx512(&z, 0.0, inv_t, &mut v512.0, &mut v512.1, &mut v512.2) };
+            assert_eq!(plain, v512);
+            let (e, m, b) = &mut fastest;
+            exps_and_sums_fastest(&z, 0.0, inv_t, e, m, b);
+            assert_eq!(plain, fastest);
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx2_build_gives_the_same_bits_on_every_float_of_the_range() {
+        if !avx2_fma() {
+            let msg = "the_avx2_build_gives_the_same_bits_on_every_float_of_the_range: this CPU \
+                       has no AVX2+FMA, so the AVX2 build was NOT compared with the scalar one";
+            assert!(std::env::var_os("LOGITD_REQUIRE_AVX2").is_none(), "{msg}");
+            eprintln!("\n!!!!! SKIPPED: {msg} !!!!!\n");
+            return;
+        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        let compared = sweep_vector_build(|z, m, t, e| unsafe { exps_avx2(z, m, t, e) });
+        assert_eq!(compared, u64::from((-104.5f32).to_bits() - 0x8000_0000) + 1 + 6);
     }
 
     #[test]

@@ -90,25 +90,6 @@ impl Linear {
         Ok(Self { w, b })
     }
 
-    /// One layer computing `parts` side by side (their output rows stacked, in
-    /// order): one matmul with a wider output instead of several narrow ones,
-    /// which the CPU's matmul kernels run faster and with fewer thread hand-offs.
-    fn fuse(parts: Vec<Linear>) -> Result<Self, ModelError> {
-        let ws: Vec<&Tensor> = parts.iter().map(|p| &p.w).collect();
-        let w = Tensor::cat(&ws, 0)?;
-        let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.b.as_ref()).collect();
-        let b = match bs.len() {
-            0 => None,
-            n if n == parts.len() => Some(Tensor::cat(&bs, 0)?),
-            _ => {
-                return Err(ModelError::Config(
-                    "projections fused into one matmul must all have a bias or none".into(),
-                ));
-            }
-        };
-        Ok(Self { w, b })
-    }
-
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.matmul(&self.w.t()?)?;
         match &self.b {
@@ -138,13 +119,14 @@ struct Layer {
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     post_ffn_norm: Option<Tensor>,
-    /// q, k and v projections fused: outputs [q (heads · head_dim) | k | v].
-    qkv: Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    /// gate and up projections fused: outputs [gate (intermediate) | up].
-    gate_up: Linear,
+    gate: Linear,
+    up: Linear,
     down: Linear,
 }
 
@@ -178,23 +160,21 @@ impl Layer {
             } else {
                 None
             },
-            qkv: Linear::fuse(vec![
-                Linear::load(l, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
-                Linear::load(
-                    l,
-                    &format!("{p}.self_attn.k_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                Linear::load(
-                    l,
-                    &format!("{p}.self_attn.v_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-            ])?,
+            q: Linear::load(l, &format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+            k: Linear::load(
+                l,
+                &format!("{p}.self_attn.k_proj"),
+                c.num_kv_heads * hd,
+                h,
+                c.qkv_bias,
+            )?,
+            v: Linear::load(
+                l,
+                &format!("{p}.self_attn.v_proj"),
+                c.num_kv_heads * hd,
+                h,
+                c.qkv_bias,
+            )?,
             o: Linear::load(l, &format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, c.o_bias)?,
             q_norm: if c.qk_norm {
                 Some(l.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?)
@@ -206,10 +186,14 @@ impl Layer {
             } else {
                 None
             },
-            gate_up: Linear::fuse(vec![
-                Linear::load(l, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                Linear::load(l, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-            ])?,
+            gate: Linear::load(
+                l,
+                &format!("{p}.mlp.gate_proj"),
+                c.intermediate_size,
+                h,
+                c.mlp_bias,
+            )?,
+            up: Linear::load(l, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
             down: Linear::load(
                 l,
                 &format!("{p}.mlp.down_proj"),
@@ -598,15 +582,13 @@ impl Teacher {
         }
         let x = (x + a)?;
         let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-        let gate_up = layer.gate_up.forward(&h)?;
-        let im = self.config.intermediate_size;
-        let gate = gate_up.narrow(1, 0, im)?;
+        let gate = layer.gate.forward(&h)?;
         let gate = match self.config.activation {
             Activation::Silu => gate.silu()?,
             Activation::GeluTanh => gate.gelu()?,
             Activation::Gelu => gate.gelu_erf()?,
         };
-        let mut m = layer.down.forward(&(gate * gate_up.narrow(1, im, im)?)?)?;
+        let mut m = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
         if let Some(w) = &layer.post_ffn_norm {
             m = rms_norm(&m, w, eps)?;
         }
@@ -623,10 +605,9 @@ impl Teacher {
         let c = &self.config;
         let (n, nh, nkv, hd) = (x.dim(0)?, c.num_heads, c.num_kv_heads, c.head_dim);
         let groups = nh / nkv;
-        let qkv = layer.qkv.forward(x)?;
-        let mut q = qkv.narrow(1, 0, nh * hd)?.reshape((n, nh, hd))?;
-        let mut k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((n, nkv, hd))?;
-        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((n, nkv, hd))?;
+        let mut q = layer.q.forward(x)?.reshape((n, nh, hd))?;
+        let mut k = layer.k.forward(x)?.reshape((n, nkv, hd))?;
+        let v = layer.v.forward(x)?.reshape((n, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, c.rms_norm_eps)?;
             k = rms_norm(&k, kn, c.rms_norm_eps)?;

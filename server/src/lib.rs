@@ -12,6 +12,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod malloc;
 pub mod metrics;
 pub mod model;
 pub mod queue;

@@ -369,6 +369,9 @@ impl Teacher {
     /// Loads a teacher from a Hugging Face directory (config.json and
     /// safetensors) or a `.gguf` file, in `dtype` on `device`.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        // The forward's large, short-lived tensors: reuse freed memory instead of
+        // a fresh mmap per tensor (see `crate::malloc`).
+        crate::malloc::keep_tensor_memory();
         let started = Instant::now();
         let (config, mut source): (ModelConfig, Box<dyn WeightSource>) = if path.is_dir() {
             let cfg_path = path.join("config.json");

@@ -11,9 +11,8 @@
 # copy the binary aside between builds.
 set -euo pipefail
 gguf=$1 batch=$2 len=$3 rounds=$4; shift 4
-echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "# cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs online"
-echo "# simd: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(sse4_2|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni)$' | sort | paste -sd' ')"
+source "$(dirname "$0")/lib.sh"
+machine_header | sed 's/^/# /'
 echo "# threads: ${RAYON_NUM_THREADS:=2}; load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 export RAYON_NUM_THREADS
 n=$#

@@ -46,6 +46,7 @@ SAMPLER_ROWS=${SAMPLER_ROWS:-512}
 SAMPLER_TIME=${SAMPLER_TIME:-10}
 RESULTS=${RESULTS:-$ROOT/tests/bench/results}
 
+source tests/bench/lib.sh
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # --- Python with torch, transformers, gguf -----------------------------------
@@ -89,6 +90,7 @@ cleanup() {
 trap cleanup EXIT
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 uptime > "$WORK/load-start.txt"
+machine_header > "$WORK/machine.txt"
 { git rev-parse --short HEAD
   if [[ -n $(git status --porcelain -- server client proto tests/bench) ]]; then echo "(with uncommitted changes)"; fi
 } 2>/dev/null | paste -sd' ' > "$WORK/commit.txt" || true
@@ -127,15 +129,6 @@ grep -q '"requests_ok":1' "$WORK/ready.json" || { cat "$WORK/server.log" >&2; ex
 
 # (b) and (c) stay loaded: each reads a duration per line and prints a JSON line.
 BATCH=$(( CONCURRENCY * SEQUENCES ))
-ask() { # ask NAME FD PID SECONDS OUT: one measurement from a loaded peer
-  local before; before=$(wc -l < "$WORK/$1.out")
-  echo "$4" >&"$2"
-  while (( $(wc -l < "$WORK/$1.out") <= before )); do
-    kill -0 "$3" 2>/dev/null || { cat "$WORK/$1.err" >&2; exit 1; }
-    sleep 0.5
-  done
-  tail -n 1 "$WORK/$1.out" > "$5"
-}
 mkfifo "$WORK/b.in" "$WORK/c.in"
 log "loading the teacher in transformers"
 "$PYTHON" tests/bench/torch_peer.py forward "$GGUF" "$WORK/corpus.jsonl" "$BATCH" "$LENGTH" "$K" \

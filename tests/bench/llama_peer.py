@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from torch_peer import read_pool  # the same sequences as the other peers
+from torch_peer import read_pool, run_measurements  # the same sequences and driver as the other peers
 
 
 def cmd_forward(gguf, corpus, sequences, length, duration, threads):
@@ -69,12 +69,7 @@ def cmd_forward(gguf, corpus, sequences, length, duration, threads):
         }), flush=True)
 
     one(0)  # warm-up
-    if duration == "stdin":
-        for line in sys.stdin:
-            if line.strip():
-                measure(float(line))
-    else:
-        measure(float(duration))
+    run_measurements(duration, measure)
 
 
 if __name__ == "__main__":

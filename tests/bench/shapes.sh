@@ -39,6 +39,7 @@ MEM_SHAPE=${MEM_SHAPE:-8x1024}
 K=${K:-256}
 RESULTS=${RESULTS:-$ROOT/tests/bench/results}
 
+source tests/bench/lib.sh
 log() { printf '[shapes %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 if [[ -z ${PYTHON:-} ]]; then
@@ -76,10 +77,7 @@ export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THRE
 
 # The machine, first: the model and the SIMD flags that decide which kernels run.
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs online"
-  echo "simd: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
-    | grep -E '^(sse4_2|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni)$' | sort | paste -sd' ')"
+  machine_header
   echo "commit: $(git rev-parse --short HEAD)$([[ -n $(git status --porcelain -- server client proto tests/bench) ]] && echo ' (with uncommitted changes)')"
   echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   "$PYTHON" -c 'import torch, transformers, llama_cpp; print(f"torch {torch.__version__}, transformers {transformers.__version__}, llama-cpp-python {llama_cpp.__version__}")'
@@ -91,15 +89,6 @@ for shape in $SHAPES $MEM_SHAPE; do (( ${shape#*x} > max_len )) && max_len=${sha
 log "tokenising the play into 16 sequences of $max_len tokens"
 "$PYTHON" tests/bench/torch_peer.py corpus "$GGUF" "$PLAY" "$WORK/corpus.jsonl" 16 "$max_len" 2>/dev/null
 
-ask() { # ask NAME FD PID SECONDS OUT: one measurement from a loaded peer
-  local before; before=$(wc -l < "$WORK/$1.out")
-  echo "$4" >&"$2"
-  while (( $(wc -l < "$WORK/$1.out") <= before )); do
-    kill -0 "$3" 2>/dev/null || { cat "$WORK/$1.err" >&2; exit 1; }
-    sleep 0.2
-  done
-  tail -n 1 "$WORK/$1.out" > "$5"
-}
 
 for shape in $SHAPES; do
   S=${shape%x*} L=${shape#*x}

@@ -201,6 +201,10 @@ def main():
 
     md = []
     md.append(f"# logitd vs what a user would write instead — {now:%Y-%m-%d %H:%M} UTC\n")
+    header = os.path.join(work, "machine.txt")
+    if os.path.exists(header):
+        md.extend(f"- {line}" for line in open(header).read().splitlines())
+        md.append("")
     md.append(f"Machine: {cpu}, {os.cpu_count()} cores, {mem} GiB, {platform.system()} {platform.release()}. "
               f"Commit {commit}; {rustc}; {versions}.\n")
     md.append(f"Settings: {settings}. Teacher `{os.path.basename(gguf)}` (f32 on the CPU, vocabulary {vocab}), "

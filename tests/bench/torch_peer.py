@@ -65,6 +65,17 @@ def request(pool, r, sequences):
     return torch.tensor([pool[(r * sequences + i) % len(pool)] for i in range(sequences)])
 
 
+def run_measurements(duration, measure):
+    """One measurement of DURATION seconds, or with "stdin" one per line read
+    (each a duration), the model staying loaded between them."""
+    if duration == "stdin":
+        for line in sys.stdin:
+            if line.strip():
+                measure(float(line))
+    else:
+        measure(float(duration))
+
+
 def sample_sparse(logits, k, timings=None):
     """logits [N, V] f32 -> CSR (offsets, ids, counts, logprobs) and lse [N]."""
     t0 = time.perf_counter()
@@ -148,12 +159,7 @@ def cmd_forward(gguf, corpus, sequences, length, k, duration, threads):
 
     with torch.inference_mode():
         one(0, dict.fromkeys(steps, 0.0))  # warm-up
-    if duration == "stdin":
-        for line in sys.stdin:
-            if line.strip():
-                measure(float(line))
-    else:
-        measure(float(duration))
+    run_measurements(duration, measure)
 
 
 def cmd_dump(gguf, corpus, rows, out, threads):

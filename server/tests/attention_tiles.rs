@@ -11,11 +11,15 @@
 //!   sum in another order), and
 //! - the logits still match transformers' (the fixtures' expected logits,
 //!   computed by transformers on each sequence alone) within 1e-4.
+//!
+//! On the CPU in f32 the server runs the fused attention kernel instead
+//! (`model/attention_cpu.rs`); the same two checks hold it, at its default
+//! block of query rows and at blocks of 1, 3 and 16 rows.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use logitd::model::{DEFAULT_ATTENTION_TILE_ELEMENTS, PackedBatch, Teacher};
+use candle_core::{DType, Device, Tensor};
+use logitd::model::{DEFAULT_ATTENTION_TILE_ELEMENTS, DEFAULT_QUERY_BLOCK, PackedBatch, Teacher};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
@@ -28,11 +32,69 @@ fn tiles_of(len: usize, heads: usize, bound: usize) -> usize {
     len.div_ceil(rows)
 }
 
+/// The hidden states `hidden` (of `batch`, computed with `label`) against
+/// `one_tile`'s, within 2e-6 of each token's largest value, and their logits
+/// against transformers' (`want`) within 1e-4.
+fn compare(
+    name: &str,
+    label: &str,
+    teacher: &Teacher,
+    batch: &PackedBatch,
+    hidden: &Tensor,
+    one_tile: &[Vec<f32>],
+    want: &[Vec<Vec<f32>>],
+) {
+    let got = hidden.to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    let mut identical = true;
+    for (t, (g, w)) in got.iter().zip(one_tile).enumerate() {
+        // Relative to the largest value of the token's hidden state: the
+        // tiles' matmuls and softmax rows have other shapes, so they may
+        // sum in another order (a few f32 ulps per layer).
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (d, (g, w)) in g.iter().zip(w).enumerate() {
+            identical &= g.to_bits() == w.to_bits();
+            let diff = (g - w).abs() / scale;
+            worst = worst.max(diff);
+            assert!(
+                diff <= 2e-6,
+                "{name}: {label}: token {t} dim {d}: {g} vs one tile {w} (largest |value| {scale})"
+            );
+        }
+    }
+    // And it still matches transformers.
+    let logits = teacher.logits(hidden).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst_tf = 0f32;
+    for (s, want) in want.iter().enumerate() {
+        let range = batch.sequence(s);
+        assert_eq!(range.len(), want.len());
+        for (p, (g, w)) in logits[range].iter().zip(want).enumerate() {
+            for (v, (g, w)) in g.iter().zip(w).enumerate() {
+                let d = (g - w).abs();
+                worst_tf = worst_tf.max(d);
+                assert!(
+                    d <= 1e-4,
+                    "{name}: {label}: sequence {s} position {p} id {v}: {g} vs transformers {w}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{name}: {label}, {} sequences ({} tokens): max diff to one tile {worst:e} of the largest \
+         value ({}), max |diff| to transformers {worst_tf:e}",
+        batch.num_sequences(),
+        batch.num_tokens(),
+        if identical { "bit for bit" } else { "not bit for bit" }
+    );
+}
+
 fn check(name: &str) {
     let dir = fixtures().join(name);
     let mut teacher =
         Teacher::load(&dir, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(teacher.attention_tile_elements(), DEFAULT_ATTENTION_TILE_ELEMENTS);
+    // On the CPU in f32 the fused kernel runs by default.
+    assert_eq!(teacher.fused_cpu_attention(), Some(DEFAULT_QUERY_BLOCK));
     let expected =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let vocab = teacher.config().vocab_size as u32;
@@ -52,8 +114,11 @@ fn check(name: &str) {
     sequences.push((0..29u32).map(|p| (p * p * 7 + 3) % vocab).collect());
     let batch = PackedBatch::new(&sequences).unwrap();
     let lens: Vec<usize> = (0..batch.num_sequences()).map(|s| batch.sequence(s).len()).collect();
+    let fused = teacher.hidden_states(&batch).unwrap();
 
-    // The default bound holds each of these sequences in one tile.
+    // The tiles of tensor ops (what a GPU runs): the default bound holds each
+    // of these sequences in one tile.
+    teacher.set_fused_cpu_attention(None).unwrap();
     assert!(lens.iter().all(|&l| tiles_of(l, heads, DEFAULT_ATTENTION_TILE_ELEMENTS) == 1));
     let one_tile = teacher.hidden_states(&batch).unwrap().to_vec2::<f32>().unwrap();
     let again = teacher.hidden_states(&batch).unwrap().to_vec2::<f32>().unwrap();
@@ -69,49 +134,19 @@ fn check(name: &str) {
             lens.len()
         );
         let hidden = teacher.hidden_states(&batch).unwrap();
-        let got = hidden.to_vec2::<f32>().unwrap();
-        let mut worst = 0f32;
-        let mut identical = true;
-        for (t, (g, w)) in got.iter().zip(&one_tile).enumerate() {
-            // Relative to the largest value of the token's hidden state: the
-            // tiles' matmuls and softmax rows have other shapes, so they may
-            // sum in another order (a few f32 ulps per layer).
-            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (d, (g, w)) in g.iter().zip(w).enumerate() {
-                identical &= g.to_bits() == w.to_bits();
-                let diff = (g - w).abs() / scale;
-                worst = worst.max(diff);
-                assert!(
-                    diff <= 2e-6,
-                    "{name}: bound {bound} ({tiles} tiles): token {t} dim {d}: {g} vs one tile {w} \
-                     (largest |value| {scale})"
-                );
-            }
-        }
-        // And the tiled forward still matches transformers.
-        let logits = teacher.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
-        let mut worst_tf = 0f32;
-        for (s, want) in want.iter().enumerate() {
-            let range = batch.sequence(s);
-            assert_eq!(range.len(), want.len());
-            for (p, (g, w)) in logits[range].iter().zip(want).enumerate() {
-                for (v, (g, w)) in g.iter().zip(w).enumerate() {
-                    let d = (g - w).abs();
-                    worst_tf = worst_tf.max(d);
-                    assert!(
-                        d <= 1e-4,
-                        "{name}: bound {bound}: sequence {s} position {p} id {v}: {g} vs transformers {w}"
-                    );
-                }
-            }
-        }
-        eprintln!(
-            "{name}: bound {bound}: {tiles} tiles for {} sequences ({} tokens): max diff to one \
-             tile {worst:e} of the largest value ({}), max |diff| to transformers {worst_tf:e}",
-            lens.len(),
-            batch.num_tokens(),
-            if identical { "bit for bit" } else { "not bit for bit" }
-        );
+        let label = format!("tiles of at most {bound} scores ({tiles} tiles)");
+        compare(name, &label, &teacher, &batch, &hidden, &one_tile, &want);
+    }
+
+    // The fused CPU kernel, at the default block (one block per sequence
+    // here) and at blocks of 1, 3 and 16 query rows.
+    let label = format!("fused, blocks of {DEFAULT_QUERY_BLOCK} rows");
+    compare(name, &label, &teacher, &batch, &fused, &one_tile, &want);
+    for block in [1, 3, 16] {
+        teacher.set_fused_cpu_attention(Some(block)).unwrap();
+        let hidden = teacher.hidden_states(&batch).unwrap();
+        let label = format!("fused, blocks of {block} rows");
+        compare(name, &label, &teacher, &batch, &hidden, &one_tile, &want);
     }
 }
 

@@ -9,6 +9,7 @@
 //!   logits: chunking the head and sampling belong to the sampler backend
 //!   (`crate::sampler::SamplerBackend`).
 
+mod attention_cpu;
 mod config;
 mod gguf;
 mod hf_config;
@@ -18,6 +19,7 @@ mod weights;
 
 use std::path::PathBuf;
 
+pub use attention_cpu::DEFAULT_QUERY_BLOCK;
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
 pub use teacher::{DEFAULT_ATTENTION_TILE_ELEMENTS, PackedBatch, Teacher};
 pub use tokenizer::{load_tokenizer, tokenizer_sha256};

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{
     Activation, LayerKind, ModelConfig, ModelError, Rope, RopeScaling,
+    attention_cpu::{DEFAULT_QUERY_BLOCK, PackedCausalAttention},
     weights::{Loader, SafetensorsSource, WeightSource},
 };
 use crate::sampler::LmHead;
@@ -257,23 +258,28 @@ fn mask_on_device(
     visible.where_cond(&open, &shut)
 }
 
-/// The tiles of a batch for each distinct window, shared by all layers.
+/// How a batch's attention runs, shared by all layers: the sequences for the
+/// fused CPU kernel, or the tiles for each distinct window.
 struct AttentionPlan {
+    sequences: Vec<Range<usize>>,
     tiles: Vec<(Option<usize>, Vec<Tile>)>,
 }
 
 impl AttentionPlan {
     /// Tiles of at most `tile_elements` scores (heads × query rows × keys),
     /// at least one query row each.
+    /// With `tiled` false, no tiles (the fused kernel needs only the sequences).
     fn new(
         batch: &PackedBatch,
         windows: &[Option<usize>],
         heads: usize,
         tile_elements: usize,
         device: &Device,
+        tiled: bool,
     ) -> Result<Self, ModelError> {
+        let sequences = (0..batch.num_sequences()).map(|s| batch.sequence(s)).collect();
         let mut tiles = Vec::new();
-        for &window in windows {
+        for &window in windows.iter().filter(|_| tiled) {
             let mut list = Vec::new();
             for s in 0..batch.num_sequences() {
                 let seq = batch.sequence(s);
@@ -297,7 +303,7 @@ impl AttentionPlan {
             }
             tiles.push((window, list));
         }
-        Ok(Self { tiles })
+        Ok(Self { sequences, tiles })
     }
 
     fn tiles(&self, window: Option<usize>) -> &[Tile] {
@@ -318,6 +324,8 @@ pub struct Teacher {
     inv_freq_local: Option<Vec<f32>>,
     /// Scores per attention tile, at most ([`DEFAULT_ATTENTION_TILE_ELEMENTS`]).
     attention_tile_elements: usize,
+    /// Query rows per work item of the fused CPU attention; `None`: tiles.
+    fused_query_block: Option<usize>,
     /// RoPE tables of positions 0..len, global and local.
     rope_cache: std::sync::Mutex<[Option<RopeTable>; 2]>,
     /// SHA-256 of the weights as loaded (hex; empty when not loaded from files).
@@ -446,6 +454,9 @@ impl Teacher {
             inv_freq,
             inv_freq_local,
             attention_tile_elements: DEFAULT_ATTENTION_TILE_ELEMENTS,
+            // The fused kernel is CPU and f32 only; elsewhere the tiles.
+            fused_query_block: (device.is_cpu() && dtype == DType::F32)
+                .then_some(DEFAULT_QUERY_BLOCK),
             rope_cache: std::sync::Mutex::new([None, None]),
             weights_sha256: String::new(),
         })
@@ -484,6 +495,32 @@ impl Teacher {
     /// The bound on scores per attention tile.
     pub fn attention_tile_elements(&self) -> usize {
         self.attention_tile_elements
+    }
+
+    /// On the CPU in f32, attention runs fused (see
+    /// [`PackedCausalAttention`](super::attention_cpu::PackedCausalAttention))
+    /// in blocks of `query_block` query rows (at least 1; the server uses
+    /// [`DEFAULT_QUERY_BLOCK`]); `None` makes it run in tiles of tensor ops as
+    /// on a GPU, which tests use to compare the two. An error on a GPU or in
+    /// another dtype, where only the tiles run.
+    pub fn set_fused_cpu_attention(
+        &mut self,
+        query_block: Option<usize>,
+    ) -> Result<(), ModelError> {
+        if query_block.is_some() && !(self.device.is_cpu() && self.dtype == DType::F32) {
+            return Err(ModelError::Config(format!(
+                "the fused attention runs on the CPU in f32 only, not on {:?} in {:?}",
+                self.device.location(),
+                self.dtype
+            )));
+        }
+        self.fused_query_block = query_block.map(|b| b.max(1));
+        Ok(())
+    }
+
+    /// The fused CPU attention's query rows per work item, if it runs.
+    pub fn fused_cpu_attention(&self) -> Option<usize> {
+        self.fused_query_block
     }
 
     /// cos and sin tables [tokens, head_dim / 2] (f32) for the batch positions,
@@ -559,13 +596,14 @@ impl Teacher {
             c.num_heads,
             self.attention_tile_elements,
             &self.device,
+            self.fused_query_block.is_none(),
         )?;
         for layer in &self.layers {
             let rope = match (&local, layer.local_rope) {
                 (Some(local), true) => local,
                 _ => &global,
             };
-            x = self.layer_forward(layer, &x, rope, plan.tiles(layer.window))?;
+            x = self.layer_forward(layer, &x, rope, &plan)?;
         }
         Ok(rms_norm(&x, &self.final_norm, c.rms_norm_eps)?)
     }
@@ -575,11 +613,14 @@ impl Teacher {
         layer: &Layer,
         x: &Tensor,
         rope: &(Tensor, Tensor),
-        tiles: &[Tile],
+        plan: &AttentionPlan,
     ) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps;
         let h = rms_norm(x, &layer.attn_norm, eps)?;
-        let mut a = self.attention(layer, &h, rope, tiles)?;
+        let mut a = match self.fused_query_block {
+            Some(block) => self.fused_attention(layer, &h, rope, &plan.sequences, block)?,
+            None => self.attention(layer, &h, rope, plan.tiles(layer.window))?,
+        };
         if let Some(w) = &layer.post_attn_norm {
             a = rms_norm(&a, w, eps)?;
         }
@@ -596,6 +637,43 @@ impl Teacher {
             m = rms_norm(&m, w, eps)?;
         }
         x + m
+    }
+
+    /// [`Self::attention`] with the fused CPU kernel: q, k and v stay in the
+    /// projections' [tokens, heads, head_dim] layout (RoPE applied in place of
+    /// the transposes), and the kernel writes [tokens, heads × head_dim].
+    fn fused_attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        sequences: &[Range<usize>],
+        query_block: usize,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (n, nh, nkv, hd) = (x.dim(0)?, c.num_heads, c.num_kv_heads, c.head_dim);
+        let mut q = layer.q.forward(x)?.reshape((n, nh, hd))?;
+        let mut k = layer.k.forward(x)?.reshape((n, nkv, hd))?;
+        let v = layer.v.forward(x)?.reshape((n, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+        }
+        let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
+            candle_nn::rotary_emb::rope_thd(&t.contiguous()?.unsqueeze(0)?, cos, sin)?.squeeze(0)
+        };
+        let op = PackedCausalAttention {
+            sequences: sequences.to_vec(),
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            window: layer.window,
+            scale: c.attn_scale as f32,
+            softcap: c.attn_softcap,
+            query_block,
+        };
+        let attn = rotate(&q)?.apply_op3_no_bwd(&rotate(&k)?, &v.contiguous()?, &op)?;
+        layer.o.forward(&attn)
     }
 
     fn attention(
@@ -734,8 +812,8 @@ mod tests {
         let heads = 4;
         for bound in [1, 7, heads * 40, heads * 40 * 3 + 5, DEFAULT_ATTENTION_TILE_ELEMENTS] {
             for window in [None, Some(4)] {
-                let plan =
-                    AttentionPlan::new(&batch, &[window], heads, bound, &Device::Cpu).unwrap();
+                let plan = AttentionPlan::new(&batch, &[window], heads, bound, &Device::Cpu, true)
+                    .unwrap();
                 let tiles = plan.tiles(window);
                 // In order, contiguous, every query of every sequence once.
                 let mut next = 0;
@@ -776,6 +854,7 @@ mod tests {
             1,
             DEFAULT_ATTENTION_TILE_ELEMENTS,
             &Device::Cpu,
+            true,
         )
         .unwrap();
         let tile = &plan.tiles(Some(3))[0];

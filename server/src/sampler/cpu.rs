@@ -476,6 +476,26 @@ fn exps_and_sums_fastest(
     block_sums(e, marks, sums);
 }
 
+/// e_i = [`exp_f32`](z_i − max) for every i, in the fastest build the CPU runs
+/// (AVX-512F, else AVX2 + FMA, else scalar): the same bits in all three. Every
+/// z_i − max must be ≤ 0 (or NaN). This is what `f32::exp` gives on x86-64
+/// Linux, so a softmax built on it equals one built on `f32::exp`; the CPU
+/// attention kernel's softmax uses it.
+pub fn exps_below_max(z: &[f32], max: f32, out: &mut [f32]) {
+    assert_eq!(z.len(), out.len(), "exps_below_max: input and output lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just now).
+        return unsafe { exps_avx512(z, max, 1.0, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just now).
+        return unsafe { exps_avx2(z, max, 1.0, out) };
+    }
+    exps(z, max, 1.0, out);
+}
+
 /// The reference sampler. Holds scratch buffers, so one instance samples any
 /// number of rows without allocating; [`sample_rows`](Self::sample_rows) uses
 /// as many threads as candle does (`RAYON_NUM_THREADS`, else one per core) for

@@ -13,6 +13,7 @@ mod attention_cpu;
 mod config;
 mod gguf;
 mod hf_config;
+mod mlp_cpu;
 mod teacher;
 mod tokenizer;
 mod weights;

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{
     Activation, LayerKind, ModelConfig, ModelError, Rope, RopeScaling,
     attention_cpu::{DEFAULT_QUERY_BLOCK, PackedCausalAttention},
+    mlp_cpu::SiluMul,
     weights::{Loader, SafetensorsSource, WeightSource},
 };
 use crate::sampler::LmHead;
@@ -634,13 +635,15 @@ impl Teacher {
         }
         let x = (x + a)?;
         let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-        let gate = layer.gate.forward(&h)?;
-        let gate = match self.config.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Gelu => gate.gelu_erf()?,
+        let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+        let cpu_f32 = self.device.is_cpu() && self.dtype == DType::F32;
+        let act = match self.config.activation {
+            Activation::Silu if cpu_f32 => gate.apply_op2_no_bwd(&up, &SiluMul)?,
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Gelu => (gate.gelu_erf()? * up)?,
         };
-        let mut m = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+        let mut m = layer.down.forward(&act)?;
         if let Some(w) = &layer.post_ffn_norm {
             m = rms_norm(&m, w, eps)?;
         }

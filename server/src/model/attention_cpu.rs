@@ -139,26 +139,11 @@ impl PackedCausalAttention {
                 // q0..q1 and keys keys_start..q1 of this head's columns), and
                 // `scores` holds rows × keys.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        keys,
-                        hd,
-                        scores.as_mut_ptr(),
-                        1,
-                        keys as isize,
-                        false,
-                        q.as_ptr().add(q_offset),
-                        1,
-                        (nh * hd) as isize,
-                        k.as_ptr().add(kv_offset),
-                        (nkv * hd) as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    matmul(
+                        (rows, keys, hd),
+                        (scores.as_mut_ptr(), keys),
+                        (q.as_ptr().add(q_offset), nh * hd),
+                        (k.as_ptr().add(kv_offset), 1, nkv * hd),
                     );
                 }
                 // 2. the softmax of each row over its visible keys.
@@ -179,29 +164,53 @@ impl PackedCausalAttention {
                 // within `out` and written by this item only.
                 unsafe {
                     let out = out_ptr;
-                    gemm::gemm(
-                        rows,
-                        hd,
-                        keys,
-                        out.0.add(q0 * nh * hd + item.head * hd),
-                        1,
-                        (nh * hd) as isize,
-                        false,
-                        probs.as_ptr(),
-                        1,
-                        keys as isize,
-                        v.as_ptr().add(kv_offset),
-                        1,
-                        (nkv * hd) as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    matmul(
+                        (rows, hd, keys),
+                        (out.0.add(q0 * nh * hd + item.head * hd), nh * hd),
+                        (probs.as_ptr(), keys),
+                        (v.as_ptr().add(kv_offset), nkv * hd, 1),
                     );
                 }
             },
+        );
+    }
+}
+
+/// dst = lhs · rhs for (m, n, k), single-threaded: dst (pointer, row stride)
+/// and lhs (pointer, row stride) have unit column stride; rhs is (pointer, row
+/// stride, column stride).
+///
+/// # Safety
+/// Every element of the three matrices so described must be in bounds, and
+/// dst must not overlap the others or be written by another thread meanwhile.
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }

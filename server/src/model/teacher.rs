@@ -651,6 +651,21 @@ impl Teacher {
         x + m
     }
 
+    /// q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim]: the
+    /// projections of `x`, q and k normed where the model norms them.
+    fn qkv(&self, layer: &Layer, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let (n, nh, nkv, hd) = (x.dim(0)?, c.num_heads, c.num_kv_heads, c.head_dim);
+        let mut q = layer.q.forward(x)?.reshape((n, nh, hd))?;
+        let mut k = layer.k.forward(x)?.reshape((n, nkv, hd))?;
+        let v = layer.v.forward(x)?.reshape((n, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+        }
+        Ok((q, k, v))
+    }
+
     /// [`Self::attention`] with the fused CPU kernel: q, k and v stay in the
     /// projections' [tokens, heads, head_dim] layout (RoPE applied in place of
     /// the transposes), and the kernel writes [tokens, heads × head_dim].
@@ -663,14 +678,8 @@ impl Teacher {
         query_block: usize,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let (n, nh, nkv, hd) = (x.dim(0)?, c.num_heads, c.num_kv_heads, c.head_dim);
-        let mut q = layer.q.forward(x)?.reshape((n, nh, hd))?;
-        let mut k = layer.k.forward(x)?.reshape((n, nkv, hd))?;
-        let v = layer.v.forward(x)?.reshape((n, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = rms_norm(&q, qn, c.rms_norm_eps)?;
-            k = rms_norm(&k, kn, c.rms_norm_eps)?;
-        }
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (q, k, v) = self.qkv(layer, x)?;
         let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
             candle_nn::rotary_emb::rope_thd(&t.contiguous()?.unsqueeze(0)?, cos, sin)?.squeeze(0)
         };
@@ -696,15 +705,9 @@ impl Teacher {
         tiles: &[Tile],
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let (n, nh, nkv, hd) = (x.dim(0)?, c.num_heads, c.num_kv_heads, c.head_dim);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let groups = nh / nkv;
-        let mut q = layer.q.forward(x)?.reshape((n, nh, hd))?;
-        let mut k = layer.k.forward(x)?.reshape((n, nkv, hd))?;
-        let v = layer.v.forward(x)?.reshape((n, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = rms_norm(&q, qn, c.rms_norm_eps)?;
-            k = rms_norm(&k, kn, c.rms_norm_eps)?;
-        }
+        let (q, k, v) = self.qkv(layer, x)?;
         // RoPE in f32 on [1, heads, tokens, head_dim].
         let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
             let t = t.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;

@@ -105,11 +105,31 @@ fn describe() {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// How often the recorder's pending histogram samples are folded into their
+/// buckets (see [`serve`]).
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves `GET /metrics` until `shutdown` resolves. Meanwhile it runs the
+/// recorder's upkeep every [`UPKEEP_INTERVAL`]: the recorder keeps every
+/// histogram sample until upkeep or a scrape folds it into the buckets, so a
+/// server nobody scrapes (or scrapes rarely) would otherwise grow by every
+/// sample it records, several per position served (the overload test saw
+/// +280 MiB in a minute).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let upkeep = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        })
+    };
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -117,7 +137,9 @@ pub async fn serve(
             async move { handle.render() }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    upkeep.abort();
+    served
 }
 
 /// The address a metrics listener is bound to, for logs.

@@ -194,6 +194,10 @@ async fn overload_is_refused_fast_accepted_work_is_correct_and_memory_is_bounded
         "refusals are not fast"
     );
     // Bounded memory: a full queue holds 1024 tokens; the server must not grow
-    // with the load (256 MiB over idle is far above what the queue can hold).
-    assert!(peak_kib < rss_idle + 256 * 1024, "RSS grew from {rss_idle} KiB to {peak_kib} KiB");
+    // with the load. 96 MiB over idle is far above what the queue and the
+    // responses in flight hold (measured: 18 MiB over idle in 20 s, 2,000
+    // answers a second). Histogram samples that nobody folded into buckets
+    // (no upkeep, no scrape) grew it by ~2.5 KiB per answer: +99 MiB in 20 s
+    // and +283 MiB in 60 s.
+    assert!(peak_kib < rss_idle + 96 * 1024, "RSS grew from {rss_idle} KiB to {peak_kib} KiB");
 }

@@ -111,8 +111,18 @@ fn required(value: Option<u64>, key: &str) -> Result<usize, ModelError> {
 
 impl HfConfig {
     /// Parses `config.json`.
+    /// A value of the wrong type is named by its key (`text_config.head_dim`).
     pub fn parse(text: &str) -> Result<Self, ModelError> {
-        serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))
+        let mut de = serde_json::Deserializer::from_str(text);
+        let config: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let key = e.path().to_string();
+            match key.as_str() {
+                "." => ModelError::Config(format!("config.json: {}", e.inner())),
+                _ => ModelError::Config(format!("config.json: `{key}`: {}", e.inner())),
+            }
+        })?;
+        de.end().map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        Ok(config)
     }
 
     /// The model configuration (a multimodal Gemma 3 config is read through
@@ -326,7 +336,16 @@ mod tests {
             "invalid model configuration: config.json: `hidden_size` is missing or not an integer"
         );
         let e = config(r#", "model_type": "llama", "head_dim": "4""#).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains(r#""4""#), "{e}");
+        assert!(e.contains("config.json: `head_dim`: invalid type") && e.contains(r#""4""#), "{e}");
+        let e =
+            HfConfig::parse(r#"{"model_type": "gemma3", "text_config": {"rms_norm_eps": [1]}}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("`text_config.rms_norm_eps`: invalid type"), "{e}");
+        let e = HfConfig::parse(r#"{"model_type": "llama"} trailing"#).unwrap_err().to_string();
+        assert!(e.contains("config.json: trailing characters"), "{e}");
+        let e = HfConfig::parse(r#""llama""#).unwrap_err().to_string();
+        assert!(e.contains(r#"config.json: invalid type: string "llama""#), "{e}");
         let e = config(r#", "model_type": "llama", "hidden_act": "relu2""#).unwrap_err();
         assert!(e.to_string().contains("activation `relu2` is not supported"), "{e}");
         let e = config(r#", "model_type": "llama", "rope_scaling": {"rope_type": "yarn"}"#)

@@ -104,12 +104,11 @@ fn describe() {
     describe_gauge!(MODEL_INFO, "The served teacher (always 1)");
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 /// How often the recorder's pending histogram samples are folded into their
 /// buckets (see [`serve`]).
 pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Serves `GET /metrics` until `shutdown` resolves. Meanwhile it runs the
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves. Meanwhile it runs the
 /// recorder's upkeep every [`UPKEEP_INTERVAL`]: the recorder keeps every
 /// histogram sample until upkeep or a scrape folds it into the buckets, so a
 /// server nobody scrapes (or scrapes rarely) would otherwise grow by every

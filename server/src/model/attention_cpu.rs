@@ -71,6 +71,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The first key query `i` sees, given its sequence's first token `start`: `start`,
+/// or with a window W the key W − 1 before it.
+pub(super) fn first_visible_key(i: usize, window: Option<usize>, start: usize) -> usize {
+    match window {
+        Some(w) => (i + 1).saturating_sub(w).max(start),
+        None => start,
+    }
+}
+
 impl PackedCausalAttention {
     fn items(&self) -> Vec<Item> {
         let block = self.query_block.max(1);
@@ -79,10 +88,7 @@ impl PackedCausalAttention {
             let mut q0 = seq.start;
             while q0 < seq.end {
                 let q1 = (q0 + block).min(seq.end);
-                let keys_start = match self.window {
-                    Some(w) => (q0 + 1).saturating_sub(w).max(seq.start),
-                    None => seq.start,
-                };
+                let keys_start = first_visible_key(q0, self.window, seq.start);
                 for head in 0..self.heads {
                     items.push(Item { head, queries: (q0, q1), keys_start });
                 }
@@ -127,7 +133,8 @@ impl PackedCausalAttention {
                 let (q0, q1) = item.queries;
                 let (rows, keys) = (q1 - q0, q1 - item.keys_start);
                 let kvh = item.head / groups;
-                scores.clear();
+                // The matmul writes every score; the probabilities of keys a
+                // row cannot see must be 0.
                 scores.resize(rows * keys, 0.0);
                 probs.clear();
                 probs.resize(rows * keys, 0.0);
@@ -151,10 +158,7 @@ impl PackedCausalAttention {
                     scores.chunks_exact_mut(keys).zip(probs.chunks_exact_mut(keys)).enumerate()
                 {
                     let i = q0 + r;
-                    let first = match self.window {
-                        Some(w) => (i + 1).saturating_sub(w).max(item.keys_start),
-                        None => item.keys_start,
-                    };
+                    let first = first_visible_key(i, self.window, item.keys_start);
                     let (lo, hi) = (first - item.keys_start, i + 1 - item.keys_start);
                     softmax_row(&mut srow[lo..hi], &mut prow[lo..hi], self.scale, softcap);
                 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{
     Activation, LayerKind, ModelConfig, ModelError, Rope, RopeScaling,
-    attention_cpu::{DEFAULT_QUERY_BLOCK, PackedCausalAttention},
+    attention_cpu::{DEFAULT_QUERY_BLOCK, PackedCausalAttention, first_visible_key},
     mlp_cpu::SiluMul,
     weights::{Loader, SafetensorsSource, WeightSource},
 };
@@ -288,7 +288,8 @@ impl AttentionPlan {
     ) -> Result<Self, ModelError> {
         let sequences = (0..batch.num_sequences()).map(|s| batch.sequence(s)).collect();
         let mut tiles = Vec::new();
-        for &window in windows.iter().filter(|_| tiled) {
+        let windows = if tiled { windows } else { &[] };
+        for &window in windows {
             let mut list = Vec::new();
             for s in 0..batch.num_sequences() {
                 let seq = batch.sequence(s);
@@ -297,10 +298,7 @@ impl AttentionPlan {
                 let mut q0 = seq.start;
                 while q0 < seq.end {
                     let q1 = (q0 + chunk).min(seq.end);
-                    let keys_start = match window {
-                        Some(w) => (q0 + 1).saturating_sub(w).max(seq.start),
-                        None => seq.start,
-                    };
+                    let keys_start = first_visible_key(q0, window, seq.start);
                     let mask = if device.is_cpu() {
                         mask_on_host(q0..q1, keys_start, window, device)?
                     } else {
@@ -318,6 +316,11 @@ impl AttentionPlan {
     fn tiles(&self, window: Option<usize>) -> &[Tile] {
         &self.tiles.iter().find(|(w, _)| *w == window).expect("a plan for every window").1
     }
+}
+
+/// Whether the fused CPU kernels (attention, SiLU · up) run: f32 on the CPU.
+fn cpu_f32(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && dtype == DType::F32
 }
 
 /// The teacher model, owning its weights on one device.
@@ -465,8 +468,7 @@ impl Teacher {
             inv_freq_local,
             attention_tile_elements: DEFAULT_ATTENTION_TILE_ELEMENTS,
             // The fused kernel is CPU and f32 only; elsewhere the tiles.
-            fused_query_block: (device.is_cpu() && dtype == DType::F32)
-                .then_some(DEFAULT_QUERY_BLOCK),
+            fused_query_block: cpu_f32(device, dtype).then_some(DEFAULT_QUERY_BLOCK),
             rope_cache: std::sync::Mutex::new([None, None]),
             weights_sha256: String::new(),
         })
@@ -517,7 +519,7 @@ impl Teacher {
         &mut self,
         query_block: Option<usize>,
     ) -> Result<(), ModelError> {
-        if query_block.is_some() && !(self.device.is_cpu() && self.dtype == DType::F32) {
+        if query_block.is_some() && !cpu_f32(&self.device, self.dtype) {
             return Err(ModelError::Config(format!(
                 "the fused attention runs on the CPU in f32 only, not on {:?} in {:?}",
                 self.device.location(),
@@ -637,9 +639,10 @@ impl Teacher {
         let x = (x + a)?;
         let h = rms_norm(&x, &layer.ffn_norm, eps)?;
         let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
-        let cpu_f32 = self.device.is_cpu() && self.dtype == DType::F32;
         let act = match self.config.activation {
-            Activation::Silu if cpu_f32 => gate.apply_op2_no_bwd(&up, &SiluMul)?,
+            Activation::Silu if cpu_f32(&self.device, self.dtype) => {
+                gate.apply_op2_no_bwd(&up, &SiluMul)?
+            }
             Activation::Silu => (gate.silu()? * up)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,
             Activation::Gelu => (gate.gelu_erf()? * up)?,

@@ -30,8 +30,8 @@
 # DURATION (s per measurement, 40), ROUNDS (6), SEQUENCES (2), LENGTH (128),
 # K (256), CONCURRENCY (2), SAMPLER_ROWS (512), SAMPLER_TIME (10 s), SKIP_BUILD (set:
 # use the binaries already in target/release),
-# PYTHON (a Python with torch, transformers, gguf and numpy; default: /work/refenv
-# if present, else a venv in ~/.cache/logitd/bench-venv filled from PyPI).
+# PYTHON (a Python with torch, transformers, gguf and numpy; default: a venv in
+# ~/.cache/logitd/bench-venv made from tests/bench/requirements.txt, pinned).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -50,24 +50,7 @@ source tests/bench/lib.sh
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # --- Python with torch, transformers, gguf -----------------------------------
-if [[ -z ${PYTHON:-} ]]; then
-  if [[ -x /work/refenv/bin/python ]]; then
-    PYTHON=/work/refenv/bin/python
-  else
-    venv=${XDG_CACHE_HOME:-$HOME/.cache}/logitd/bench-venv
-    if [[ ! -x $venv/bin/python ]]; then
-      log "creating $venv (torch, transformers, gguf, numpy from PyPI)"
-      python3 -m venv "$venv"
-    fi
-    if ! "$venv/bin/python" -c 'import torch, transformers, gguf, numpy' 2>/dev/null; then
-      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        torch transformers gguf numpy sentencepiece
-    fi
-    PYTHON=$venv/bin/python
-  fi
-fi
-"$PYTHON" -c 'import torch, transformers, gguf, numpy' \
-  || { echo "$PYTHON lacks torch, transformers, gguf or numpy" >&2; exit 1; }
+bench_python torch,transformers,gguf,numpy
 
 # --- teacher, text, binaries --------------------------------------------------
 GGUF=$(tests/fetch-teachers.sh smollm2)

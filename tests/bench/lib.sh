@@ -20,3 +20,24 @@ ask() {
   done
   tail -n 1 "$WORK/$1.out" > "$5"
 }
+
+# bench_python IMPORTS: sets PYTHON to the caller's, or else to the bench venv
+# (~/.cache/logitd/bench-venv), created and filled from tests/bench/requirements.txt
+# (pinned; llama-cpp-python builds from source, ~10 minutes once) when it cannot
+# import IMPORTS (comma-separated modules); fails unless PYTHON imports them.
+bench_python() {
+  if [[ -z ${PYTHON:-} ]]; then
+    local venv=${XDG_CACHE_HOME:-$HOME/.cache}/logitd/bench-venv
+    if [[ ! -x $venv/bin/python ]]; then
+      echo "creating $venv" >&2
+      python3 -m venv "$venv"
+    fi
+    if ! "$venv/bin/python" -c "import $1" 2>/dev/null; then
+      echo "installing tests/bench/requirements.txt into $venv" >&2
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -r tests/bench/requirements.txt
+    fi
+    PYTHON=$venv/bin/python
+  fi
+  "$PYTHON" -c "import $1" || { echo "$PYTHON cannot import $1" >&2; exit 1; }
+}

@@ -42,20 +42,7 @@ RESULTS=${RESULTS:-$ROOT/tests/bench/results}
 source tests/bench/lib.sh
 log() { printf '[shapes %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-if [[ -z ${PYTHON:-} ]]; then
-  venv=${XDG_CACHE_HOME:-$HOME/.cache}/logitd/bench-venv
-  if [[ ! -x $venv/bin/python ]]; then
-    log "creating $venv"
-    python3 -m venv "$venv"
-  fi
-  if ! "$venv/bin/python" -c 'import torch, transformers, gguf, numpy, llama_cpp' 2>/dev/null; then
-    log "installing tests/bench/requirements.txt into $venv (llama-cpp-python builds from source)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/bench/requirements.txt
-  fi
-  PYTHON=$venv/bin/python
-fi
-"$PYTHON" -c 'import torch, transformers, gguf, numpy, llama_cpp' \
-  || { echo "$PYTHON lacks torch, transformers, gguf, numpy or llama_cpp" >&2; exit 1; }
+bench_python torch,transformers,gguf,numpy,llama_cpp
 
 GGUF=$(tests/fetch-teachers.sh smollm2)
 PLAY=$(tests/fetch-teachers.sh corpus)/twelfth-night.md

@@ -20,6 +20,16 @@ neither changes the value nor produces NaN values or gradients.
 The targets are the ``[B, T, K]`` padded layout of ``Targets.padded().to_torch()``:
 row ``t`` of sequence ``b`` is the teacher's distribution for token ``t + 1``, the
 same layout as the student's logits ``[B, T, V]`` for the same input.
+
+On-policy distillation (the student samples, the teacher scores the student's
+tokens) has its own losses here, on ``[B, T]`` per-token log-probabilities of
+the sampled tokens: :func:`reverse_kl_advantage` and :func:`on_policy_distill_loss`
+(the Tinker cookbook's reverse-KL policy gradient), :func:`kl_k1` and
+:func:`kl_k3` (verl's ``kl_penalty`` estimators), and :func:`topk_forward_kl`
+(forward KL over a top-k support with a tail bucket, as verl's and NeMo-RL's
+top-k distillation losses). Their ``mask`` is a ``[B, T]`` 0/1 (or weight) mask
+of the real tokens; masked positions may hold anything (``-inf``, NaN, padding
+ids) and give exactly 0 with zero gradients.
 """
 
 from __future__ import annotations
@@ -29,7 +39,16 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["distill_loss", "distill_loss_chunked", "target_weights"]
+__all__ = [
+    "distill_loss",
+    "distill_loss_chunked",
+    "kl_k1",
+    "kl_k3",
+    "on_policy_distill_loss",
+    "reverse_kl_advantage",
+    "target_weights",
+    "topk_forward_kl",
+]
 
 _TARGETS = ("renormalized", "counts")
 _NORMALIZATIONS = ("full", "sampled")
@@ -347,3 +366,364 @@ def distill_loss_chunked(
         # No position has a loss: 0, still connected to the inputs (zero gradients).
         losses = losses + (h[:0].sum() + lm_head_weight[:0].sum()).to(losses.dtype)
     return _reduce(losses.reshape(bsz, t), pw, reduction)
+
+
+# ---------------------------------------------------------------------------
+# On-policy distillation: per-token losses on the student's own samples.
+
+
+def _token_weights(mask: Optional[torch.Tensor], shape, device) -> torch.Tensor:
+    """``[B, T]`` position weights (all 1 without a mask), validated finite and
+    ``>= 0``, in the weight dtype (float64 except on MPS)."""
+    dtype = _weight_dtype(device)
+    if mask is None:
+        return torch.ones(tuple(shape), dtype=dtype, device=device)
+    m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(mask)
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(m.shape)}, expected {tuple(shape)}")
+    m = m.to(device=device, dtype=dtype)
+    bad = ~(torch.isfinite(m) & (m >= 0))
+    if bool(bad.any()):
+        idx = [int(v) for v in bad.nonzero()[0]]
+        raise ValueError(f"mask value {m[tuple(idx)].item()} at {idx} is not a finite value >= 0")
+    return m
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _real_only(real: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` where ``real``, else 0: whatever a masked entry holds (-inf, NaN)
+    never reaches an op, so it can't make a NaN value or gradient."""
+    return torch.where(real, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _token_pair(a: torch.Tensor, b: torch.Tensor, names, mask):
+    """Checks two per-token tensors of one shape; returns them in the compute
+    dtype (half precision upcast to float32) with masked entries set to 0, the
+    position weights and the bool mask of the real positions."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"{names[0]} has shape {tuple(a.shape)} but {names[1]} has {tuple(b.shape)}"
+        )
+    dtype = _compute_dtype(torch.promote_types(a.dtype, b.dtype))
+    pw = _token_weights(mask, a.shape, a.device)
+    real = pw > 0
+    return _real_only(real, a.to(dtype)), _real_only(real, b.to(dtype)), pw, real
+
+
+def reverse_kl_advantage(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The per-token advantage of on-policy distillation: minus the reverse-KL
+    estimate of each sampled token, ``A_t = -(log q(x_t) - log p(x_t))
+    = log p(x_t) - log q(x_t)``, detached.
+
+    This is the signal of the Tinker cookbook's on-policy distillation
+    (thinking-machines-lab/tinker-cookbook, ``tinker_cookbook/distillation/
+    train_on_policy.py``, ``incorporate_kl_penalty``): the reverse KL
+    ``KL(q || p)`` of the student ``q`` to the teacher ``p`` is estimated at the
+    student's own sample ``x_t ~ q`` by ``log q(x_t) - log p(x_t)``, and the
+    advantage is its negative. The sign is that of an advantage to *maximise*
+    (Tinker adds it to the RL advantages): ``A_t > 0`` where the teacher gives
+    the sampled token more probability than the student does, so a policy
+    gradient step raises the token's probability, which lowers the reverse KL.
+    Tinker scales it by ``kl_penalty_coef`` (default 1) and can discount it
+    over future tokens (``kl_discount_factor``, default 0, i.e. off); multiply
+    or discount the result yourself for those.
+
+    Parameters
+    ----------
+    student_logprobs, teacher_logprobs
+        ``[B, T]``: ``log q(x_t)`` and ``log p(x_t)`` of the sampled token ``x_t``
+        (teacher log-probabilities over its full vocabulary). Tinker uses the
+        sampler's log-probabilities of the rollout as ``log q``.
+    mask
+        Optional ``[B, T]`` mask (bool, or weights ``>= 0``) of the real tokens;
+        where it is 0 the advantage is exactly 0, whatever the inputs hold there.
+        Weights are not applied to ``A`` (apply them in the loss).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T]``, without gradient; half-precision inputs give float32.
+    """
+    s, t, _, _ = _token_pair(
+        student_logprobs.detach(), teacher_logprobs.detach(),
+        ("student_logprobs", "teacher_logprobs"), mask,
+    )
+    return t - s
+
+
+def on_policy_distill_loss(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    sampling_logprobs: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The policy-gradient surrogate of on-policy distillation, whose gradient is
+    the REINFORCE gradient of the reverse KL ``KL(q || p)``.
+
+    With ``A = reverse_kl_advantage(student_logprobs, teacher_logprobs, mask)``
+    (detached) and ``log q = student_logprobs`` (with gradient) the per-token loss is
+
+    - ``-A * log q`` without ``sampling_logprobs``;
+    - ``-exp(log q - log mu) * A`` with the rollout's own log-probabilities
+      ``log mu = sampling_logprobs`` (detached): Tinker's ``importance_sampling``
+      loss (``prob_ratio = exp(target_logprobs - sampling_logprobs)``,
+      ``loss = -(prob_ratio * advantages)``) for samples drawn by a sampler
+      that may lag the learner.
+
+    Both have gradient ``-A * d log q`` at the rollout (``exp(log q - log mu) = 1``
+    when learner and sampler agree), so ``d loss / d log q = -A`` per token with
+    ``reduction="sum"``; in expectation over ``x ~ q`` (or over ``x ~ mu`` with
+    the ratio) that is ``E[(log q - log p) d log q] = d KL(q || p)``, because
+    ``E_q[d log q] = 0``. The values are surrogates (not the KL); use
+    ``-A`` averaged over the tokens for the KL itself.
+
+    One deliberate difference from the Tinker cookbook: there ``A`` is computed
+    from the *sampler's* log-probabilities (``log mu - log p``) and held fixed
+    over the optimizer substeps; here ``A`` uses the learner's current
+    ``student_logprobs`` (detached), which makes the importance-sampled
+    gradient exactly the reverse-KL gradient. The two agree when learner and
+    sampler agree (the first step on fresh samples). For Tinker's exact signal,
+    compute ``A = reverse_kl_advantage(sampling_logprobs, teacher_logprobs, mask)``
+    and form ``-(exp(log q - log mu) * A)`` yourself.
+
+    Parameters
+    ----------
+    student_logprobs
+        ``[B, T]`` log-probabilities of the sampled tokens under the student
+        being trained (they carry the gradient).
+    teacher_logprobs
+        ``[B, T]`` teacher log-probabilities of the same tokens (constant).
+    mask
+        ``[B, T]`` mask of the real (completion) tokens, bool or weights
+        ``>= 0``, or ``None`` for all. Masked entries may hold anything.
+    sampling_logprobs
+        Optional ``[B, T]`` log-probabilities the sampler gave the tokens when
+        it drew them (constant).
+    reduction
+        ``"mean"``: ``sum_t m_t l_t / sum_t m_t`` (0, with zero gradients, if
+        every weight is 0), Tinker's per-token mean; ``"sum"``: ``sum_t m_t l_t``
+        (Tinker's ``importance_sampling`` sums over a datum's tokens);
+        ``"none"``: ``m_t l_t`` as ``[B, T]``.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, or ``[B, T]`` with ``reduction="none"``.
+    """
+    _check_reduction(reduction)
+    advantage = reverse_kl_advantage(student_logprobs, teacher_logprobs, mask)
+    pw = _token_weights(mask, student_logprobs.shape, student_logprobs.device)
+    real = pw > 0
+    log_q = _real_only(real, student_logprobs.to(advantage.dtype))
+    if sampling_logprobs is None:
+        losses = -(advantage * log_q)
+    else:
+        if tuple(sampling_logprobs.shape) != tuple(student_logprobs.shape):
+            raise ValueError(
+                f"sampling_logprobs has shape {tuple(sampling_logprobs.shape)} "
+                f"but student_logprobs has {tuple(student_logprobs.shape)}"
+            )
+        log_mu = _real_only(real, sampling_logprobs.detach().to(advantage.dtype))
+        losses = -(torch.exp(log_q - log_mu) * advantage)
+    return _reduce(losses, pw, reduction)
+
+
+def kl_k1(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "none",
+) -> torch.Tensor:
+    """The k1 estimate of ``KL(pi || ref)`` at tokens sampled from ``pi``:
+    ``log pi(x) - log ref(x)``.
+
+    As verl defines ``"kl"``/``"k1"`` (volcengine/verl,
+    ``verl/trainer/ppo/core_algos.py``, ``kl_penalty`` / ``kl_penalty_forward``;
+    J. Schulman, "Approximating KL divergence", 2020). Unbiased for the KL, but
+    its expected gradient is not the KL's gradient.
+
+    Parameters
+    ----------
+    logprobs, ref_logprobs
+        ``[B, T]`` log-probabilities of the sampled tokens under the policy and
+        under the reference.
+    mask
+        Optional ``[B, T]`` mask (bool, or weights ``>= 0``); masked entries may
+        hold anything and give 0.
+    reduction
+        ``"none"`` (the default, like verl's per-token ``kl_penalty``):
+        ``m_t k_t`` as ``[B, T]``; ``"mean"``: ``sum_t m_t k_t / sum_t m_t``
+        (verl's ``agg_loss`` ``"token-mean"`` on one rank); ``"sum"``.
+    """
+    _check_reduction(reduction)
+    lp, ref, pw, _ = _token_pair(logprobs, ref_logprobs, ("logprobs", "ref_logprobs"), mask)
+    return _reduce(lp - ref, pw, reduction)
+
+
+def kl_k3(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "none",
+) -> torch.Tensor:
+    """The k3 ("low_var_kl") estimate of ``KL(pi || ref)`` at tokens sampled from
+    ``pi``, with verl's clamps: ``d = clamp(log ref(x) - log pi(x), -20, 20)``,
+    ``k3 = clamp(exp(d) - d - 1, -10, 10)``.
+
+    As verl defines ``"low_var_kl"``/``"k3"`` (volcengine/verl,
+    ``verl/trainer/ppo/core_algos.py``, ``kl_penalty_forward``; J. Schulman,
+    "Approximating KL divergence", 2020): ``exp(d) - d - 1 >= 0``, unbiased for
+    the KL, with lower variance than k1. The clamps are verl's, gradients
+    included: a log-ratio outside ``[-20, 20]`` or a value above 10 has zero
+    gradient.
+
+    Parameters are those of :func:`kl_k1`.
+    """
+    _check_reduction(reduction)
+    lp, ref, pw, _ = _token_pair(logprobs, ref_logprobs, ("logprobs", "ref_logprobs"), mask)
+    d = torch.clamp(ref - lp, min=-20.0, max=20.0)
+    k3 = torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)
+    return _reduce(k3, pw, reduction)
+
+
+def topk_forward_kl(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    tail: bool = True,
+    reduction: str = "mean",
+    *,
+    tail_mass_eps: float = 1e-6,
+) -> torch.Tensor:
+    """Forward KL ``KL(p || q)`` of the teacher ``p`` to the student ``q`` over a
+    top-k support ``S`` (the student's own top-k ids, in on-policy distillation).
+
+    With ``log q_i = log_softmax(student_logits)_i`` over the whole vocabulary and
+    ``log p_i = teacher_logprobs`` (full-vocabulary teacher log-probabilities) at
+    the ``K`` ids ``i`` of ``S``:
+
+    - ``tail=True``: the support plus one tail bucket for all the other ids,
+      ``sum_{i in S} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)``,
+      ``p_tail = clamp(1 - sum_S p, 0, 1)``, ``q_tail = clamp(1 - sum_S q,
+      tail_mass_eps, 1)`` (a zero teacher tail contributes 0). This is the
+      exact KL between the two coarse-grained distributions (``K + 1``
+      categories), so it lies in ``[0, KL(p || q)]`` and equals it when ``S``
+      is the whole vocabulary. It is verl's tail-aware ``forward_kl_topk_tail``
+      (verl-project/verl pull request 7855, ``verl/trainer/distillation/
+      tail_kl.py`` ``compute_tail_bucket_kl`` plus the top-k head of
+      ``verl/trainer/distillation/fsdp/losses.py``), which it matches exactly,
+      ``tail_mass_eps`` included (verl requires it in ``(0, 1)``).
+    - ``tail=False``: both distributions renormalised over ``S``,
+      ``sum_{i in S} p~_i (log p~_i - log q~_i)`` with ``log q~ = log_softmax``
+      of the student's logits at ``S`` and ``log p~ = log_softmax`` of the
+      teacher's. This is NeMo-RL's ``DistillationLossFn`` with
+      ``kl_type="forward"`` and ``zero_outside_topk=False``
+      (NVIDIA-NeMo/RL, ``nemo_rl/algorithms/loss/loss_functions.py`` and
+      ``get_distillation_topk_logprobs_from_logits`` in
+      ``nemo_rl/distributed/model_utils.py``), which it matches exactly.
+
+    How the others differ: verl's plain ``forward_kl_topk`` (no tail) uses the
+    full-vocabulary probabilities without renormalising and no tail bucket,
+    and clamps the per-token loss at 0 (the truncated sum can be negative);
+    NeMo-RL has no tail bucket: its ``zero_outside_topk=True`` uses unnormalised
+    full-vocabulary student log-probabilities and, for reverse or mixed KL
+    only, adds the student's out-of-support entropy against a teacher log-prob
+    floor of -100. Both projects take ``S`` from the *teacher's* top-k; the
+    formulas here don't depend on who chose ``S``. The choice of ``S`` is not
+    differentiated (ids are constants).
+
+    Parameters
+    ----------
+    student_logits
+        ``[B, T, V]``.
+    topk_ids
+        ``[B, T, K]`` distinct ids of the support per position (e.g.
+        ``student_logits.topk(K).indices``); with repeated ids the tail mass is
+        wrong.
+    teacher_logprobs
+        ``[B, T, K]`` the teacher's full-vocabulary log-probabilities at
+        ``topk_ids`` (constants: no gradient flows to them). ``-inf`` (p = 0)
+        is allowed; NaN and ``+inf`` are not at real positions, and with
+        ``tail=False`` a real position needs one finite entry.
+    mask
+        Optional ``[B, T]`` position mask (bool, or weights ``>= 0``); masked
+        positions may hold any ids and log-probabilities.
+    tail
+        Add the tail bucket (verl) or renormalise over the support (NeMo-RL).
+    reduction
+        ``"mean"``: ``sum_p m_p l_p / sum_p m_p`` (0, with zero gradients, if
+        every weight is 0); ``"sum"``; ``"none"``: ``m_p l_p`` as ``[B, T]``.
+    tail_mass_eps
+        The floor of ``q_tail`` inside its logarithm (``tail=True``).
+
+    Half-precision logits are computed in float32; the result has the compute dtype.
+    """
+    _check_reduction(reduction)
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    bsz, tlen, vocab = student_logits.shape
+    if topk_ids.dim() != 3 or tuple(topk_ids.shape[:2]) != (bsz, tlen) or topk_ids.shape[2] < 1:
+        raise ValueError(
+            f"topk_ids must be [B, T, K] = [{bsz}, {tlen}, K >= 1], got shape {tuple(topk_ids.shape)}"
+        )
+    if tuple(teacher_logprobs.shape) != tuple(topk_ids.shape):
+        raise ValueError(
+            f"teacher_logprobs has shape {tuple(teacher_logprobs.shape)} "
+            f"but topk_ids has {tuple(topk_ids.shape)}"
+        )
+    if tail and not (0.0 < tail_mass_eps < 1.0):
+        raise ValueError(f"tail_mass_eps must be in (0, 1), got {tail_mass_eps}")
+    device = student_logits.device
+    pw = _token_weights(mask, (bsz, tlen), device)
+    real = (pw > 0).unsqueeze(-1)  # [B, T, 1]
+    x = student_logits.to(_compute_dtype(student_logits.dtype))
+    ids = topk_ids.to(device).long()
+    ids = torch.where(real, ids, torch.zeros_like(ids))
+    if ids.numel() and (bool((ids < 0).any()) or int(ids.max()) >= vocab):
+        b, t, k = (int(v) for v in ((ids < 0) | (ids >= vocab)).nonzero()[0])
+        raise ValueError(
+            f"topk id {int(ids[b, t, k])} at [{b}, {t}, {k}] is outside the student vocabulary of {vocab}"
+        )
+    lp_in = teacher_logprobs.detach().to(device=device, dtype=x.dtype)
+    lp_in = torch.where(real, lp_in, torch.zeros((), dtype=x.dtype, device=device))
+    if bool((torch.isnan(lp_in) | (lp_in == float("inf"))).any()):
+        raise ValueError("teacher_logprobs has a NaN or +inf at a real position")
+    present = lp_in > float("-inf")  # p_i > 0
+    zero = torch.zeros((), dtype=x.dtype, device=device)
+    gathered = x.gather(-1, ids)  # [B, T, K]
+    if tail:
+        log_q = gathered - torch.logsumexp(x, dim=-1, keepdim=True)
+        log_p = torch.where(present, lp_in, zero)
+        p = torch.where(present, torch.exp(log_p), zero)
+        head = torch.where(present, p * (log_p - log_q), zero).sum(dim=-1)
+        p_tail = torch.clamp(1.0 - p.sum(dim=-1), min=0.0, max=1.0)
+        q_tail = torch.clamp(1.0 - torch.exp(log_q).sum(dim=-1), min=tail_mass_eps, max=1.0)
+        log_p_tail = torch.log(torch.clamp(p_tail, min=torch.finfo(x.dtype).tiny))
+        losses = head + p_tail * (log_p_tail - torch.log(q_tail))
+    else:
+        if bool((real.squeeze(-1) & ~present.any(dim=-1)).any()):
+            raise ValueError("teacher_logprobs is -inf at every id of a real position (tail=False)")
+        log_q = torch.log_softmax(gathered, dim=-1)
+        # log p~ = lp - logsumexp(lp) over the present entries (absent ones: p~ = 0).
+        lowest = torch.full_like(lp_in, torch.finfo(x.dtype).min)
+        shift = torch.where(present, lp_in, lowest).amax(-1, keepdim=True)
+        shift = torch.where(present.any(-1, keepdim=True), shift, zero)
+        e = torch.where(present, torch.exp(torch.where(present, lp_in - shift, zero)), zero)
+        s = e.sum(dim=-1, keepdim=True)
+        log_s = torch.log(torch.where(s > 0, s, torch.ones_like(s)))
+        log_p = torch.where(present, lp_in - shift - log_s, zero)
+        p = torch.where(present, torch.exp(log_p), zero)
+        losses = torch.where(present, p * (log_p - log_q), zero).sum(dim=-1)
+    return _reduce(losses, pw, reduction)

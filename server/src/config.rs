@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "LOGITD_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Also serve the vLLM (`/v1/completions`), SGLang (`/generate`) and TRL
+    /// (`/get_sequence_logprobs/`) scoring endpoints over HTTP on this
+    /// address, from the same engine and queue (off by default).
+    #[arg(long, env = "LOGITD_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Prometheus metrics listen address (GET /metrics).
     #[arg(long, env = "LOGITD_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,

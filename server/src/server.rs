@@ -20,8 +20,8 @@ use crate::{
     device,
     engine::{Engine, SchedulerHandle, WorkerThreads},
     error::{AuthError, ServiceError},
-    metrics as m,
-    model::{ModelError, Teacher, tokenizer_sha256},
+    http, metrics as m,
+    model::{ModelError, Teacher, load_tokenizer, tokenizer_sha256},
     service::{Limits, LoadedService, TeacherService},
 };
 
@@ -146,27 +146,28 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
 /// what was sent is compared with that of the token, so neither the token's
 /// bytes nor its length show in the time taken.
 #[derive(Clone)]
-struct BearerAuth(Option<[u8; 32]>);
+pub struct BearerAuth(Option<[u8; 32]>);
 
 impl BearerAuth {
-    fn new(token: Option<&str>) -> Self {
+    /// Checks against `token` (none: every call passes).
+    pub fn new(token: Option<&str>) -> Self {
         Self(token.map(|t| Sha256::digest(t.as_bytes()).into()))
+    }
+
+    /// Checks the `authorization` value sent (gRPC metadata or HTTP header).
+    pub fn check(&self, value: Option<&[u8]>) -> Result<(), AuthError> {
+        let Some(expected) = &self.0 else { return Ok(()) };
+        let Some(value) = value else { return Err(AuthError::Missing) };
+        let token = value.strip_prefix(b"Bearer ").unwrap_or(b"");
+        let sent: [u8; 32] = Sha256::digest(token).into();
+        if bool::from(sent.ct_eq(expected)) { Ok(()) } else { Err(AuthError::Invalid) }
     }
 }
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.0 else { return Ok(req) };
-        let Some(value) = req.metadata().get("authorization") else {
-            return Err(ServiceError::from(AuthError::Missing).into());
-        };
-        let token = value.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
-        let sent: [u8; 32] = Sha256::digest(token).into();
-        if bool::from(sent.ct_eq(expected)) {
-            Ok(req)
-        } else {
-            Err(ServiceError::from(AuthError::Invalid).into())
-        }
+        let value = req.metadata().get("authorization").map(|v| v.as_bytes());
+        self.check(value).map_err(|e| ServiceError::from(e).into()).map(|()| req)
     }
 }
 
@@ -181,6 +182,8 @@ pub struct Bound {
     pub grpc: std::net::SocketAddr,
     /// The `/metrics` address.
     pub metrics: std::net::SocketAddr,
+    /// The HTTP front's address (`--http-listen`), if it is on.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// Runs the server until SIGTERM/Ctrl-C, then drains and returns.
@@ -198,7 +201,7 @@ pub async fn serve_until(
 ) -> Result<(), ServeError> {
     let handle = m::install().map_err(|e| ServeError::Io(format!("metrics recorder: {e}")))?;
     // Bind first, so the ports are known (and taken) while the model loads.
-    let (grpc_listener, metrics_listener, bound) = bind(&args).await?;
+    let (grpc_listener, metrics_listener, http_listener, bound) = bind(&args).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_serving(&health, false).await;
 
@@ -216,8 +219,17 @@ pub async fn serve_until(
         let _ = stop_rx.wait_for(|s| *s).await;
     };
     let metrics_task = tokio::spawn(m::serve(metrics_listener, handle, metrics_stop));
+    let http = match http_listener {
+        Some(listener) => Some(start_http(&args, listener, grpc.clone(), stop_tx.subscribe())?),
+        None => None,
+    };
     // Stable line for scripts and tests: where to connect.
-    println!("logitd: gRPC on {}, metrics on {}", bound.grpc, m::describe_addr(bound.metrics));
+    let http_addr = bound.http.map(|a| format!(", HTTP on {a}")).unwrap_or_default();
+    println!(
+        "logitd: gRPC on {}{http_addr}, metrics on {}",
+        bound.grpc,
+        m::describe_addr(bound.metrics)
+    );
     on_bound(bound);
 
     let (info, engine) = load_and_warm_up(&args).await?;
@@ -229,28 +241,108 @@ pub async fn serve_until(
     );
     grpc.set_ready(LoadedService::new(scheduler.clone(), limits(&args, &info), info.clone()));
     set_serving(&health, true).await;
+    if let Some((front, _)) = &http {
+        front.set_tokenizer(http_tokenizer(&args).await);
+        front.set_serving(true);
+    }
     tracing::info!(grpc_addr = %bound.grpc, metrics_addr = %bound.metrics, model = %info.model_id, "serving");
 
     shutdown.await;
+    if let Some((front, _)) = &http {
+        front.set_serving(false);
+    }
     drain(&args, &health, &scheduler, threads).await;
     stop_grpc(server, goaway_tx).await?;
     let _ = stop_tx.send(true);
+    if let Some((_, task)) = http {
+        stop_http(task).await;
+    }
     let _ = metrics_task.await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Binds the gRPC and metrics ports.
-async fn bind(args: &ServeArgs) -> Result<(TcpListener, TcpListener, Bound), ServeError> {
+/// The HTTP front on `listener`, sharing `grpc`'s service and call slots,
+/// until `stop` turns true.
+fn start_http(
+    args: &ServeArgs,
+    listener: TcpListener,
+    grpc: TeacherService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<
+    (std::sync::Arc<http::HttpFront>, tokio::task::JoinHandle<Result<(), String>>),
+    ServeError,
+> {
+    let front = http::HttpFront::new(
+        grpc,
+        BearerAuth::new(args.auth_token.as_deref()),
+        args.max_message_bytes,
+    );
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(http::Tls {
+            cert: read(cert)?,
+            key: read(key)?,
+            client_ca: args.tls_client_ca.as_deref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    // Configuration errors (a bad PEM) come back before serving starts.
+    let task = tokio::spawn(http::serve(listener, front.clone(), tls, stopped));
+    Ok((front, task))
+}
+
+/// The teacher's tokenizer for the HTTP front's text prompts and decoded
+/// tokens, or none (then token ids only, and decoded tokens are null).
+async fn http_tokenizer(args: &ServeArgs) -> Option<tokenizers::Tokenizer> {
+    let model = args.model.model.clone().unwrap_or_else(demo_teacher);
+    let loaded = tokio::task::spawn_blocking(move || load_tokenizer(&model, None)).await.ok()?;
+    match loaded {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tokenizer for the HTTP front: text prompts are refused, decoded tokens are null");
+            None
+        }
+    }
+}
+
+/// Waits (5 s at most) for the HTTP front to finish its last answers.
+async fn stop_http(task: tokio::task::JoinHandle<Result<(), String>>) {
+    match tokio::time::timeout(Duration::from_secs(5), task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP front stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP front task failed"),
+        Err(_) => tracing::warn!("HTTP calls still open 5 s after the drain; exiting"),
+    }
+}
+
+/// Binds the gRPC, metrics and (with --http-listen) HTTP ports.
+async fn bind(
+    args: &ServeArgs,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>, Bound), ServeError> {
     let grpc_listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| ServeError::Io(format!("--listen {}: {e}", args.listen)))?;
     let metrics_listener = TcpListener::bind(args.metrics_listen)
         .await
         .map_err(|e| ServeError::Io(format!("--metrics-listen {}: {e}", args.metrics_listen)))?;
+    let http_listener = match args.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Io(format!("--http-listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let grpc = grpc_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
     let metrics = metrics_listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
-    Ok((grpc_listener, metrics_listener, Bound { grpc, metrics }))
+    let http = match &http_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| ServeError::Io(e.to_string()))?),
+        None => None,
+    };
+    Ok((grpc_listener, metrics_listener, http_listener, Bound { grpc, metrics, http }))
 }
 
 /// Health of the whole server and of the Teacher service.

@@ -136,6 +136,11 @@ impl LoadedService {
         Self { scheduler, limits, info }
     }
 
+    /// What GetModelInfo answers.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
     /// Runs one request end to end.
     pub async fn sample(
         &self,
@@ -287,11 +292,11 @@ impl TeacherService {
         let _ = self.service.set(Arc::new(service));
     }
 
-    fn ready(&self) -> Result<Arc<LoadedService>, ServiceError> {
+    pub(crate) fn ready(&self) -> Result<Arc<LoadedService>, ServiceError> {
         self.service.get().cloned().ok_or(ServiceError::NotReady)
     }
 
-    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+    pub(crate) fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
         self.calls
             .clone()
             .try_acquire_owned()

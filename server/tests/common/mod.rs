@@ -22,6 +22,8 @@ pub struct Server {
     pub grpc: String,
     pub metrics: String,
     pub stderr: PathBuf,
+    /// `host:port` of the HTTP front, when started with --http-listen.
+    pub http: Option<String>,
 }
 
 impl Server {
@@ -49,7 +51,8 @@ impl Server {
             .spawn()
             .expect("starting logitd");
         let stdout = child.stdout.take().unwrap();
-        let mut server = Server { child, grpc: String::new(), metrics: String::new(), stderr };
+        let mut server =
+            Server { child, grpc: String::new(), metrics: String::new(), stderr, http: None };
         // "logitd: gRPC on ADDR, metrics on http://ADDR/metrics", printed once the
         // ports are bound; read on a thread so a server that never prints it
         // fails the test (with its log) instead of hanging it.
@@ -72,6 +75,8 @@ impl Server {
             std::thread::sleep(Duration::from_millis(200));
             panic!("logitd's first line is {line:?}, not its addresses; log:\n{}", server.log())
         };
+        server.http =
+            line.split("HTTP on ").nth(1).and_then(|s| s.split(',').next()).map(str::to_string);
         server.grpc = format!("http://{grpc}");
         server.metrics = metrics.trim().to_string();
         server

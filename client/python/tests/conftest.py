@@ -99,6 +99,8 @@ class Server:
         m = re.search(rb"gRPC on 127\.0\.0\.1:(\d+)", line[0])
         assert m, f"unexpected first line {line[0]!r}; log:\n{self.log()}"
         self.port = int(m.group(1))
+        h = re.search(rb"HTTP on 127\.0\.0\.1:(\d+)", line[0])
+        self.http_port = int(h.group(1)) if h else None
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

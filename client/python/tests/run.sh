@@ -33,6 +33,14 @@ fi
 step "requirements (client/python/requirements-test.txt)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r client/python/requirements-test.txt
 
+step "TRL 1.1 apart ($VENV/trl-1.1; its client calls /get_sequence_logprobs/)"
+# One TRL per environment: 1.16 is in the requirements; 1.1 goes to its own
+# folder, without dependencies (those of 1.16 serve it), for one test's subprocess.
+if [ ! -f "$VENV/trl-1.1/trl-1.1.0.dist-info/METADATA" ]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$VENV/trl-1.1" 'trl==1.1.0'
+fi
+
 step "the logitd package (pip install ./client/python)"
 # maturin is pinned in the requirements, hence no build isolation; the dev profile
 # reuses the workspace's debug build (dependencies are optimised there). maturin's

@@ -262,6 +262,9 @@ pub async fn serve_until(
     Ok(())
 }
 
+/// The HTTP front's serving task.
+type HttpTask = tokio::task::JoinHandle<Result<(), String>>;
+
 /// The HTTP front on `listener`, sharing `grpc`'s service and call slots,
 /// until `stop` turns true.
 fn start_http(
@@ -269,10 +272,7 @@ fn start_http(
     listener: TcpListener,
     grpc: TeacherService,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<
-    (std::sync::Arc<http::HttpFront>, tokio::task::JoinHandle<Result<(), String>>),
-    ServeError,
-> {
+) -> Result<(std::sync::Arc<http::HttpFront>, HttpTask), ServeError> {
     let front = http::HttpFront::new(
         grpc,
         BearerAuth::new(args.auth_token.as_deref()),
@@ -309,7 +309,7 @@ async fn http_tokenizer(args: &ServeArgs) -> Option<tokenizers::Tokenizer> {
 }
 
 /// Waits (5 s at most) for the HTTP front to finish its last answers.
-async fn stop_http(task: tokio::task::JoinHandle<Result<(), String>>) {
+async fn stop_http(task: HttpTask) {
     match tokio::time::timeout(Duration::from_secs(5), task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP front stopped with an error"),

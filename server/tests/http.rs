@@ -6,6 +6,9 @@
 //! with logitd's messages while a canary's answers stay the same; auth, TLS,
 //! the size limit, call slots, deadlines and the drain on the HTTP port.
 
+// Loops run over token indices, which index several arrays at once.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use std::time::Duration;

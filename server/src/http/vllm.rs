@@ -346,6 +346,9 @@ fn prompt_logprobs(w: &mut Writer, scored: &Scored<'_>, k: usize, tokenizer: Opt
     w.raw("]");
 }
 
+/// (id, log-probability) pairs of one listed token: itself, then its top.
+type Entries = Vec<(u32, f32)>;
+
 /// The OpenAI `logprobs` object (`CompletionLogProbs`): with echo the
 /// prompt's tokens first (the first one `null`), then the generated token;
 /// `top_logprobs` maps the decoded token (`token_id:<id>` when the server has
@@ -364,7 +367,7 @@ fn completion_logprobs(
         None => format!("token_id:{id}"),
     };
     // (token, its logprob and the top n with theirs), per listed token.
-    let mut steps: Vec<(u32, Option<Vec<(u32, f32)>>)> = Vec::new();
+    let mut steps: Vec<(u32, Option<Entries>)> = Vec::new();
     if echo {
         for j in 0..scored.tokens().len() {
             let step = scored.token(j).map(|t| {

@@ -312,7 +312,15 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..2 {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();
-        sampler.sample(&teacher, &h, &rows, &keys, &params, &mut out)?;
+        sampler.sample(
+            &teacher,
+            &h,
+            &rows,
+            &keys,
+            logitd::sampler::RowQueries::NONE,
+            &params,
+            &mut out,
+        )?;
     }
     dev.synchronize()?;
     let t = Instant::now();
@@ -326,7 +334,15 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..reps {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();
-        sampler.sample(&teacher, &h, &rows, &keys, &params, &mut out)?;
+        sampler.sample(
+            &teacher,
+            &h,
+            &rows,
+            &keys,
+            logitd::sampler::RowQueries::NONE,
+            &params,
+            &mut out,
+        )?;
     }
     dev.synchronize()?;
     let full = t.elapsed().as_secs_f64() / reps as f64;

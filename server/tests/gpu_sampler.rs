@@ -458,7 +458,15 @@ fn teacher_sample_on_cuda_is_the_reference_on_the_same_logits() {
             let mut g = SampledRows::new();
             SamplerBackend::new(&dev, vocab, Some(chunk))
                 .unwrap()
-                .sample(&teacher, &hidden, &rows, &keys, &params, &mut g)
+                .sample(
+                    &teacher,
+                    &hidden,
+                    &rows,
+                    &keys,
+                    logitd::sampler::RowQueries::NONE,
+                    &params,
+                    &mut g,
+                )
                 .unwrap();
             let mut z = Vec::new();
             for part in rows.chunks(chunk) {

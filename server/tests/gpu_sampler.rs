@@ -6,9 +6,9 @@
 //!   151,936 and 262,144 in f32, f16 and bf16, sample and top-k: the kernel's
 //!   ids and counts against the CPU sampler on the same values (the dtype's
 //!   values widened to f32, exactly what the kernel reads). Sample mode must
-//!   agree on at least 99.9% of rows, and every row that differs must differ
-//!   only by draws moved between ids adjacent in the CDF (a threshold at a
-//!   boundary); top-k must agree on every row. log p and lse within 1 ulp.
+//!   differ only by draws moved between ids adjacent in the CDF (a threshold
+//!   at a boundary), and on at most max(1, rows / 1000) rows; top-k must agree
+//!   on every row. log p and lse within 1 ulp.
 //! - Real-teacher logits, from the file in `LOGITD_REAL_LOGITS` (a safetensors
 //!   file with `logits` [rows, V], made by the `dump_logits` example), when set.
 //! - Ragged rows, ties and tiny vocabularies (every row with a finite logit),
@@ -19,8 +19,8 @@
 //!   same logits.
 //!
 //! Every comparison prints a line `AGREEMENT ...` that tests/gpu/run.sh
-//! gathers into its table. The inputs and the rules of a comparison are in
-//! `gpu_common/`, which
+//! gathers into its table, and at most 5 `DIFFER` lines (counts, no ids). The
+//! inputs and the rules of a comparison are in `gpu_common/`, which
 //! `gpu_cases.rs` checks on the CPU in every build.
 #![cfg(feature = "cuda")]
 
@@ -90,8 +90,7 @@ fn kernel_agrees_with_the_reference_on_random_logits() {
                 for r in 0..g.num_rows() {
                     assert_eq!(g.row(r).counts.iter().sum::<u32>(), k, "row {r}: counts sum to k");
                 }
-                assert_eq!(a.other, 0, "rows that differ beyond a CDF boundary");
-                assert!(a.fraction() >= 0.999, "identical rows: {}", a.fraction());
+                assert!(a.sample_ok(), "rows beyond a CDF boundary, or too many at one: {a:?}");
                 assert!(a.logprob_ulps <= 1 && a.lse_ulps <= 1, "{a:?}");
             }
             let params = SamplingParams::new(Method::TopK, 256, 1.0).unwrap();
@@ -251,8 +250,7 @@ fn kernel_agrees_on_real_teacher_logits() {
                 let (g, c, seen) = both(&dev, &mut gpu, &z, vocab, dtype, &params, &keys(rows, 77));
                 let a = compare(&g, &c, &seen, vocab, t);
                 a.print(&format!("real {name} V={vocab} dtype={dtype:?} k={k} T={t}"));
-                assert_eq!(a.other, 0);
-                assert!(a.fraction() >= 0.999, "{a:?}");
+                assert!(a.sample_ok(), "{a:?}");
             }
             let params = SamplingParams::new(Method::TopK, 256, 1.0).unwrap();
             let (g, c, seen) = both(&dev, &mut gpu, &z, vocab, dtype, &params, &keys(rows, 77));

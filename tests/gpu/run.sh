@@ -291,7 +291,14 @@ gpu_tests() { # gpu_tests FILTER-ARGS...
 }
 
 stage_kernel() {
+  local rc prc
   LOGITD_GPU_TEST_ROWS=$ROWS gpu_tests kernel_ bad_rows --skip real_teacher
+  rc=$?
+  # The preflight's launches (8 rows a dtype and method), recorded, judged here.
+  "$PYTHON" tests/gpu/report.py --check-preflight "$JSONL"
+  prc=$?
+  [[ $rc == 0 ]] || return "$rc"
+  return "$prc"
 }
 
 stage_teacher() {

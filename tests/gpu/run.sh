@@ -236,17 +236,32 @@ stage_preflight() {
       fi
     done
   fi
-  # Binaries present, and every library they need resolves.
+  # Binaries present, and every library they need resolves, with every symbol
+  # they import from it: the CUDA libraries are load-time dependencies (cudarc's
+  # dynamic linking), and a library of another version can lack a function
+  # that plain ldd does not look for. `ldd -r` does, and each binary is also
+  # started with LD_BIND_NOW=1 (every symbol bound at start; no GPU touched).
+  local out
   for b in gpu_sampler gpu_bench logitd logitd-bench; do
     if [[ ! -x $BIN/$b ]]; then check "binary $b" 1 "missing from $BIN"; continue; fi
-    missing=$(ldd "$BIN/$b" 2>&1 | grep -E 'not found|not a dynamic' || true)
-    check "ldd $b" "$([[ -z $missing ]]; echo $?)" \
-      "${missing:-$(ldd "$BIN/$b" | grep -oE 'lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so[.0-9]* => [^ ]+' | sed 's/ => /=/' | paste -sd' ' -)}"
+    out=$(ldd -r "$BIN/$b" 2>&1)
+    missing=$(grep -E 'not found|not a dynamic|undefined symbol' <<<"$out" | head -n 5 || true)
+    check "ldd -r $b" "$([[ -z $missing ]]; echo $?)" \
+      "${missing:-$(grep -oE 'lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so[.0-9]* => [^ ]+' <<<"$out" | sed 's/ => /=/' | paste -sd' ' -)}"
   done
+  for b in logitd logitd-bench; do
+    [[ -x $BIN/$b ]] || continue
+    out=$(LD_BIND_NOW=1 "$BIN/$b" --version 2>&1)
+    check "$b --version (every symbol bound)" "$?" "$(head -n 3 <<<"$out" | paste -sd' ' -)"
+  done
+  if [[ -x $BIN/gpu_bench ]]; then
+    out=$(LD_BIND_NOW=1 "$BIN/gpu_bench" 2>&1)
+    check "gpu_bench starts (every symbol bound)" "$([[ $out == *"usage: gpu_bench"* ]]; echo $?)" "" "$(head -n 3 <<<"$out" | paste -sd' ' -)"
+  fi
   # The test binary runs and lists its tests (no GPU touched).
   local n
-  n=$("$BIN/gpu_sampler" --list 2>/dev/null | grep -c ': test$')
-  check "gpu_sampler lists its tests" "$([[ $n -ge 6 ]]; echo $?)" "$n tests"
+  n=$(LD_BIND_NOW=1 "$BIN/gpu_sampler" --list 2>/dev/null | grep -c ': test$')
+  check "gpu_sampler lists its tests" "$([[ $n -ge 7 ]]; echo $?)" "$n tests"
   # Data.
   local f
   if [[ -n ${LOGITD_GPU_SKIP_REAL_LOGITS:-} ]]; then

@@ -220,10 +220,13 @@ stage_preflight() {
     # targets, as nvcc wrote them at build time.
     local ptx_version need_driver t built_cap
     ptx_version=$(grep -a -oE '^\.version [0-9]+\.[0-9]+' "$BIN/gpu_sampler" | awk '{print $2}' | sort -V | tail -1)
-    # The driver a PTX ISA version needs (CUDA 12.x / 13.0 release notes).
+    # The driver a PTX ISA version needs (the CUDA release notes: ISA 9.1 came
+    # with CUDA 13.1 and driver 590, 9.0 with 13.0 and 580). An ISA newer than
+    # this table asks for at least the newest driver in it.
     case $ptx_version in
-      9.*) need_driver=580 ;; 8.8) need_driver=575 ;; 8.7) need_driver=570 ;; 8.6) need_driver=560 ;;
-      8.5) need_driver=555 ;; 8.4) need_driver=550 ;; 8.3) need_driver=545 ;; *) need_driver=525 ;;
+      9.0) need_driver=580 ;; 9.*) need_driver=590 ;; 8.8) need_driver=575 ;; 8.7) need_driver=570 ;;
+      8.6) need_driver=560 ;; 8.5) need_driver=555 ;; 8.4) need_driver=550 ;; 8.3) need_driver=545 ;;
+      [1-9][0-9].*) need_driver=590 ;; *) need_driver=525 ;;
     esac
     check "driver $driver runs PTX ISA ${ptx_version:-?} (needs >= $need_driver)" \
       "$([[ -n $ptx_version && ${driver%%.*} -ge $need_driver ]]; echo $?)" "" "this driver would fail the first launch with CUDA_ERROR_UNSUPPORTED_PTX_VERSION"

@@ -41,7 +41,8 @@
 # there. A stage that stops at its first CUDA call is DRY-OK.
 #
 # Environment: BIN (tests/gpu/bin), DATA (tests/gpu/data): *.xz there are unpacked
-# into UNPACK (/tmp/logitd-gpu), other files used in place;
+# into UNPACK (/tmp/logitd-gpu) with XZ (xz; Python's lzma where it is
+# missing), other files used in place;
 # LOGITD_REAL_LOGITS (default: every *.safetensors in $DATA; set
 # LOGITD_GPU_SKIP_REAL_LOGITS=1 to run without them, which is reported), PYTHON
 # (python3), MODELS (/tmp/logitd-gpu-teachers), TEACHER (gemma3-1b), SEQUENCES x
@@ -87,14 +88,23 @@ say "logitd GPU run: stages: $STAGES; budget ${BUDGET}s; results in $RESULTS${DR
 # Packed files are unpacked outside the repository (UNPACK), so the carried
 # folders stay small; unpacked ones are used where they are.
 UNPACK=${UNPACK:-/tmp/logitd-gpu}
+XZ=${XZ:-xz}
+unxz() { # unxz FILE.xz: to stdout, with xz or else Python's lzma
+  if command -v "$XZ" >/dev/null; then
+    "$XZ" -dc "$1"
+  else
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer, 1 << 20)' "$1"
+  fi
+}
 unpack() { # unpack DIR SUBDIR: prints the directory to use
   local f dst=$UNPACK/$2
   compgen -G "$1/*.xz" >/dev/null || { echo "$1"; return; }
+  command -v "$XZ" >/dev/null || echo "no $XZ here: unpacking $1 with Python's lzma" >&2
   mkdir -p "$dst"
   for f in "$1"/*.xz; do
     local name
     name=$(basename "${f%.xz}")
-    if [[ ! -s $dst/$name || $f -nt $dst/$name ]]; then xz -dc "$f" >"$dst/$name.part" && mv "$dst/$name.part" "$dst/$name"; fi
+    if [[ ! -s $dst/$name || $f -nt $dst/$name ]]; then unxz "$f" >"$dst/$name.part" && mv "$dst/$name.part" "$dst/$name"; fi
     [[ $2 == bin ]] && chmod +x "$dst/$name"
   done
   echo "$dst"

@@ -8,10 +8,13 @@
 #
 #   stage      what it proves                                          expected (H100)  cap
 #   preflight  GPU, compute capability, driver new enough for the PTX,     ~15 s        60 s
-#              every binary's libraries resolve, data present, the
-#              kernel's PTX loads and runs one launch, cuBLAS runs
+#              every binary's libraries and symbols resolve (ldd -r, and
+#              each binary started), data present, the kernel's PTX loads
+#              and one launch per dtype runs (its agreement is recorded),
+#              cuBLAS runs
 #   kernel     the kernel against the CPU reference sampler (random       ~60 s       150 s
-#              logits, 3 V x 3 dtypes, sample + top-k, bad rows)
+#              logits, 3 V x 3 dtypes, sample + top-k, bad rows); the
+#              preflight launches' agreement judged
 #   teacher    tiny fixture teachers on CUDA vs the CPU; SamplerBackend::sample ~40 s        90 s
 #              on CUDA; the kernel on the carried real-teacher logits
 #   sanitize   compute-sanitizer memcheck of the kernel tests, 16 rows    ~45 s        90 s
@@ -25,7 +28,11 @@
 # under `timeout` for the smaller of its cap and what is left, so the whole run
 # ends inside the budget (preflight + kernel + teacher inside 3 minutes). A
 # failed preflight stops the run; a failed later stage is recorded and the next
-# one runs. Every log and number is written as it is produced under $OUT (the
+# one runs. The preflight fails only when something is missing, does not
+# load or does not launch; how many of its launches' rows agree with the CPU is
+# data, judged by the kernel stage. Every log and number is written as it is
+# produced (line by line, so a stage killed at its limit keeps its lines in
+# results.jsonl) under $OUT (the
 # folder the GPU machine sends back; default tests/gpu/results/run-<time>), in
 # at most 6 files: run.log (this console), results.jsonl (every measurement and
 # each stage's status), test.log (the GPU test binary), bench.log (benchmarks,
@@ -80,7 +87,9 @@ START=$SECONDS
 touch "$JSONL"
 
 say() { echo "[$(date -u +%T) +$((SECONDS - START))s] $*"; }
-jsonl() { { grep -E '^\{' || true; } | tee -a "$JSONL"; }
+# JSON lines into results.jsonl as they come (--line-buffered: a stage killed
+# at its limit would otherwise lose what grep had not yet written).
+jsonl() { { grep --line-buffered -E '^\{' || true; } | tee -a "$JSONL"; }
 json_str() { "$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1" 2>/dev/null || printf '"%s"' "${1//\"/\'}"; }
 
 say "logitd GPU run: stages: $STAGES; budget ${BUDGET}s; results in $RESULTS${DRY:+; DRY RUN (no GPU)}"
@@ -314,11 +323,12 @@ gpu_tests() { # gpu_tests FILTER-ARGS...
   local rc from
   echo "== gpu_sampler $*" >>"$TESTLOG"
   from=$(($(wc -l <"$TESTLOG") + 1))
-  runbin "$BIN/gpu_sampler" --test-threads=1 --nocapture "$@" >>"$TESTLOG" 2>&1
-  rc=$?
-  # This run's AGREEMENT / TEACHER lines become JSON for the report.
-  tail -n +"$from" "$TESTLOG" | "$PYTHON" tests/gpu/report.py --from-test | jsonl >/dev/null
-  tail -n +"$from" "$TESTLOG" | grep -E "^test |test result|DRY:|panicked|^AGREEMENT|^TEACHER" | tail -n 60
+  # Each AGREEMENT / TEACHER line becomes a JSON record as it is printed, so
+  # that a stage killed at its limit keeps what it had measured.
+  runbin "$BIN/gpu_sampler" --test-threads=1 --nocapture "$@" 2>&1 | tee -a "$TESTLOG" |
+    "$PYTHON" -u tests/gpu/report.py --from-test | jsonl >/dev/null
+  rc=${PIPESTATUS[0]}
+  tail -n +"$from" "$TESTLOG" | grep -E "^test |test result|DRY:|panicked|^AGREEMENT|^DIFFER|^TEACHER" | tail -n 60
   return "$rc"
 }
 
@@ -371,7 +381,8 @@ python_gpu() { # python_gpu SCRIPT ARGS...: torch scripts; in a dry run, only im
     "$PYTHON" -m py_compile "$1"
     return $?
   fi
-  "$PYTHON" "$@"
+  # Unbuffered: its JSON lines reach results.jsonl as they are printed.
+  "$PYTHON" -u "$@"
 }
 
 stage_sampler() {
@@ -444,7 +455,7 @@ stage_e2e() {
   "$BIN/logitd-bench" --server http://127.0.0.1:50151 --concurrency 2 --mode stream --depth 2 \
     --sequences "$SEQUENCES" --length "$LENGTH" --duration-s "$E2E_SECONDS" --warmup-requests 2 \
     --label "$TEACHER" --json - 2>>"$BENCHLOG" |
-    "$PYTHON" -c 'import json,sys; d=json.load(sys.stdin); d["bench"]="e2e"; print(json.dumps(d))' | jsonl
+    "$PYTHON" -u -c 'import json,sys; d=json.load(sys.stdin); d["bench"]="e2e"; print(json.dumps(d))' | jsonl
   return "${PIPESTATUS[0]}"
 }
 

@@ -188,19 +188,23 @@ run_case killed "kernel" LOGITD_GPU_BUDGET_S=13 FAKE_TEST_SLEEP=60
 expect "$work/killed.log" "== kernel: TIMEOUT after 1[0-3]s" "the hanging stage is killed at its limit"
 expect "$work/killed/results.jsonl" '"bench": "agreement", "what": "stand-in V=7 dtype=F32 Sample k=300", .*"identical": "64"' "the killed stage's AGREEMENT line is in results.jsonl"
 
-# 5. The pack's size counts the working tree with the carried folders: 56 MiB
-# carried is under 64 MiB alone, but not with the tree under the 60 MiB limit.
-mkdir -p "$work/carried-56" "$work/carried-40"
-truncate -s 56M "$work/carried-56/blob"
-truncate -s 40M "$work/carried-40/blob"
-"$here/pack-size.sh" "$work/carried-56" >"$work/pack-56.log" 2>&1
-echo $? >"$work/pack-56.rc"
-"$here/pack-size.sh" "$work/carried-40" >"$work/pack-40.log" 2>&1
-echo $? >"$work/pack-40.rc"
-expect "$work/pack-56.log" "^pack: FAIL: 6[0-9.]+ MiB is over the 60 MiB allowed" "56 MiB carried + the tree fails"
-expect "$work/pack-40.log" "^pack: working tree [0-9]+ bytes .* = [0-9]+ bytes \(4[5-9]\.[0-9] MiB\)" "40 MiB carried + the tree is counted together"
-if [[ $(cat "$work/pack-56.rc") != 0 && $(cat "$work/pack-40.rc") == 0 ]]; then ok "pack-size.sh exits 1 at 56 + tree, 0 at 40 + tree"; else
-  bad "pack-size.sh exits $(cat "$work/pack-56.rc") at 56 + tree, $(cat "$work/pack-40.rc") at 40 + tree"; fi
+# 5. The pack's size counts the working tree with the carried folders: carried
+# folders 1 MiB over what the 60 MiB limit leaves the tree fail (alone they are
+# far under the 64 MiB that the carried files alone were held to), 1 MiB under
+# pass. Sized from this tree, so the case holds as the tree grows or shrinks.
+mkdir -p "$work/carried-none" "$work/carried-over" "$work/carried-under"
+tree=$("$here/pack-size.sh" "$work/carried-none" | sed -nE 's/^pack: working tree ([0-9]+) bytes.*/\1/p')
+if [[ -z $tree ]]; then bad "pack-size.sh printed no working-tree size"; tree=0; fi
+truncate -s $((60 * 1048576 - tree + 1048576)) "$work/carried-over/blob"
+truncate -s $((60 * 1048576 - tree - 1048576)) "$work/carried-under/blob"
+for c in over under; do
+  "$here/pack-size.sh" "$work/carried-$c" >"$work/pack-$c.log" 2>&1
+  echo $? >"$work/pack-$c.rc"
+done
+expect "$work/pack-over.log" "^pack: FAIL: 6[0-9.]+ MiB is over the 60 MiB allowed" "the tree + carried 1 MiB over 60 MiB fails"
+expect "$work/pack-under.log" "^pack: working tree $tree bytes .* \+ carried [0-9]+ bytes .* = [0-9]+ bytes \(5[89]\.[0-9] MiB\)" "the tree and the carried folders are counted together"
+if [[ $(cat "$work/pack-over.rc") != 0 && $(cat "$work/pack-under.rc") == 0 ]]; then ok "pack-size.sh exits 1 at 1 MiB over, 0 at 1 MiB under"; else
+  bad "pack-size.sh exits $(cat "$work/pack-over.rc") at 1 MiB over, $(cat "$work/pack-under.rc") at 1 MiB under"; fi
 
 echo "selftest: $passed passed, $failed failed"
 ((failed == 0))

@@ -241,7 +241,6 @@ pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
         seed: o.seed,
         method: o.sample_options().method as i32,
         value_encoding: o.sample_options().value_encoding as i32,
-        ..Default::default()
     };
     let writer = ShardWriter::starting_at(&o.out, meta, o.shard_entries, start);
     let progress = Arc::new(AtomicU64::new(0));

@@ -103,7 +103,6 @@ mod tests {
             temperature: 1.0,
             method: SamplingMethod::Sample as i32,
             value_encoding: encoding as i32,
-            ..Default::default()
         };
         let bytes = response.encode_to_vec();
         let decoded = SampleLogitsResponse::decode(bytes.as_slice()).expect("decodes");

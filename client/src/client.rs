@@ -54,6 +54,9 @@ pub enum ClientError {
     /// A reply could not be decoded into targets.
     #[error(transparent)]
     Targets(#[from] TargetsError),
+    /// The call's arguments do not fit together (nothing was sent).
+    #[error("invalid request: {0}")]
+    Request(String),
 }
 
 impl ClientError {
@@ -205,6 +208,30 @@ pub struct SampleOptions {
     /// How log-probabilities are sent (default `Unspecified`, which the server
     /// reads as f32; it is not written on the wire).
     pub value_encoding: ValueEncoding,
+    /// Also return the realised next token's log p and rank at every position
+    /// ([`TeacherTargets::token_logprobs`]), as on-policy distillation needs.
+    pub token_logprobs: bool,
+}
+
+/// Candidate ids of one sequence, per returned position (CSR): position p
+/// (the sequence's `first_position + p`) names `ids[offsets[p]..offsets[p + 1]]`.
+/// The teacher's log p at each comes back in
+/// [`TeacherTargets::candidate_logprobs`], in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Candidates {
+    /// Returned positions + 1 entries, from 0.
+    pub offsets: Vec<u32>,
+    /// The ids.
+    pub ids: Vec<u32>,
+}
+
+impl Candidates {
+    /// The same `k` ids at every one of `positions` positions, given as a
+    /// row-major `[positions, k]` slice.
+    pub fn dense(ids: &[u32], k: usize) -> Self {
+        let positions = if k == 0 { 0 } else { ids.len() / k };
+        Self { offsets: (0..=positions).map(|p| (p * k) as u32).collect(), ids: ids.to_vec() }
+    }
 }
 
 impl SampleOptions {
@@ -218,6 +245,7 @@ impl SampleOptions {
             seed: Some(self.seed),
             method: self.method as i32,
             value_encoding: self.value_encoding as i32,
+            return_token_logprobs: self.token_logprobs,
         }
     }
 }
@@ -237,6 +265,7 @@ pub fn seeded_sequences(
             token_ids: tokens.clone(),
             first_position: first_positions.map_or(0, |f| f[i]),
             seed: Some(sequence_seed(batch_seed, i as u64)),
+            ..Default::default()
         })
         .collect()
 }
@@ -381,7 +410,28 @@ impl TeacherClient {
         first_positions: Option<&[u32]>,
         options: SampleOptions,
     ) -> Result<Vec<TeacherTargets>, ClientError> {
-        let requests = self.requests(sequences, first_positions, options);
+        self.sample_targets_with_candidates(sequences, first_positions, None, options).await
+    }
+
+    /// [`sample_targets`](Self::sample_targets), also scoring `candidates[i]`
+    /// at sequence i's returned positions.
+    pub async fn sample_targets_with_candidates(
+        &self,
+        sequences: &[Vec<u32>],
+        first_positions: Option<&[u32]>,
+        candidates: Option<&[Candidates]>,
+        options: SampleOptions,
+    ) -> Result<Vec<TeacherTargets>, ClientError> {
+        if let Some(c) = candidates
+            && c.len() != sequences.len()
+        {
+            return Err(ClientError::Request(format!(
+                "{} candidate sets for {} sequences",
+                c.len(),
+                sequences.len()
+            )));
+        }
+        let requests = self.requests_with(sequences, first_positions, candidates, options);
         let responses: Vec<SampleLogitsResponse> =
             futures::stream::iter(requests.into_iter().map(|r| self.sample(r)))
                 .buffered(self.config.max_concurrent_requests.max(1))
@@ -390,7 +440,12 @@ impl TeacherClient {
         let mut targets = Vec::with_capacity(sequences.len());
         for r in responses {
             for s in &r.sequences {
-                targets.push(TeacherTargets::from_sequence(s, r.num_samples, r.value_encoding)?);
+                targets.push(TeacherTargets::from_sequence(
+                    s,
+                    r.num_samples,
+                    r.value_encoding,
+                    r.method,
+                )?);
             }
         }
         Ok(targets)
@@ -403,7 +458,23 @@ impl TeacherClient {
         first_positions: Option<&[u32]>,
         options: SampleOptions,
     ) -> Vec<SampleLogitsRequest> {
-        let all = seeded_sequences(sequences, first_positions, options.seed);
+        self.requests_with(sequences, first_positions, None, options)
+    }
+
+    fn requests_with(
+        &self,
+        sequences: &[Vec<u32>],
+        first_positions: Option<&[u32]>,
+        candidates: Option<&[Candidates]>,
+        options: SampleOptions,
+    ) -> Vec<SampleLogitsRequest> {
+        let mut all = seeded_sequences(sequences, first_positions, options.seed);
+        if let Some(candidates) = candidates {
+            for (s, c) in all.iter_mut().zip(candidates) {
+                s.candidate_offsets = c.offsets.clone();
+                s.candidate_ids = c.ids.clone();
+            }
+        }
         all.chunks(self.config.max_sequences_per_request.max(1))
             .map(|chunk| options.request(chunk.to_vec()))
             .collect()
@@ -426,6 +497,7 @@ mod tests {
             seed: 99,
             method: SamplingMethod::TopK,
             value_encoding: ValueEncoding::Bf16,
+            ..Default::default()
         };
         let sequences = seeded_sequences(&[vec![1, 2, 3], vec![4, 5]], Some(&[1, 0]), 99);
         let want = SampleLogitsRequest {
@@ -434,11 +506,13 @@ mod tests {
                     token_ids: vec![1, 2, 3],
                     first_position: 1,
                     seed: Some(sequence_seed(99, 0)),
+                    ..Default::default()
                 },
                 Sequence {
                     token_ids: vec![4, 5],
                     first_position: 0,
                     seed: Some(sequence_seed(99, 1)),
+                    ..Default::default()
                 },
             ],
             num_samples: 12,
@@ -446,6 +520,7 @@ mod tests {
             seed: Some(99),
             method: 2,
             value_encoding: 3,
+            ..Default::default()
         };
         let got = options.request(sequences);
         assert_eq!(got, want);
@@ -465,12 +540,14 @@ mod tests {
                 token_ids: vec![9],
                 first_position: 0,
                 seed: Some(sequence_seed(7, 0)),
+                ..Default::default()
             }],
             num_samples: 4,
             temperature: None,
             seed: Some(7),
             method: 0,
             value_encoding: 0,
+            ..Default::default()
         };
         assert_eq!(got.encode_to_vec(), want.encode_to_vec());
     }

@@ -71,6 +71,9 @@ pub struct DumpOptions {
     pub seed: u64,
     /// Top-k instead of sampling.
     pub top_k: bool,
+    /// Also keep the realised next token's log p and rank at every position
+    /// (shard format 2).
+    pub token_logprobs: bool,
     /// Sequences per request.
     pub batch_sequences: usize,
     /// Requests in flight.
@@ -176,6 +179,7 @@ impl Batch {
                 token_ids: r.tokens.clone(),
                 first_position: r.first_position,
                 seed: Some(sequence_seed(o.seed, r.index)),
+                ..Default::default()
             })
             .collect();
         o.sample_options().request(sequences)
@@ -192,6 +196,7 @@ impl DumpOptions {
             seed: self.seed,
             method: if self.top_k { SamplingMethod::TopK } else { SamplingMethod::Sample },
             value_encoding: ValueEncoding::F32,
+            token_logprobs: self.token_logprobs,
         }
     }
 }
@@ -426,8 +431,13 @@ fn write_all(
             batch.records.len()
         );
         for (r, s) in batch.records.iter().zip(&answer.sequences) {
-            let t = TeacherTargets::from_sequence(s, answer.num_samples, answer.value_encoding)
-                .with_context(|| format!("sequence {}", r.index))?;
+            let t = TeacherTargets::from_sequence(
+                s,
+                answer.num_samples,
+                answer.value_encoding,
+                answer.method,
+            )
+            .with_context(|| format!("sequence {}", r.index))?;
             let expected = r.tokens.len() - r.first_position as usize;
             anyhow::ensure!(
                 t.num_positions() == expected,

@@ -27,8 +27,8 @@ pub mod student;
 mod targets;
 
 pub use client::{
-    ClientConfig, ClientError, RawTeacherClient, RetryPolicy, SampleOptions, TeacherClient,
-    seeded_sequences, sequence_seed,
+    Candidates, ClientConfig, ClientError, RawTeacherClient, RetryPolicy, SampleOptions,
+    TeacherClient, seeded_sequences, sequence_seed,
 };
 /// The enums of [`SampleOptions`], from the wire protocol.
 pub use logitd_proto::v1::{SamplingMethod, ValueEncoding};

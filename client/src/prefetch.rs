@@ -92,7 +92,7 @@ fn decode(r: &logitd_proto::v1::SampleLogitsResponse) -> Result<Vec<TeacherTarge
     r.sequences
         .iter()
         .map(|s| {
-            TeacherTargets::from_sequence(s, r.num_samples, r.value_encoding)
+            TeacherTargets::from_sequence(s, r.num_samples, r.value_encoding, r.method)
                 .map_err(ClientError::from)
         })
         .collect()

@@ -14,7 +14,18 @@
 //! | `logprobs` | F32 | [N] | teacher log p |
 //! | `lse` | F32 | [P] | log-sum-exp of z / T per position |
 //!
-//! The safetensors metadata carries `logitd.format` (= 1), `model_id`,
+//! Targets that carry the on-policy columns (the realised tokens' log p and
+//! rank, candidates' log p) add, in format 2:
+//!
+//! | tensor | dtype | shape | meaning |
+//! | --- | --- | --- | --- |
+//! | `token_logprobs` | F32 | [P] | log p of the realised next token (NaN at a sequence's last position) |
+//! | `token_ranks` | U32 | [P] | its rank (1 = most likely; 0 where there is none) |
+//! | `candidate_offsets` | U32 | [P + 1] | position p owns candidates `candidate_offsets[p]..[p+1]` |
+//! | `candidate_logprobs` | F32 | [C] | log p at the candidate ids asked for |
+//!
+//! The safetensors metadata carries `logitd.format` (1, or 2 with those
+//! columns; a reader of format 1 refuses format 2 by its number), `model_id`,
 //! `tokenizer_sha256`, `num_samples`, `temperature`, `seed`, `method` and
 //! `value_encoding` (what the server reported), so a reader can refuse targets
 //! from another teacher. Values are stored exactly as decoded (f32), so a read
@@ -30,8 +41,10 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::TeacherTargets;
 
-/// Format version written and accepted.
+/// Format version of shards without the on-policy columns.
 pub const FORMAT_VERSION: &str = "1";
+/// Format version of shards with them (token or candidate log-probabilities).
+pub const FORMAT_VERSION_SCORES: &str = "2";
 
 /// Why a shard could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +112,9 @@ impl ShardMeta {
             get(k)?.parse::<i64>().map_err(|e| invalid(format!("metadata `{k}`: {e}")))
         };
         let version = get("logitd.format")?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_SCORES {
             return Err(invalid(format!(
-                "format version {version}, this reader knows {FORMAT_VERSION}"
+                "format version {version}, this reader knows {FORMAT_VERSION} and {FORMAT_VERSION_SCORES}"
             )));
         }
         Ok(Self {
@@ -375,19 +388,32 @@ impl ShardWriter {
         metadata.insert("sequence_start".into(), start.to_string());
         metadata.insert("sequence_end".into(), end.to_string());
         let t = &c.positions;
-        let (positions, entries) = (t.lse.len() as u64, t.token_ids.len() as u64);
-        let (bytes, sha256) = write_atomically(&path, |file| {
-            let tensors = [
-                ("sequence_offsets", Column::U32(&c.sequence_offsets)),
-                ("first_position", Column::U32(&c.first_position)),
-                ("offsets", Column::U32(&t.offsets)),
-                ("token_ids", Column::U32(&t.token_ids)),
-                ("counts", Column::U32(&t.counts)),
-                ("logprobs", Column::F32(&t.logprobs)),
-                ("lse", Column::F32(&t.lse)),
-            ];
-            write_safetensors(file, &metadata, &tensors)
+        t.validate().map_err(|e| {
+            ShardError::Mismatch(format!("the targets of one shard do not fit together: {e}"))
         })?;
+        let (positions, entries) = (t.lse.len() as u64, t.token_ids.len() as u64);
+        let mut tensors = vec![
+            ("sequence_offsets", Column::U32(&c.sequence_offsets)),
+            ("first_position", Column::U32(&c.first_position)),
+            ("offsets", Column::U32(&t.offsets)),
+            ("token_ids", Column::U32(&t.token_ids)),
+            ("counts", Column::U32(&t.counts)),
+            ("logprobs", Column::F32(&t.logprobs)),
+            ("lse", Column::F32(&t.lse)),
+        ];
+        if !t.token_logprobs.is_empty() {
+            tensors.push(("token_logprobs", Column::F32(&t.token_logprobs)));
+            tensors.push(("token_ranks", Column::U32(&t.token_ranks)));
+        }
+        if !t.candidate_offsets.is_empty() {
+            tensors.push(("candidate_offsets", Column::U32(&t.candidate_offsets)));
+            tensors.push(("candidate_logprobs", Column::F32(&t.candidate_logprobs)));
+        }
+        if tensors.len() > 7 {
+            metadata.insert("logitd.format".into(), FORMAT_VERSION_SCORES.into());
+        }
+        let (bytes, sha256) =
+            write_atomically(&path, |file| write_safetensors(file, &metadata, &tensors))?;
         self.next_sequence = end;
         self.written.push(path.clone());
         Ok(Some(WrittenShard { path, sequences: start..end, positions, entries, bytes, sha256 }))
@@ -603,6 +629,18 @@ fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, Shar
     if seq_off.len() != first.len() + 1 || offsets.len() != lse.len() + 1 {
         return Err(invalid("column lengths do not fit together".into()));
     }
+    let has = |name: &str| st.tensor(name).is_ok();
+    let optional_f = |name: &str| if has(name) { f(name) } else { Ok(vec![]) };
+    let optional_u = |name: &str| if has(name) { u(name) } else { Ok(vec![]) };
+    let (token_logprobs, token_ranks) = (optional_f("token_logprobs")?, optional_u("token_ranks")?);
+    let (cand_off, cand_lp) = (optional_u("candidate_offsets")?, optional_f("candidate_logprobs")?);
+    let positions = lse.len();
+    if (!token_logprobs.is_empty()
+        && (token_logprobs.len() != positions || token_ranks.len() != positions))
+        || (!cand_off.is_empty() && cand_off.len() != positions + 1)
+    {
+        return Err(invalid("the on-policy columns do not fit the positions".into()));
+    }
     let mut out = Vec::with_capacity(first.len());
     for s in 0..first.len() {
         let (p0, p1) = (seq_off[s] as usize, seq_off[s + 1] as usize);
@@ -613,6 +651,16 @@ fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, Shar
         if e0 > e1 || e1 > ids.len() || e1 > counts.len() || e1 > logprobs.len() {
             return Err(invalid(format!("sequence {s}: entries {e0}..{e1} out of range")));
         }
+        let (candidate_offsets, candidate_logprobs) = if cand_off.is_empty() {
+            (vec![], vec![])
+        } else {
+            let (c0, c1) = (cand_off[p0] as usize, cand_off[p1] as usize);
+            if c0 > c1 || c1 > cand_lp.len() {
+                return Err(invalid(format!("sequence {s}: candidates {c0}..{c1} out of range")));
+            }
+            (csr::rebased(&cand_off, p0..p1), cand_lp[c0..c1].to_vec())
+        };
+        let per_position = |v: &[f32]| if v.is_empty() { vec![] } else { v[p0..p1].to_vec() };
         let t = TeacherTargets {
             num_samples,
             first_position: first[s],
@@ -621,6 +669,10 @@ fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, Shar
             counts: counts[e0..e1].to_vec(),
             logprobs: logprobs[e0..e1].to_vec(),
             lse: lse[p0..p1].to_vec(),
+            token_logprobs: per_position(&token_logprobs),
+            token_ranks: if token_ranks.is_empty() { vec![] } else { token_ranks[p0..p1].to_vec() },
+            candidate_offsets,
+            candidate_logprobs,
         };
         t.validate().map_err(|e| invalid(format!("sequence {s}: {e}")))?;
         out.push(t);

@@ -85,13 +85,18 @@ async fn bench_reports_what_the_server_answered() {
         .sample(SampleLogitsRequest {
             sequences: corpus
                 .iter()
-                .map(|s| Sequence { token_ids: s[..6].to_vec(), first_position: 2, seed: None })
+                .map(|s| Sequence {
+                    token_ids: s[..6].to_vec(),
+                    first_position: 2,
+                    ..Default::default()
+                })
                 .collect(),
             num_samples: 16,
             temperature: None,
             seed: Some(u64::MAX),
             method: 2,
             value_encoding: 1,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -79,6 +79,7 @@ async fn dump_writes_the_targets_the_server_gives() {
         seed: 5,
         method: SamplingMethod::Sample,
         value_encoding: ValueEncoding::F32,
+        ..Default::default()
     };
     let live = client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap();
     // Samples bit for bit, the teacher's values within 1e-5 (see same_targets).

@@ -231,6 +231,7 @@ async fn reference(client: &TeacherClient, corpus: &[(Vec<u32>, u32)]) -> Vec<Te
         seed: 5,
         method: SamplingMethod::Sample,
         value_encoding: ValueEncoding::F32,
+        ..Default::default()
     };
     client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap()
 }

@@ -34,6 +34,7 @@ fn draw_targets(rng: &mut StdRng, teacher: &[Vec<f64>], k: u32) -> TeacherTarget
         counts: vec![],
         logprobs: vec![],
         lse: vec![],
+        ..TeacherTargets::default()
     };
     for z in teacher {
         let lp = log_softmax(z);

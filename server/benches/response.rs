@@ -6,7 +6,10 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use logitd::{response::sampled_sequence, sampler::SampledRows};
+use logitd::{
+    response::{Asked, sampled_sequence},
+    sampler::SampledRows,
+};
 use logitd_proto::v1::{SampleLogitsResponse, ValueEncoding};
 use prost::Message;
 
@@ -39,7 +42,10 @@ fn rows(salt: usize) -> SampledRows {
 
 fn response(all: Vec<SampledRows>, encoding: ValueEncoding) -> SampleLogitsResponse {
     SampleLogitsResponse {
-        sequences: all.into_iter().map(|r| sampled_sequence(r, 0, encoding)).collect(),
+        sequences: all
+            .into_iter()
+            .map(|r| sampled_sequence(r, Asked::samples(0), encoding))
+            .collect(),
         seed: 7,
         model_id: "bench".into(),
         num_samples: 256,

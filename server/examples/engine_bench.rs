@@ -23,7 +23,16 @@
 //! (`CpuSampler::sample_rows`, on `RAYON_NUM_THREADS` threads), repeating the
 //! pass for at least MIN_TIME_S seconds.
 //!
-//! Both print one JSON line.
+//! `scores` measures what the on-policy scores cost: rounds of an engine batch
+//! without them and the same batch with the realised tokens' log-probabilities
+//! and CANDIDATES candidate ids per position, in alternating order, each
+//! timed for SECONDS; one JSON line per round with both rates and their ratio.
+//!
+//! ```text
+//! engine_bench scores MODEL CORPUS.jsonl SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS
+//! ```
+//!
+//! Each prints JSON lines.
 
 use std::{io::BufRead, path::Path, time::Instant};
 
@@ -32,8 +41,8 @@ use candle_core::{DType, Device, Tensor};
 use logitd::{
     engine::Engine,
     model::{PackedBatch, Teacher},
-    queue::WorkItem,
-    response::sampled_sequence,
+    queue::{Scores, WorkItem},
+    response::{Asked, sampled_sequence},
     sampler::{CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
 };
 use logitd_proto::v1::{SampleLogitsResponse, ValueEncoding};
@@ -84,16 +93,102 @@ fn items(pool: &[Vec<u32>], r: u64, sequences: usize, params: SamplingParams) ->
             key_sequence: i as u32,
             deadline: None,
             enqueued: Instant::now(),
+            scores: Scores::default(),
             reply: tokio::sync::oneshot::channel().0,
         })
         .collect()
+}
+
+/// [`items`] that also ask for the realised tokens and `candidates` ids per
+/// position (spread over the vocabulary, the realised token among them).
+fn scored_items(
+    pool: &[Vec<u32>],
+    r: u64,
+    sequences: usize,
+    params: SamplingParams,
+    candidates: usize,
+    vocab: usize,
+) -> Vec<WorkItem> {
+    let mut work = items(pool, r, sequences, params);
+    for w in &mut work {
+        let n = w.tokens.len();
+        let mut scores = Scores { realised: true, ..Scores::default() };
+        scores.candidate_offsets.push(0);
+        for p in 0..n {
+            for c in 0..candidates {
+                let id = if c == 0 && p + 1 < n {
+                    w.tokens[p + 1]
+                } else {
+                    (request_seed((p * candidates + c) as u64) % vocab as u64) as u32
+                };
+                scores.candidate_ids.push(id);
+            }
+            scores.candidate_offsets.push(scores.candidate_ids.len() as u32);
+        }
+        w.scores = scores;
+    }
+    work
+}
+
+/// Interleaved rounds: plain batches, then scored ones (or the other way
+/// round every other round), each for `seconds`.
+fn scores(args: &[String]) -> anyhow::Result<()> {
+    let [model, corpus, sequences, length, k, candidates, rounds, seconds] = &args[..8] else {
+        bail!("usage: scores MODEL CORPUS SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS");
+    };
+    let (sequences, length): (usize, usize) = (sequences.parse()?, length.parse()?);
+    let (k, candidates, rounds): (u32, usize, usize) =
+        (k.parse()?, candidates.parse()?, rounds.parse()?);
+    let seconds: f64 = seconds.parse()?;
+    let pool = read_pool(Path::new(corpus), length)?;
+    let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
+    let vocab = teacher.config().vocab_size;
+    let mut engine = Engine::new(teacher, None)?;
+    let params = SamplingParams::new(Method::Sample, k, 1.0)?;
+    let mut r = 0u64;
+    // Warm-up: one of each.
+    engine.score(&items(&pool, r, sequences, params))?;
+    engine.score(&scored_items(&pool, r, sequences, params, candidates, vocab))?;
+    for round in 0..rounds {
+        let mut rate = [0f64; 2];
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for scored in order {
+            let (mut positions, started) = (0u64, Instant::now());
+            while started.elapsed().as_secs_f64() < seconds || positions == 0 {
+                let work = if scored {
+                    scored_items(&pool, r, sequences, params, candidates, vocab)
+                } else {
+                    items(&pool, r, sequences, params)
+                };
+                let results = engine.score(&work)?;
+                positions += results.iter().map(|rows| rows.num_rows() as u64).sum::<u64>();
+                r += 1;
+            }
+            rate[usize::from(scored)] = positions as f64 / started.elapsed().as_secs_f64();
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "round": round,
+                "threads": candle_core::utils::get_num_threads(),
+                "sequences": sequences,
+                "length": length,
+                "num_samples": k,
+                "candidates": candidates,
+                "plain_positions_per_s": rate[0],
+                "scored_positions_per_s": rate[1],
+                "scored_over_plain": rate[1] / rate[0],
+            })
+        );
+    }
+    Ok(())
 }
 
 fn encode(results: Vec<SampledRows>) -> usize {
     let response = SampleLogitsResponse {
         sequences: results
             .into_iter()
-            .map(|rows| sampled_sequence(rows, 0, ValueEncoding::F32))
+            .map(|rows| sampled_sequence(rows, Asked::samples(0), ValueEncoding::F32))
             .collect(),
         seed: 1,
         model_id: "bench".into(),
@@ -291,9 +386,11 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("engine") if args.len() >= 7 => engine(&args[1..]),
         Some("sampler") if args.len() >= 5 => sampler(&args[1..]),
+        Some("scores") if args.len() >= 9 => scores(&args[1..]),
         _ => bail!(
             "usage: engine_bench engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S [WARMUP]\n       \
-             engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S"
+             engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S\n       \
+             engine_bench scores MODEL CORPUS SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS"
         ),
     }
 }

@@ -11,9 +11,11 @@
 //! - `preflight`: what the GPU run checks before it spends time: the device
 //!   (name, compute capability, SMs), the kernel's PTX loads (the driver
 //!   compiles it here, so an old driver fails now), one small launch per dtype
-//!   agrees with the CPU sampler, a bf16 matrix product runs (cuBLAS and
-//!   candle's kernels load); registers, spills and resident blocks per SM of
-//!   each entry point of the kernel.
+//!   and method runs (how many of its rows are the CPU sampler's is printed as
+//!   data and judged by the run's `kernel` stage, not here), a bf16 matrix
+//!   product runs (cuBLAS and candle's kernels load); registers, spills and
+//!   resident blocks per SM of each entry point of the kernel. It fails only
+//!   when something does not load or launch.
 //! - `sampler`: the device-to-device copy bandwidth of `cuMemcpyDtoD` (1 GiB,
 //!   read + write counted), then the sampling kernel on random teacher-like
 //!   logits for V = 32,000, 151,936 and 262,144 in bf16, f16 and f32, k = 256
@@ -141,15 +143,10 @@ fn preflight() -> anyhow::Result<()> {
                 "{{\"bench\":\"preflight_launch\",\"dtype\":\"{dtype:?}\",\"method\":\"{:?}\",\"rows\":{rows},\"identical\":{same}}}",
                 params.method()
             );
-            // Top-k has no boundary cases: every row must be the CPU's. A
-            // sample row may differ by a draw at a CDF boundary (the test
-            // stages judge that); all of them differing is a broken kernel.
-            if (params.method() == Method::TopK && same != rows) || same == 0 {
-                bail!(
-                    "the kernel's first launch ({dtype:?}, {:?}) disagrees with the CPU",
-                    params.method()
-                );
-            }
+            // Only data here: the kernel stage judges it (top-k rows must all
+            // be the CPU's, report.py --check-preflight), so that one
+            // disagreeing row does not stop the run before the tests that say
+            // more about it. Load and launch errors (the `?`s) fail here.
         }
     }
     // cuBLAS and candle's own kernels: a bf16 matrix product and a softmax.
@@ -312,7 +309,15 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..2 {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();
-        sampler.sample(&teacher, &h, &rows, &keys, &params, &mut out)?;
+        sampler.sample(
+            &teacher,
+            &h,
+            &rows,
+            &keys,
+            logitd::sampler::RowQueries::NONE,
+            &params,
+            &mut out,
+        )?;
     }
     dev.synchronize()?;
     let t = Instant::now();
@@ -326,7 +331,15 @@ fn forward(args: &[String]) -> anyhow::Result<()> {
     for _ in 0..reps {
         let h = teacher.hidden_states(&batch)?;
         let mut out = SampledRows::new();
-        sampler.sample(&teacher, &h, &rows, &keys, &params, &mut out)?;
+        sampler.sample(
+            &teacher,
+            &h,
+            &rows,
+            &keys,
+            logitd::sampler::RowQueries::NONE,
+            &params,
+            &mut out,
+        )?;
     }
     dev.synchronize()?;
     let full = t.elapsed().as_secs_f64() / reps as f64;

@@ -14,7 +14,7 @@ use std::{path::PathBuf, time::Instant};
 use candle_core::{DType, Device};
 use logitd::{
     model::{PackedBatch, Teacher},
-    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
 };
 
 fn peak_rss_mib() -> f64 {
@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         if sample {
             let t = Instant::now();
             let mut out = SampledRows::new();
-            sampler.sample(&teacher, &hidden, &rows, &keys, &params, &mut out)?;
+            sampler.sample(&teacher, &hidden, &rows, &keys, RowQueries::NONE, &params, &mut out)?;
             head_s += t.elapsed().as_secs_f64();
             entries += out.num_entries();
         }

@@ -74,6 +74,10 @@ pub struct ModelArgs {
     /// Largest k a request may ask for.
     #[arg(long, env = "LOGITD_MAX_NUM_SAMPLES", default_value_t = 4096)]
     pub max_num_samples: u32,
+    /// Most candidate ids a request may name for one position (their
+    /// log-probabilities are returned; e.g. a student's own top-k ids).
+    #[arg(long, env = "LOGITD_MAX_CANDIDATES", default_value_t = 1024)]
+    pub max_candidates: u32,
     /// Most tokens packed into one forward pass.
     #[arg(long, env = "LOGITD_MAX_BATCH_TOKENS", default_value_t = 8192)]
     pub max_batch_tokens: u32,

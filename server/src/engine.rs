@@ -20,7 +20,7 @@ use crate::{
     device, metrics as m,
     model::{ModelError, PackedBatch, Teacher},
     queue::{BatchQueue, SubmitError, WorkItem},
-    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
 };
 
 /// Why a batch failed. Every item of the batch gets the same error; the next
@@ -46,12 +46,13 @@ pub trait ScoringBackend: Send + 'static {
     fn forward(&mut self, batch: &PackedBatch) -> Result<Self::Hidden, ModelError>;
 
     /// Appends one sampled row per entry of `rows` (token indices of the
-    /// batch, keyed by `keys`) to `out`.
+    /// batch, keyed by `keys`, scored as `queries` ask) to `out`.
     fn sample(
         &mut self,
         hidden: &Self::Hidden,
         rows: &[u32],
         keys: &[RowKey],
+        queries: RowQueries<'_>,
         params: &SamplingParams,
         out: &mut SampledRows,
     ) -> Result<(), ModelError>;
@@ -79,10 +80,11 @@ impl ScoringBackend for TeacherBackend {
         hidden: &Self::Hidden,
         rows: &[u32],
         keys: &[RowKey],
+        queries: RowQueries<'_>,
         params: &SamplingParams,
         out: &mut SampledRows,
     ) -> Result<(), ModelError> {
-        self.sampler.sample(&self.teacher, hidden, rows, keys, params, out)
+        self.sampler.sample(&self.teacher, hidden, rows, keys, queries, params, out)
     }
 
     fn settle(&self) -> Result<(), ModelError> {
@@ -175,17 +177,43 @@ impl<B: ScoringBackend> Engine<B> {
         results: &mut Vec<SampledRows>,
     ) -> Result<(), EngineError> {
         let (mut rows, mut keys, mut counts) = (vec![], vec![], vec![]);
+        let run_items = &items[run.clone()];
+        let realised = run_items.iter().any(|i| i.scores.realised);
+        let candidates = run_items.iter().any(|i| !i.scores.candidate_offsets.is_empty());
+        let (mut q_realised, mut q_offsets, mut q_ids) = (vec![], vec![0u32], vec![]);
         for s in run.clone() {
             let item = &items[s];
             let start = batch.sequence(s).start as u32;
-            for p in item.first_position..item.tokens.len() as u32 {
+            let len = item.tokens.len() as u32;
+            for p in item.first_position..len {
                 rows.push(start + p);
                 keys.push(RowKey { seed: item.seed, sequence: item.key_sequence, position: p });
+                if realised {
+                    let next =
+                        item.tokens.get(p as usize + 1).copied().filter(|_| item.scores.realised);
+                    q_realised.push(next.unwrap_or(NO_TOKEN));
+                }
+            }
+            if candidates {
+                let o = &item.scores.candidate_offsets;
+                if o.is_empty() {
+                    let last = *q_offsets.last().expect("starts with 0");
+                    q_offsets
+                        .extend(std::iter::repeat_n(last, (len - item.first_position) as usize));
+                } else {
+                    logitd_proto::csr::append(&mut q_offsets, o);
+                    q_ids.extend_from_slice(&item.scores.candidate_ids);
+                }
             }
             counts.push(item.tokens.len() - item.first_position as usize);
         }
+        let queries = RowQueries {
+            realised: &q_realised,
+            candidate_offsets: if candidates { &q_offsets } else { &[] },
+            candidate_ids: &q_ids,
+        };
         let mut out = SampledRows::new();
-        self.backend.sample(hidden, &rows, &keys, &items[run.start].params, &mut out)?;
+        self.backend.sample(hidden, &rows, &keys, queries, &items[run.start].params, &mut out)?;
         let mut r = 0;
         for n in counts {
             results.push(out.slice(r..r + n));
@@ -335,6 +363,9 @@ fn engine_loop<B: ScoringBackend>(mut engine: Engine<B>, rx: Receiver<Vec<WorkIt
 }
 
 fn record_row_metrics(rows: &SampledRows) {
+    if rows.num_entries() == 0 {
+        return; // scoring alone: no ids drawn
+    }
     for r in 0..rows.num_rows() {
         let row = rows.row(r);
         metrics::histogram!(m::SAMPLED_UNIQUE_IDS).record(row.token_ids.len() as f64);
@@ -371,10 +402,12 @@ mod tests {
             hidden: &Vec<u32>,
             rows: &[u32],
             keys: &[RowKey],
+            queries: RowQueries<'_>,
             params: &SamplingParams,
             out: &mut SampledRows,
         ) -> Result<(), ModelError> {
             self.calls.push((*params, rows.len()));
+            queries.check(rows.len(), 1000)?;
             if self.fail_sample_with_k == Some(params.num_samples()) {
                 return Err(crate::sampler::SamplerError::NonFiniteLogit {
                     index: 0,
@@ -382,12 +415,18 @@ mod tests {
                 }
                 .into());
             }
-            for (&r, key) in rows.iter().zip(keys) {
-                out.token_ids.push(hidden[r as usize]);
-                out.counts.push(params.num_samples());
-                out.logprobs.push(-(key.position as f32));
-                out.offsets.push(out.token_ids.len() as u32);
-                out.lse.push(key.seed as f32);
+            // Scores echo what was asked: the realised id and the candidate
+            // ids as values.
+            for (i, (&r, key)) in rows.iter().zip(keys).enumerate() {
+                out.push_entry(hidden[r as usize], params.num_samples(), -(key.position as f32));
+                let (realised, candidates) = queries.row(i);
+                if let Some(id) = realised {
+                    let v = if id == NO_TOKEN { f32::NAN } else { id as f32 };
+                    out.token_logprobs.push(v);
+                    out.token_ranks.push(id);
+                }
+                out.candidate_logprobs.extend(candidates.iter().map(|&c| c as f32));
+                out.finish_row(key.seed as f32);
             }
             Ok(())
         }
@@ -426,6 +465,35 @@ mod tests {
         assert_eq!(results[2].offsets, [0, 1, 2]);
         let seeds: Vec<Vec<f32>> = results.iter().map(|r| r.lse.clone()).collect();
         assert_eq!(seeds, [vec![1.0; 3], vec![2.0], vec![3.0; 2]]);
+    }
+
+    #[test]
+    fn realised_tokens_and_candidates_reach_the_rows_they_belong_to() {
+        let mut engine = Engine::with_backend(Fake::default());
+        let mut items = vec![
+            item(vec![10, 11, 12], 0, 4, 1),
+            item(vec![20, 21], 0, 4, 2),
+            item(vec![30, 31, 32, 33], 2, 4, 3),
+        ];
+        items[0].scores.realised = true;
+        items[2].scores.realised = true;
+        items[2].scores.candidate_offsets = vec![0, 2, 3];
+        items[2].scores.candidate_ids = vec![7, 8, 9];
+        let results = engine.score(&items).unwrap();
+        // Position t's realised token is token t + 1; the last position has none.
+        let nan_is = |v: &[f32], want: &[f32]| {
+            v.len() == want.len()
+                && v.iter().zip(want).all(|(a, b)| a == b || (a.is_nan() && b.is_nan()))
+        };
+        assert!(nan_is(&results[0].token_logprobs, &[11.0, 12.0, f32::NAN]));
+        assert!(nan_is(&results[2].token_logprobs, &[33.0, f32::NAN]));
+        // An item that did not ask shares the run but gets nothing real.
+        assert!(nan_is(&results[1].token_logprobs, &[f32::NAN, f32::NAN]));
+        assert_eq!(results[2].candidate_offsets, [0, 2, 3]);
+        assert_eq!(results[2].candidate_logprobs, [7.0, 8.0, 9.0]);
+        assert_eq!(results[0].candidate_offsets, [0, 0, 0, 0]);
+        assert_eq!(results[1].candidate_offsets, [0, 0, 0]);
+        assert!(results[1].candidate_logprobs.is_empty());
     }
 
     #[test]

@@ -82,6 +82,57 @@ pub enum ValidationError {
     /// The temperature is not finite and positive.
     #[error("temperature {0} must be finite and > 0")]
     BadTemperature(f32),
+    /// `candidate_offsets` is not one per returned position plus one, from 0,
+    /// non-decreasing, ending at the number of candidate ids.
+    #[error(
+        "sequence {index}: candidate_offsets {problem}; it must be empty or have one entry per returned position plus one ({expected}), start at 0, never decrease and end at the {ids} candidate_ids"
+    )]
+    BadCandidateOffsets {
+        /// The sequence.
+        index: usize,
+        /// What is wrong, naming the value.
+        problem: String,
+        /// Entries expected.
+        expected: usize,
+        /// Candidate ids sent.
+        ids: usize,
+    },
+    /// Candidate ids without offsets saying which positions they belong to.
+    #[error("sequence {index}: {ids} candidate_ids but no candidate_offsets")]
+    CandidatesWithoutOffsets {
+        /// The sequence.
+        index: usize,
+        /// Candidate ids sent.
+        ids: usize,
+    },
+    /// A candidate id is outside the vocabulary.
+    #[error(
+        "sequence {index}, position {position}: candidate id {id} is outside the vocabulary (vocab_size {vocab_size})"
+    )]
+    CandidateOutsideVocabulary {
+        /// The sequence.
+        index: usize,
+        /// The position (in the sequence).
+        position: u32,
+        /// The id sent.
+        id: u32,
+        /// The vocabulary size.
+        vocab_size: u32,
+    },
+    /// More candidates for one position than the server takes.
+    #[error(
+        "sequence {index}, position {position}: {count} candidate ids, more than the max_candidates of {max}"
+    )]
+    TooManyCandidates {
+        /// The sequence.
+        index: usize,
+        /// The position (in the sequence).
+        position: u32,
+        /// Candidates sent for it.
+        count: usize,
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// Why the bearer token was refused.

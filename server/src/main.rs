@@ -7,7 +7,7 @@ use clap::Parser;
 use logitd::{
     config::{Cli, Command, SampleArgs},
     model::{PackedBatch, load_tokenizer},
-    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
     server,
 };
 use tracing_subscriber::EnvFilter;
@@ -56,7 +56,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 "model_id": i.model_id, "architecture": i.architecture, "vocab_size": i.vocab_size,
                 "max_sequence_length": i.max_sequence_length, "dtype": i.dtype, "device": i.device,
                 "tokenizer_sha256": i.tokenizer_sha256, "default_num_samples": i.default_num_samples,
-                "max_num_samples": i.max_num_samples,
+                "max_num_samples": i.max_num_samples, "max_candidates": i.max_candidates,
             });
             println!("{}", serde_json::to_string_pretty(&json)?);
         }
@@ -108,7 +108,7 @@ fn sample(args: &SampleArgs) -> anyhow::Result<()> {
     let mut out = SampledRows::new();
     let vocab = teacher.config().vocab_size;
     let mut sampler = SamplerBackend::new(teacher.device(), vocab, args.model.head_chunk_rows)?;
-    sampler.sample(teacher, &hidden, &rows, &keys, &params, &mut out)?;
+    sampler.sample(teacher, &hidden, &rows, &keys, RowQueries::NONE, &params, &mut out)?;
     println!(
         "model {} ({}), k = {}, T = {}, seed {}",
         loaded.info.model_id,

@@ -23,6 +23,19 @@ use crate::{
 /// shared by all its items).
 pub type ItemResult = Result<SampledRows, Arc<EngineError>>;
 
+/// What a sequence asks to be scored besides the draws (see
+/// [`RowQueries`](crate::sampler::RowQueries)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scores {
+    /// The realised next token's log p and rank at every returned position.
+    pub realised: bool,
+    /// Empty, or one offset per returned position plus one, from 0, into
+    /// `candidate_ids`.
+    pub candidate_offsets: Vec<u32>,
+    /// The candidate ids.
+    pub candidate_ids: Vec<u32>,
+}
+
 /// One sequence of a request: the unit the batcher packs.
 #[derive(Debug)]
 pub struct WorkItem {
@@ -40,6 +53,8 @@ pub struct WorkItem {
     pub deadline: Option<Instant>,
     /// When it was queued.
     pub enqueued: Instant,
+    /// What to score besides the draws (nothing by default).
+    pub scores: Scores,
     /// Where the result goes.
     pub reply: oneshot::Sender<ItemResult>,
 }
@@ -65,6 +80,7 @@ impl WorkItem {
             key_sequence: key.sequence,
             deadline,
             enqueued: now,
+            scores: Scores::default(),
             reply,
         };
         (item, rx)
@@ -253,6 +269,7 @@ mod tests {
             key_sequence: 0,
             deadline: None,
             enqueued,
+            scores: Scores::default(),
             reply: tx,
         };
         (w, rx)

@@ -5,24 +5,64 @@ use logitd_proto::{
     v1::{SampledSequence, ValueEncoding},
 };
 
-use crate::sampler::SampledRows;
+use crate::sampler::{Method, SampledRows};
+
+/// What a sequence asked for, which decides the columns of its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    /// Its first returned position.
+    pub first_position: u32,
+    /// The request's method (top-k replies leave `counts` off the wire).
+    pub method: Method,
+    /// Whether the request asked for the realised tokens' log-probabilities.
+    pub token_logprobs: bool,
+    /// Whether the sequence named candidate ids.
+    pub candidates: bool,
+}
+
+impl Asked {
+    /// Sample mode from `first_position`, nothing else asked.
+    pub fn samples(first_position: u32) -> Self {
+        Self { first_position, method: Method::Sample, token_logprobs: false, candidates: false }
+    }
+}
 
 /// Builds the [`SampledSequence`] of one sequence from its sampled rows (one
-/// per returned position, the first being `first_position`); log-probabilities
-/// are encoded as `encoding` asks. The columns are moved, not copied.
+/// per returned position, the first being `asked.first_position`);
+/// log-probabilities are encoded as `encoding` asks. The columns are moved,
+/// not copied. The realised-token columns lose their last entry (the
+/// sequence's last position, which has no next token).
 pub fn sampled_sequence(
     rows: SampledRows,
-    first_position: u32,
+    asked: Asked,
     encoding: ValueEncoding,
 ) -> SampledSequence {
+    let mut token_logprobs = Vec::new();
+    let mut token_ranks = Vec::new();
+    if asked.token_logprobs {
+        token_logprobs = rows.token_logprobs;
+        token_ranks = rows.token_ranks;
+        token_logprobs.pop();
+        token_ranks.pop();
+    }
+    let (candidate_offsets, candidate_logprobs) = if asked.candidates {
+        (rows.candidate_offsets, rows.candidate_logprobs)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let counts = if asked.method == Method::TopK { Vec::new() } else { rows.counts };
     let mut seq = SampledSequence {
-        first_position,
+        first_position: asked.first_position,
         offsets: rows.offsets,
         token_ids: rows.token_ids,
-        counts: rows.counts,
+        counts,
         logprobs: Vec::new(),
         packed_logprobs: Vec::new(),
         lse: rows.lse,
+        token_logprobs,
+        token_ranks,
+        candidate_offsets,
+        candidate_logprobs,
     };
     match encoding {
         ValueEncoding::Unspecified | ValueEncoding::F32 => seq.logprobs = rows.logprobs,
@@ -48,11 +88,13 @@ mod tests {
             counts: vec![200, 56, 1, 254, 1, 256],
             logprobs: vec![-0.1053605, -2.3, -9.2103404, -0.0039, -13.815511, 0.0],
             lse: vec![4.25, -1.0e-3, 12.5],
+            candidate_offsets: vec![0, 0, 0, 0],
+            ..SampledRows::new()
         }
     }
 
     fn round_trip(encoding: ValueEncoding) -> (SampledSequence, Vec<f32>) {
-        let seq = sampled_sequence(rows().slice(1..3), 7, encoding);
+        let seq = sampled_sequence(rows().slice(1..3), Asked::samples(7), encoding);
         let response = SampleLogitsResponse {
             sequences: vec![seq],
             seed: 42,
@@ -138,7 +180,7 @@ mod tests {
             let from = cut.min(rows.len() - 1);
             let part = all.slice(from..rows.len());
             let encoding = [ValueEncoding::F32, ValueEncoding::F16, ValueEncoding::Bf16][enc];
-            let seq = sampled_sequence(part, first, encoding);
+            let seq = sampled_sequence(part, Asked::samples(first), encoding);
             let response = SampleLogitsResponse {
                 sequences: vec![seq],
                 value_encoding: encoding as i32,

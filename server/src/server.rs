@@ -138,6 +138,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
         tokenizer_sha256: tokenizer_sha256(&path)?.unwrap_or_default(),
         default_num_samples: args.default_num_samples,
         max_num_samples: args.max_num_samples,
+        max_candidates: args.max_candidates,
     };
     Ok(Loaded { teacher, info })
 }
@@ -439,6 +440,7 @@ fn limits(args: &ServeArgs, info: &ModelInfo) -> Limits {
         max_sequence_length: info.max_sequence_length,
         default_num_samples: info.default_num_samples,
         max_num_samples: info.max_num_samples,
+        max_candidates: info.max_candidates,
         max_request_tokens: args.max_queue_tokens as usize,
         default_timeout: Duration::from_secs(args.request_timeout_s),
     }

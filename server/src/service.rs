@@ -22,8 +22,8 @@ use crate::{
     engine::SchedulerHandle,
     error::{ServiceError, ValidationError},
     metrics as m,
-    queue::{ItemResult, WorkItem},
-    response::sampled_sequence,
+    queue::{ItemResult, Scores, WorkItem},
+    response::{Asked, sampled_sequence},
     sampler::{Method, RowKey, SamplingParams},
 };
 
@@ -40,6 +40,8 @@ pub struct Limits {
     pub max_num_samples: u32,
     /// Most tokens in one request (the queue capacity).
     pub max_request_tokens: usize,
+    /// Most candidate ids for one position.
+    pub max_candidates: u32,
     /// Deadline when the client sends none.
     pub default_timeout: Duration,
 }
@@ -56,6 +58,8 @@ pub struct ValidatedRequest {
     pub encoding: ValueEncoding,
     /// The request's seed, if it sent one.
     pub seed: Option<u64>,
+    /// Whether it asked for the realised tokens' log-probabilities.
+    pub token_logprobs: bool,
 }
 
 impl Limits {
@@ -75,6 +79,7 @@ impl Limits {
         let method = match SamplingMethod::try_from(req.method) {
             Ok(SamplingMethod::Unspecified | SamplingMethod::Sample) => Method::Sample,
             Ok(SamplingMethod::TopK) => Method::TopK,
+            Ok(SamplingMethod::None) => Method::None,
             Err(_) => return Err(ValidationError::UnknownMethod(req.method)),
         };
         let encoding = ValueEncoding::try_from(req.value_encoding)
@@ -82,7 +87,68 @@ impl Limits {
         let t = req.temperature.unwrap_or(1.0);
         let params =
             SamplingParams::new(method, k, t).map_err(|_| ValidationError::BadTemperature(t))?;
-        Ok(ValidatedRequest { sequences: req.sequences, params, encoding, seed: req.seed })
+        Ok(ValidatedRequest {
+            sequences: req.sequences,
+            params,
+            encoding,
+            seed: req.seed,
+            token_logprobs: req.return_token_logprobs,
+        })
+    }
+
+    /// Checks a sequence's candidates (CSR over its returned positions).
+    fn validate_candidates(&self, index: usize, s: &Sequence) -> Result<(), ValidationError> {
+        let (offsets, ids) = (&s.candidate_offsets, &s.candidate_ids);
+        if offsets.is_empty() {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            return Err(ValidationError::CandidatesWithoutOffsets { index, ids: ids.len() });
+        }
+        let positions = s.token_ids.len() - s.first_position as usize;
+        let bad = |problem: String| ValidationError::BadCandidateOffsets {
+            index,
+            problem,
+            expected: positions + 1,
+            ids: ids.len(),
+        };
+        if offsets.len() != positions + 1 {
+            return Err(bad(format!("has {} entries", offsets.len())));
+        }
+        if offsets[0] != 0 {
+            return Err(bad(format!("starts at {}", offsets[0])));
+        }
+        if let Some(i) = offsets.windows(2).position(|w| w[1] < w[0]) {
+            return Err(bad(format!(
+                "decreases at entry {} ({} after {})",
+                i + 1,
+                offsets[i + 1],
+                offsets[i]
+            )));
+        }
+        let last = *offsets.last().expect("not empty");
+        if last as usize != ids.len() {
+            return Err(bad(format!("ends at {last}")));
+        }
+        for (i, w) in offsets.windows(2).enumerate() {
+            let position = s.first_position + i as u32;
+            let count = (w[1] - w[0]) as usize;
+            if count > self.max_candidates as usize {
+                let max = self.max_candidates;
+                return Err(ValidationError::TooManyCandidates { index, position, count, max });
+            }
+            let row = &ids[w[0] as usize..w[1] as usize];
+            if let Some(&id) = row.iter().find(|&&id| id >= self.vocab_size) {
+                let vocab_size = self.vocab_size;
+                return Err(ValidationError::CandidateOutsideVocabulary {
+                    index,
+                    position,
+                    id,
+                    vocab_size,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks every sequence; returns their total tokens.
@@ -114,6 +180,7 @@ impl Limits {
                 let first_position = s.first_position;
                 return Err(ValidationError::FirstPositionPastEnd { index, first_position, len });
             }
+            self.validate_candidates(index, s)?;
             total += len;
         }
         Ok(total)
@@ -152,8 +219,18 @@ impl LoadedService {
         let seed = req.seed.unwrap_or_else(rand::random);
         let now = Instant::now();
         let deadline = deadline.unwrap_or(now + self.limits.default_timeout);
-        let firsts: Vec<u32> = req.sequences.iter().map(|s| s.first_position).collect();
-        let (items, receivers) = work_items(req.sequences, params, seed, Some(deadline), now);
+        let asked: Vec<Asked> = req
+            .sequences
+            .iter()
+            .map(|s| Asked {
+                first_position: s.first_position,
+                method: params.method(),
+                token_logprobs: req.token_logprobs,
+                candidates: !s.candidate_offsets.is_empty(),
+            })
+            .collect();
+        let (items, receivers) =
+            work_items(req.sequences, params, req.token_logprobs, seed, Some(deadline), now);
         self.scheduler.submit(items)?;
         let deadline_exceeded = || ServiceError::DeadlineExceeded {
             after_ms: deadline.saturating_duration_since(now).as_millis(),
@@ -162,7 +239,7 @@ impl LoadedService {
         // items it has not started.
         let answers = async {
             let mut sequences = Vec::with_capacity(receivers.len());
-            for (rx, first) in receivers.into_iter().zip(firsts) {
+            for (rx, asked) in receivers.into_iter().zip(asked) {
                 let rows = rx
                     .await
                     .map_err(|_| {
@@ -177,7 +254,7 @@ impl LoadedService {
                         }
                     })?
                     .map_err(ServiceError::Engine)?;
-                sequences.push(sampled_sequence(rows, first, encoding));
+                sequences.push(sampled_sequence(rows, asked, encoding));
             }
             Ok::<_, ServiceError>(sequences)
         };
@@ -201,11 +278,13 @@ impl LoadedService {
             sequences,
             seed,
             model_id: self.info.model_id.clone(),
-            num_samples: params.num_samples(),
+            // Scoring alone draws nothing: k is 0.
+            num_samples: if params.method() == Method::None { 0 } else { params.num_samples() },
             temperature: params.temperature(),
             method: match params.method() {
                 Method::Sample => SamplingMethod::Sample,
                 Method::TopK => SamplingMethod::TopK,
+                Method::None => SamplingMethod::None,
             } as i32,
             value_encoding: match encoding {
                 ValueEncoding::Unspecified => ValueEncoding::F32,
@@ -216,10 +295,13 @@ impl LoadedService {
 }
 
 /// The queue's work items of a validated request's sequences (one each, keyed
-/// as the sampling contract says), with the receivers their results arrive on.
+/// as the sampling contract says, scoring the realised tokens when
+/// `token_logprobs` and the sequence's candidates), with the receivers their
+/// results arrive on.
 pub fn work_items(
     sequences: Vec<Sequence>,
     params: SamplingParams,
+    token_logprobs: bool,
     seed: u64,
     deadline: Option<Instant>,
     now: Instant,
@@ -229,7 +311,14 @@ pub fn work_items(
         .enumerate()
         .map(|(i, s)| {
             let key = RowKey::for_sequence(seed, i as u32, s.seed, 0);
-            WorkItem::new(s.token_ids, s.first_position, params, key, deadline, now)
+            let (mut item, rx) =
+                WorkItem::new(s.token_ids, s.first_position, params, key, deadline, now);
+            item.scores = Scores {
+                realised: token_logprobs,
+                candidate_offsets: s.candidate_offsets,
+                candidate_ids: s.candidate_ids,
+            };
+            (item, rx)
         })
         .unzip()
 }

@@ -41,6 +41,15 @@ const MAX_LEN: u32 = 32;
 const MAX_K: u32 = 512;
 const QUEUE: u32 = 2048;
 const MAX_MESSAGE: usize = 64 << 10;
+const MAX_CANDIDATES: u32 = 8;
+
+/// `tokens` from `first`, with candidate offsets and ids.
+fn cand(tokens: &[u32], first: u32, offsets: &[u32], ids: &[u32]) -> logitd_proto::v1::Sequence {
+    let mut s = seq(tokens, first, None);
+    s.candidate_offsets = offsets.to_vec();
+    s.candidate_ids = ids.to_vec();
+    s
+}
 const PATH: &str = "/logitd.v1.Teacher/SampleLogits";
 const STREAM_PATH: &str = "/logitd.v1.Teacher/SampleLogitsStream";
 
@@ -56,6 +65,8 @@ fn start() -> Server {
             &QUEUE.to_string(),
             "--max-message-bytes",
             &MAX_MESSAGE.to_string(),
+            "--max-candidates",
+            &MAX_CANDIDATES.to_string(),
         ],
     )
 }
@@ -337,7 +348,7 @@ async fn the_bad_input_corpus_gets_precise_errors_and_never_disturbs_other_clien
             with(|r| r.temperature = Some(f32::NEG_INFINITY)),
             "temperature -inf must be finite",
         ),
-        ("method 3", with(|r| r.method = 3), "method 3 is not a SamplingMethod"),
+        ("method 4", with(|r| r.method = 4), "method 4 is not a SamplingMethod"),
         ("method -1", with(|r| r.method = -1), "method -1 is not a SamplingMethod"),
         ("method i32::MAX", with(|r| r.method = i32::MAX), "method 2147483647 is not"),
         (
@@ -355,6 +366,46 @@ async fn the_bad_input_corpus_gets_precise_errors_and_never_disturbs_other_clien
             "5000 one-token sequences",
             request((0..5000).map(|_| seq(&[1], 0, None)).collect(), 16, 1),
             "request has 5000 tokens",
+        ),
+        (
+            "candidate id = vocab at the last position",
+            request(vec![cand(&[1, 2, 3], 0, &[0, 1, 1, 2], &[5, v])], 16, 1),
+            "sequence 0, position 2: candidate id 96 is outside the vocabulary (vocab_size 96)",
+        ),
+        (
+            "max_candidates + 1 candidates for one position of the second sequence",
+            request(vec![seq(&[1], 0, None), cand(&[1, 2], 1, &[0, 9], &[1; 9])], 16, 1),
+            "sequence 1, position 1: 9 candidate ids, more than the max_candidates of 8",
+        ),
+        (
+            "candidate offsets for positions that are not returned",
+            request(vec![cand(&[1, 2, 3], 2, &[0, 1, 1, 1], &[4])], 16, 1),
+            "sequence 0: candidate_offsets has 4 entries; it must be empty or have one entry per returned position plus one (2)",
+        ),
+        (
+            "candidate offsets that start past 0",
+            request(vec![cand(&[1, 2, 3], 0, &[1, 1, 1, 1], &[4])], 16, 1),
+            "sequence 0: candidate_offsets starts at 1",
+        ),
+        (
+            "candidate offsets that decrease",
+            request(vec![cand(&[1, 2, 3], 0, &[0, 2, 1, 2], &[4, 5])], 16, 1),
+            "sequence 0: candidate_offsets decreases at entry 2 (1 after 2)",
+        ),
+        (
+            "candidate offsets that do not add up to the ids",
+            request(vec![cand(&[1, 2, 3], 0, &[0, 1, 1, 1], &[4, 5])], 16, 1),
+            "sequence 0: candidate_offsets ends at 1; it must be empty or have one entry per returned position plus one (4), start at 0, never decrease and end at the 2 candidate_ids",
+        ),
+        (
+            "candidate ids without offsets",
+            request(vec![cand(&[1, 2, 3], 0, &[], &[4, 5])], 16, 1),
+            "sequence 0: 2 candidate_ids but no candidate_offsets",
+        ),
+        (
+            "candidate id u32::MAX",
+            request(vec![cand(&[1, 2], 0, &[0, 0, 1], &[u32::MAX])], 16, 1),
+            "sequence 0, position 1: candidate id 4294967295 is outside",
         ),
         (
             "the first problem is named: an empty sequence before a bad k",
@@ -461,6 +512,45 @@ async fn the_bad_input_corpus_gets_precise_errors_and_never_disturbs_other_clien
             "first_position = length - 1 with u64::MAX seeds",
             request(vec![seq(&[1, 2, 3], 2, Some(u64::MAX))], 16, u64::MAX),
             Box::new(|r| assert_eq!(r.sequences[0].first_position, 2)),
+        ),
+        (
+            "max_candidates candidates of id vocab - 1, and the realised tokens",
+            with(|r| {
+                r.sequences = vec![cand(&[1, 2, 3], 1, &[0, 8, 8], &[v - 1; 8])];
+                r.return_token_logprobs = true;
+            }),
+            Box::new(|r| {
+                let q = &r.sequences[0];
+                assert_eq!(q.candidate_offsets, [0, 8, 8]);
+                assert_eq!(q.candidate_logprobs.len(), 8);
+                assert!(q.candidate_logprobs.iter().all(|&l| l == q.candidate_logprobs[0]));
+                assert_eq!((q.token_logprobs.len(), q.token_ranks.len()), (1, 1));
+            }),
+        ),
+        (
+            "realised tokens of a one-token sequence: none",
+            with(|r| {
+                r.sequences = vec![seq(&[7], 0, None)];
+                r.return_token_logprobs = true;
+            }),
+            Box::new(|r| {
+                assert!(r.sequences[0].token_logprobs.is_empty());
+                assert_eq!(r.sequences[0].lse.len(), 1);
+            }),
+        ),
+        (
+            "scoring alone (method none)",
+            with(|r| {
+                r.method = SamplingMethod::None as i32;
+                r.return_token_logprobs = true;
+            }),
+            Box::new(|r| {
+                let q = &r.sequences[0];
+                assert_eq!(r.num_samples, 0);
+                assert!(q.token_ids.is_empty() && q.counts.is_empty());
+                assert_eq!(q.offsets, [0, 0, 0, 0]);
+                assert_eq!(q.token_logprobs.len(), 2);
+            }),
         ),
         (
             "bf16 values",
@@ -953,14 +1043,14 @@ async fn oversized_header(addr: &str, value: &str) -> (u32, u32, String) {
 }
 
 /// Validation rules broken, each in one request sent unary and on a stream.
-const RULES: usize = 28;
+const RULES: usize = 36;
 /// Malformed calls: the RULES requests twice, 16 raw HTTP/2 calls (undecodable
 /// or over-limit bytes, bad compression, unknown methods, bad data mid-stream),
 /// a GET, a passed grpc-timeout, a 1 MiB header.
 const MALFORMED: usize = 2 * RULES + 16 + 3;
-/// Valid inputs at the boundaries: 12 requests at the limits, unknown fields,
+/// Valid inputs at the boundaries: 15 requests at the limits, unknown fields,
 /// an unparseable grpc-timeout, a text/plain content-type.
-const VALID: usize = 12 + 3;
+const VALID: usize = 15 + 3;
 /// Connection-level abuse: 6 raw byte streams, 200 idle connections, a reset stream.
 const CONNECTIONS: usize = 6 + 1 + 1;
 

@@ -41,6 +41,7 @@ async fn python_grpcio_client_gets_the_same_answer_as_the_rust_client() {
             seed: Some(4242),
             method: SamplingMethod::Sample as i32,
             value_encoding: ValueEncoding::F32 as i32,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -27,6 +27,16 @@ struct Position {
     top_ids: Vec<u32>,
     top_logprobs: Vec<f64>,
     lse: f64,
+    /// log p of the realised next token (none at the last position).
+    #[serde(default)]
+    token_logprob: Option<f64>,
+    /// Its rank: 1 + the ids with a larger logit.
+    #[serde(default)]
+    token_rank: Option<u32>,
+    #[serde(default)]
+    candidate_ids: Vec<u32>,
+    #[serde(default)]
+    candidate_logprobs: Vec<f64>,
 }
 
 fn gguf(env: &str, file: &str) -> PathBuf {
@@ -136,6 +146,126 @@ fn check(fixture: &str, model: &Path, bound: f64) {
     );
     assert_eq!(exact_ranks + tied_ranks, ranks);
     assert!(positions > 0 && ranks == 20 * positions, "{positions} positions, {ranks} ranks");
+}
+
+fn load_fixture(name: &str) -> Fixture {
+    serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real").join(name),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The on-policy scores through the server's own path (the sampler backend
+/// over the LM head, top-k mode with k = 20): at every position of the
+/// fixture's sentences, the realised next token's log p and rank, the 32
+/// candidates' log p, and the top-20 order, against transformers.
+fn check_scores(fixture: &str, model: &Path, bound: f64) {
+    use logitd::sampler::{
+        Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams,
+    };
+    let fx = load_fixture(fixture);
+    let teacher = Teacher::load(model, &Device::Cpu, DType::F32).unwrap();
+    let sequences: Vec<Vec<u32>> = fx.sentences.iter().map(|s| s.token_ids.clone()).collect();
+    let batch = PackedBatch::new(&sequences).unwrap();
+    let hidden = teacher.hidden_states(&batch).unwrap();
+    let (mut rows, mut keys, mut realised, mut offsets, mut ids) =
+        (vec![], vec![], vec![], vec![0u32], vec![]);
+    for (s, sentence) in fx.sentences.iter().enumerate() {
+        let start = batch.sequence(s).start as u32;
+        for (p, want) in sentence.positions.iter().enumerate() {
+            rows.push(start + p as u32);
+            keys.push(RowKey { seed: 0, sequence: s as u32, position: p as u32 });
+            realised.push(sentence.token_ids.get(p + 1).copied().unwrap_or(NO_TOKEN));
+            assert!(!want.candidate_ids.is_empty(), "{fixture}: no candidates (regenerate it)");
+            ids.extend_from_slice(&want.candidate_ids);
+            offsets.push(ids.len() as u32);
+        }
+    }
+    let queries =
+        RowQueries { realised: &realised, candidate_offsets: &offsets, candidate_ids: &ids };
+    let params = SamplingParams::new(Method::TopK, 20, 1.0).unwrap();
+    let mut sampler = SamplerBackend::new(&Device::Cpu, fx.vocab_size, Some(7)).unwrap();
+    let mut out = SampledRows::new();
+    sampler.sample(&teacher, &hidden, &rows, &keys, queries, &params, &mut out).unwrap();
+    let (mut r, mut worst, mut checked) = (0usize, 0f64, 0usize);
+    let (mut exact_ranks, mut ranks, mut worst_rank) = (0usize, 0usize, 0i64);
+    let mut tied = 0usize;
+    for (s, sentence) in fx.sentences.iter().enumerate() {
+        for (p, want) in sentence.positions.iter().enumerate() {
+            let at = format!("{fixture} sentence {s} position {p}");
+            match want.token_logprob {
+                Some(their) => {
+                    let ours = f64::from(out.token_logprobs[r]);
+                    worst = worst.max((ours - their).abs());
+                    assert!((ours - their).abs() < bound, "{at}: realised {ours} vs {their}");
+                    let their_rank = want.token_rank.expect("a rank with the logprob");
+                    let d = i64::from(out.token_ranks[r]) - i64::from(their_rank);
+                    worst_rank = worst_rank.max(d.abs());
+                    exact_ranks += usize::from(d == 0);
+                    ranks += 1;
+                    checked += 1;
+                }
+                None => {
+                    assert_eq!(p + 1, sentence.positions.len(), "{at}: no realised logprob");
+                    assert!(out.token_logprobs[r].is_nan() && out.token_ranks[r] == 0, "{at}");
+                }
+            }
+            let c = offsets[r] as usize..offsets[r + 1] as usize;
+            assert_eq!(want.candidate_logprobs.len(), c.len(), "{at}");
+            for (ours, their) in out.candidate_logprobs[c].iter().zip(&want.candidate_logprobs) {
+                let d = (f64::from(*ours) - their).abs();
+                worst = worst.max(d);
+                assert!(d < bound, "{at}: candidate {ours} vs {their}");
+                checked += 1;
+            }
+            // Top-20 in the protocol's order: torch.topk's order, except
+            // within an exact tie of the reference.
+            let row = out.row(r);
+            assert_eq!(row.token_ids.len(), 20, "{at}");
+            for (k, (&ours, &theirs)) in row.token_ids.iter().zip(&want.top_ids).enumerate() {
+                if ours != theirs {
+                    let their_lp = want.top_logprobs[k];
+                    let tie = want
+                        .top_ids
+                        .iter()
+                        .zip(&want.top_logprobs)
+                        .any(|(&id, &l)| id == ours && l == their_lp);
+                    assert!(tie, "{at} rank {k}: our id {ours} vs {theirs} (not an exact tie)");
+                    tied += 1;
+                }
+            }
+            r += 1;
+        }
+    }
+    eprintln!(
+        "{fixture}: {checked} realised and candidate logprobs through the sampler, max |Δ| =          {worst:.2e} (bound {bound:.1e}); realised-token ranks: {exact_ranks}/{ranks} equal,          max |Δ rank| = {worst_rank}; top-20 order equal to torch.topk but {tied} swaps within          exact ties"
+    );
+    assert_eq!(r, out.num_rows());
+    // A rank moves only where the realised token's logit is within the
+    // forwards' rounding of other logits; the fixtures' positions measured
+    // at most MAX_RANK_SHIFT apart.
+    assert!(worst_rank <= MAX_RANK_SHIFT, "max |Δ rank| {worst_rank}");
+}
+
+/// Largest difference between our rank of a realised token and
+/// transformers' (see [`check_scores`]).
+const MAX_RANK_SHIFT: i64 = 2;
+
+#[test]
+fn smollm2_on_policy_scores_match_transformers() {
+    check_scores(
+        "smollm2_135m.json",
+        &gguf("LOGITD_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        1.5e-4,
+    );
+}
+
+#[test]
+fn gemma3_on_policy_scores_match_transformers() {
+    check_scores("gemma3_270m.json", &gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf"), 3e-4);
 }
 
 #[test]

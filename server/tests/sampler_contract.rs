@@ -2,7 +2,9 @@
 //! computed here in float64: goodness of fit, determinism, batch invariance,
 //! log-probabilities, temperature edge cases, masking and top-k.
 
-use logitd::sampler::{CpuSampler, Method, RowKey, SampledRows, SamplerError, SamplingParams};
+use logitd::sampler::{
+    CpuSampler, Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplerError, SamplingParams,
+};
 use proptest::prelude::*;
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
@@ -327,9 +329,23 @@ fn top_k_takes_the_largest_logits_ties_to_the_lower_id() {
     // Reference: a full sort by (logit desc, id asc).
     let mut order: Vec<usize> = (0..V).collect();
     order.sort_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
-    let mut want: Vec<u32> = order[..K as usize].iter().map(|&i| i as u32).collect();
-    want.sort();
-    assert_eq!(row.token_ids, want.as_slice());
+    // The k largest logits, listed most likely first: by descending f32
+    // log-probability, ties by id. That is the logits' order except where two
+    // logits round to one log-probability (ids 50 and 100 tie at 2.0, so 50
+    // comes first).
+    let want: Vec<u32> = order[..K as usize].iter().map(|&i| i as u32).collect();
+    let mut got_set = row.token_ids.to_vec();
+    let mut want_set = want.clone();
+    got_set.sort_unstable();
+    want_set.sort_unstable();
+    assert_eq!(got_set, want_set);
+    assert_eq!(&row.token_ids[..2], &[50, 100]);
+    for (w, l) in row.token_ids.windows(2).zip(row.logprobs.windows(2)) {
+        assert!(l[0] > l[1] || (l[0] == l[1] && w[0] < w[1]), "{w:?} {l:?}");
+        assert!(z[w[0] as usize] >= z[w[1] as usize] || l[0] == l[1], "{w:?} {l:?}");
+    }
+    let swaps = row.token_ids.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert!(swaps < K as usize / 4, "{swaps} places differ from the logits' order");
     assert!(row.counts.iter().all(|&c| c == 1));
     let logprobs = exact_logprobs(&z, 1.3);
     for (&id, &lp) in row.token_ids.iter().zip(row.logprobs) {
@@ -338,13 +354,145 @@ fn top_k_takes_the_largest_logits_ties_to_the_lower_id() {
     // Fewer finite logits than k: only those, never a -inf id.
     let z = [1.0, f32::NEG_INFINITY, 3.0, 2.0];
     let out = sample(&z, &params, RowKey { seed: 0, sequence: 0, position: 0 });
-    assert_eq!(out.row(0).token_ids, &[0, 2, 3]);
+    assert_eq!(out.row(0).token_ids, &[2, 3, 0]);
     // Ties at the cut go to the lower id.
     let z = [1.0, 5.0, 1.0, 1.0];
     let two = SamplingParams::new(Method::TopK, 2, 1.0).unwrap();
     assert_eq!(
         sample(&z, &two, RowKey { seed: 0, sequence: 0, position: 0 }).row(0).token_ids,
-        &[0, 1]
+        &[1, 0]
+    );
+}
+
+/// Rows sampled with `queries`, in one call of `rows` rows of `z`.
+fn scored(
+    z: &[f32],
+    vocab: usize,
+    params: &SamplingParams,
+    keys: &[RowKey],
+    queries: RowQueries<'_>,
+) -> SampledRows {
+    let mut out = SampledRows::new();
+    CpuSampler::new().sample_rows_scored(z, vocab, params, keys, queries, &mut out).unwrap();
+    out
+}
+
+/// Rank of `id` written independently: 1 + the ids with a strictly larger logit.
+fn exact_rank(z: &[f32], id: usize) -> u32 {
+    1 + z.iter().filter(|&&v| v > z[id]).count() as u32
+}
+
+#[test]
+fn realised_tokens_and_candidates_get_exact_logprobs_and_ranks() {
+    let (rows, t) = (6usize, 0.8f32);
+    let mut z = Vec::with_capacity(rows * V);
+    for r in 0..rows {
+        z.extend((0..V).map(|i| (hash01((r * V + i) as u64) * 12.0 - 6.0) as f32));
+    }
+    z[2 * V + 9] = f32::NEG_INFINITY; // a masked candidate: log p = -inf
+    let realised = [5u32, (V - 1) as u32, 9, NO_TOKEN, 0, 123_456];
+    let offsets = [0u32, 3, 3, 5, 6, 6, 10];
+    let ids = [1u32, 5, 1, (V - 1) as u32, 9, 7, 0, 0, 262_000, 77];
+    let queries =
+        RowQueries { realised: &realised, candidate_offsets: &offsets, candidate_ids: &ids };
+    let keys: Vec<RowKey> =
+        (0..rows as u32).map(|p| RowKey { seed: 4, sequence: 1, position: p }).collect();
+    for method in [Method::Sample, Method::TopK, Method::None] {
+        let params = SamplingParams::new(method, 64, t).unwrap();
+        let out = scored(&z, V, &params, &keys, queries);
+        assert_eq!(out.token_logprobs.len(), rows);
+        assert_eq!(out.candidate_offsets, offsets);
+        for r in 0..rows {
+            let row = &z[r * V..(r + 1) * V];
+            let lp = exact_logprobs(row, f64::from(t));
+            if realised[r] == NO_TOKEN {
+                assert!(out.token_logprobs[r].is_nan());
+                assert_eq!(out.token_ranks[r], 0);
+            } else {
+                let x = realised[r] as usize;
+                let got = f64::from(out.token_logprobs[r]);
+                assert!(
+                    got == lp[x] || (got - lp[x]).abs() < 2e-6 * lp[x].abs().max(1.0),
+                    "row {r}: {got} vs {}",
+                    lp[x]
+                );
+                assert_eq!(out.token_ranks[r], exact_rank(row, x), "row {r}");
+            }
+            for c in offsets[r] as usize..offsets[r + 1] as usize {
+                let want = lp[ids[c] as usize];
+                let got = f64::from(out.candidate_logprobs[c]);
+                if want == f64::NEG_INFINITY {
+                    assert_eq!(got, want);
+                } else {
+                    assert!(
+                        (got - want).abs() < 2e-6 * want.abs().max(1.0),
+                        "row {r}: {got} vs {want}"
+                    );
+                }
+            }
+            // The realised token's log p is the one its sampled entry carries.
+            let entry = out.row(r);
+            if let Some(i) = entry.token_ids.iter().position(|&id| id == realised[r]) {
+                assert_eq!(entry.logprobs[i].to_bits(), out.token_logprobs[r].to_bits());
+            }
+        }
+        if method == Method::None {
+            assert_eq!(out.num_entries(), 0, "scoring alone draws nothing");
+            assert_eq!(out.offsets, vec![0; rows + 1]);
+        }
+        // The draws and lse are those of the same call without queries.
+        let plain = scored(&z, V, &params, &keys, RowQueries::NONE);
+        assert_eq!(
+            (&plain.offsets, &plain.token_ids, &plain.counts),
+            (&out.offsets, &out.token_ids, &out.counts)
+        );
+        assert_eq!(
+            plain.logprobs.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            out.logprobs.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(plain.lse, out.lse);
+        assert!(plain.token_logprobs.is_empty());
+        assert_eq!(plain.candidate_offsets, vec![0; rows + 1]);
+    }
+}
+
+#[test]
+fn ranks_count_ties_as_not_larger() {
+    let z = [3.0f32, 1.0, 3.0, 2.0, f32::NEG_INFINITY];
+    let params = SamplingParams::new(Method::None, 1, 1.0).unwrap();
+    let keys = [RowKey { seed: 0, sequence: 0, position: 0 }; 5];
+    let zs: Vec<f32> = z.iter().copied().cycle().take(25).collect();
+    let realised = [0u32, 1, 2, 3, 4];
+    let q = RowQueries { realised: &realised, ..RowQueries::NONE };
+    let out = scored(&zs, 5, &params, &keys, q);
+    assert_eq!(out.token_ranks, [1, 4, 1, 3, 5]);
+    assert_eq!(out.token_logprobs[4], f32::NEG_INFINITY);
+}
+
+#[test]
+fn queries_that_do_not_fit_are_errors_not_panics() {
+    let z = vec![0.0f32; 30];
+    let params = SamplingParams::new(Method::Sample, 4, 1.0).unwrap();
+    let keys = [RowKey { seed: 0, sequence: 0, position: 0 }; 3];
+    let mut s = CpuSampler::new();
+    let mut out = SampledRows::new();
+    let run = |s: &mut CpuSampler, out: &mut SampledRows, q: RowQueries<'_>| {
+        s.sample_rows_scored(&z, 10, &params, &keys, q, out)
+    };
+    let realised = [1u32, 10, 2];
+    let e = run(&mut s, &mut out, RowQueries { realised: &realised, ..RowQueries::NONE });
+    assert_eq!(e, Err(SamplerError::IdOutsideVocabulary { id: 10, vocab: 10 }));
+    let short = [1u32, 2];
+    let e = run(&mut s, &mut out, RowQueries { realised: &short, ..RowQueries::NONE });
+    assert_eq!(e, Err(SamplerError::QueryShape { rows: 3 }));
+    let offsets = [0u32, 1, 0, 1];
+    let q = RowQueries { candidate_offsets: &offsets, candidate_ids: &[1], ..RowQueries::NONE };
+    assert_eq!(run(&mut s, &mut out, q), Err(SamplerError::QueryShape { rows: 3 }));
+    let offsets = [0u32, 1, 1, 2];
+    let q = RowQueries { candidate_offsets: &offsets, candidate_ids: &[1, 11], ..RowQueries::NONE };
+    assert_eq!(
+        run(&mut s, &mut out, q),
+        Err(SamplerError::IdOutsideVocabulary { id: 11, vocab: 10 })
     );
 }
 
@@ -364,7 +512,13 @@ proptest! {
         let params = SamplingParams::new(method, k, t).unwrap();
         let out = sample(&logits, &params, RowKey { seed, sequence: 0, position: 0 });
         let row = out.row(0);
-        prop_assert!(row.token_ids.windows(2).all(|w| w[0] < w[1]));
+        if top_k {
+            // Most likely first, ties by id.
+            prop_assert!(row.logprobs.windows(2).zip(row.token_ids.windows(2))
+                .all(|(l, i)| l[0] > l[1] || (l[0] == l[1] && i[0] < i[1])));
+        } else {
+            prop_assert!(row.token_ids.windows(2).all(|w| w[0] < w[1]));
+        }
         prop_assert!(row.token_ids.iter().all(|&i| logits[i as usize].is_finite()));
         let finite = logits.iter().filter(|v| v.is_finite()).count() as u32;
         let total: u32 = row.counts.iter().sum();

@@ -369,3 +369,114 @@ async fn a_failed_batch_fails_only_its_requests_and_the_server_keeps_serving() {
         Some(1.0)
     );
 }
+
+/// The tiny fixture's sequences and transformers' logits at every position.
+fn fixture_logits(name: &str) -> Vec<(Vec<u32>, Vec<Vec<f32>>)> {
+    let expected = candle_core::safetensors::load(
+        tiny(name).join("expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    (0..)
+        .map_while(|i| {
+            let tokens = expected.get(&format!("tokens_{i}"))?;
+            let tokens = tokens.to_vec1::<i64>().unwrap().into_iter().map(|t| t as u32).collect();
+            Some((tokens, expected[&format!("logits_{i}")].to_vec2::<f32>().unwrap()))
+        })
+        .collect()
+}
+
+/// log softmax(z / t) in float64.
+fn log_softmax(z: &[f32], t: f64) -> Vec<f64> {
+    let m = z.iter().map(|&v| f64::from(v) / t).fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + z.iter().map(|&v| (f64::from(v) / t - m).exp()).sum::<f64>().ln();
+    z.iter().map(|&v| f64::from(v) / t - lse).collect()
+}
+
+/// Through a real server: the realised tokens' and candidates' log p are
+/// transformers' log softmax at token t + 1 of position t (a shift by one
+/// either way fails: the candidates name tokens t and t + 2 as well), on a
+/// soft-capped sliding-window model, at T = 0.7; top-k lists ids most likely
+/// first with no counts; scoring alone returns no ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn realised_tokens_and_candidates_are_scored_at_the_right_positions() {
+    use logitd_proto::v1::SamplingMethod;
+    let server = Server::start(&tiny("gemma2"), &[]);
+    let mut client = server.client().await;
+    let t = 0.7f32;
+    for (tokens, logits) in fixture_logits("gemma2") {
+        let n = tokens.len();
+        let first = 2u32;
+        let vocab = logits[0].len() as u32;
+        let mut s = seq(&tokens, first, None);
+        // Candidates at position p: tokens p, p + 1, p + 2 (where they exist),
+        // id 0 and id V - 1.
+        s.candidate_offsets.push(0);
+        for p in first as usize..n {
+            for q in [p, p + 1, p + 2] {
+                if q < n {
+                    s.candidate_ids.push(tokens[q]);
+                }
+            }
+            s.candidate_ids.extend([0, vocab - 1]);
+            s.candidate_offsets.push(s.candidate_ids.len() as u32);
+        }
+        for method in [SamplingMethod::Sample, SamplingMethod::TopK, SamplingMethod::None] {
+            let mut req = request(vec![s.clone()], 5, 3);
+            req.temperature = Some(t);
+            req.method = method as i32;
+            req.return_token_logprobs = true;
+            let r = client.sample_logits(req).await.unwrap().into_inner();
+            let q = &r.sequences[0];
+            assert_eq!(q.token_logprobs.len(), n - first as usize - 1);
+            assert_eq!(q.token_ranks.len(), q.token_logprobs.len());
+            assert_eq!(q.candidate_offsets, s.candidate_offsets);
+            let mut worst = 0f64;
+            for (i, p) in (first as usize..n).enumerate() {
+                let lp = log_softmax(&logits[p], f64::from(t));
+                if p + 1 < n {
+                    let want = lp[tokens[p + 1] as usize];
+                    let got = f64::from(q.token_logprobs[i]);
+                    worst = worst.max((got - want).abs());
+                    assert!((got - want).abs() < 1e-4, "{method:?} position {p}: {got} vs {want}");
+                    let larger =
+                        logits[p].iter().filter(|&&z| z > logits[p][tokens[p + 1] as usize]);
+                    assert_eq!(q.token_ranks[i], 1 + larger.count() as u32, "position {p}");
+                }
+                let c = q.candidate_offsets[i] as usize..q.candidate_offsets[i + 1] as usize;
+                for (&id, &got) in s.candidate_ids[c.clone()].iter().zip(&q.candidate_logprobs[c]) {
+                    let want = lp[id as usize];
+                    assert!((f64::from(got) - want).abs() < 1e-4, "position {p} id {id}");
+                }
+            }
+            // A shift by one either way would be seen: the neighbours' log p
+            // differ from the realised token's by far more than the bound.
+            let apart = (first as usize..n - 2).filter(|&p| {
+                let lp = log_softmax(&logits[p], f64::from(t));
+                let x = lp[tokens[p + 1] as usize];
+                (lp[tokens[p] as usize] - x).abs() > 1e-2
+                    && (lp[tokens[p + 2] as usize] - x).abs() > 1e-2
+            });
+            assert!(2 * apart.count() > n - 4, "the fixture cannot tell a shift");
+            match method {
+                SamplingMethod::TopK => {
+                    assert!(q.counts.is_empty(), "top-k replies carry no counts");
+                    for (i, p) in (first as usize..n).enumerate() {
+                        let ids = &q.token_ids[q.offsets[i] as usize..q.offsets[i + 1] as usize];
+                        assert_eq!(ids.len(), 5);
+                        let z: Vec<f32> = ids.iter().map(|&id| logits[p][id as usize]).collect();
+                        assert!(z.windows(2).all(|w| w[0] >= w[1] - 1e-4), "position {p}: {z:?}");
+                        let lps = &q.logprobs[q.offsets[i] as usize..q.offsets[i + 1] as usize];
+                        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "position {p}: {lps:?}");
+                    }
+                }
+                SamplingMethod::None => {
+                    assert_eq!(r.num_samples, 0);
+                    assert!(q.token_ids.is_empty());
+                    assert!(q.offsets.iter().all(|&o| o == 0));
+                }
+                _ => assert_eq!(q.counts.iter().sum::<u32>(), 5 * (n as u32 - first)),
+            }
+        }
+    }
+}

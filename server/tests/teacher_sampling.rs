@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use logitd::{
     model::{PackedBatch, Teacher},
-    sampler::{Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
 };
 
 fn teacher(name: &str) -> Teacher {
@@ -32,7 +32,7 @@ fn sample_all(t: &Teacher, sequences: &[Vec<u32>], chunk_rows: usize) -> Vec<Sam
     let mut out = SampledRows::new();
     let vocab = t.config().vocab_size;
     let mut sampler = SamplerBackend::new(t.device(), vocab, Some(chunk_rows)).unwrap();
-    sampler.sample(t, &hidden, &rows, &keys, &params, &mut out).unwrap();
+    sampler.sample(t, &hidden, &rows, &keys, RowQueries::NONE, &params, &mut out).unwrap();
     // Split per sequence.
     let mut per = vec![];
     let mut r = 0;

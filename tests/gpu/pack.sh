@@ -15,7 +15,9 @@
 #
 # Packs: gpu_sampler (the GPU test binary), gpu_bench, logitd (cuda), and
 # logitd-bench; and the logits of the cached real teachers (tests/fetch-teachers.sh
-# all) on the four fixture sentences. Fails if the pack is 64 MiB or more.
+# all) on the four fixture sentences. Fails if the pack and the repository's
+# working tree together (what the GPU machine gets, 64 MiB at most) reach
+# 60 MiB (tests/gpu/pack-size.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/../.."
@@ -52,6 +54,6 @@ cp "$CUDA_TARGET/release/examples/gpu_bench" "$CUDA_TARGET/release/logitd" \
 strip tests/gpu/bin/*
 xz -T2 -9 tests/gpu/bin/*
 ls -la tests/gpu/bin tests/gpu/data
-total=$(du -cb tests/gpu/bin/* tests/gpu/data/* | tail -1 | cut -f1)
-echo "pack: $total bytes ($((total / 1048576)) MiB) to carry: tests/gpu/bin tests/gpu/data"
-((total < 64 * 1048576)) || { echo "pack: over 64 MiB" >&2; exit 1; }
+# The GPU machine gets the working tree and the carried folders, 64 MiB in all:
+# both count, and the pack fails at 60 MiB.
+"$here/pack-size.sh" tests/gpu/bin tests/gpu/data

@@ -2,6 +2,7 @@
 
     python tests/gpu/report.py RESULTS.jsonl --device NAME --date YYYY-MM-DD
     python tests/gpu/report.py --from-test < gpu_sampler-output   # AGREEMENT/TEACHER lines -> JSON
+    python tests/gpu/report.py --check-preflight RESULTS.jsonl    # judge the preflight's launches
 """
 
 import argparse
@@ -11,20 +12,46 @@ import sys
 
 
 def from_test():
+    # Line by line, flushed: run.sh streams the test's output through here.
     for line in sys.stdin:
         line = line.strip()
         if line.startswith("AGREEMENT "):
             body = line[len("AGREEMENT "):]
             if " skipped" in body:
-                print(json.dumps({"bench": "agreement", "what": body, "skipped": True}))
+                print(json.dumps({"bench": "agreement", "what": body, "skipped": True}), flush=True)
                 continue
             fields = dict(re.findall(r"(\w+)=(\S+)", body))
             what = re.sub(r"\s*rows=.*$", "", body)
-            print(json.dumps({"bench": "agreement", "what": what, **fields}))
+            print(json.dumps({"bench": "agreement", "what": what, **fields}), flush=True)
         elif line.startswith("TEACHER "):
             fields = dict(re.findall(r"(\w+)=(\S+)", line))
             name = line.split()[1]
-            print(json.dumps({"bench": "teacher_vs_cpu", "model": name, **fields}))
+            print(json.dumps({"bench": "teacher_vs_cpu", "model": name, **fields}), flush=True)
+
+
+def check_preflight(path):
+    """The preflight's launches (gpu_bench preflight records how many of each
+    launch's rows are the CPU's, and fails only on load or launch errors),
+    judged for the kernel stage: top-k rows must all be the CPU's; sample rows
+    may differ at a CDF boundary on max(1, rows / 1000) rows, as in the tests.
+    Returns the exit status."""
+    try:
+        recs = [json.loads(l) for l in open(path) if l.strip().startswith("{")]
+    except FileNotFoundError:
+        recs = []
+    launches = [r for r in recs if r.get("bench") == "preflight_launch"]
+    if not launches:
+        print("kernel: preflight launches: none recorded in this run (preflight not run, or a dry run): not judged")
+        return 0
+    failed = 0
+    for r in launches:
+        rows, same = int(r["rows"]), int(r["identical"])
+        allowed = 0 if r["method"] == "TopK" else max(1, rows // 1000)
+        ok = rows - same <= allowed
+        failed += not ok
+        print(f'kernel: preflight launch {r["dtype"]} {r["method"]}: {same}/{rows} rows identical to the CPU '
+              f'(at most {allowed} may differ): {"ok" if ok else "FAIL"}')
+    return 1 if failed else 0
 
 
 def table(header, rows):
@@ -161,11 +188,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("jsonl", nargs="?")
     ap.add_argument("--from-test", action="store_true")
+    ap.add_argument("--check-preflight", action="store_true")
     ap.add_argument("--device", default="")
     ap.add_argument("--date", default="")
     a = ap.parse_args()
     if a.from_test:
         from_test()
+    elif a.check_preflight:
+        sys.exit(check_preflight(a.jsonl))
     else:
         report(a.jsonl, a.device, a.date)
 

@@ -8,10 +8,13 @@
 #
 #   stage      what it proves                                          expected (H100)  cap
 #   preflight  GPU, compute capability, driver new enough for the PTX,     ~15 s        60 s
-#              every binary's libraries resolve, data present, the
-#              kernel's PTX loads and runs one launch, cuBLAS runs
+#              every binary's libraries and symbols resolve (ldd -r, and
+#              each binary started), data present, the kernel's PTX loads
+#              and one launch per dtype runs (its agreement is recorded),
+#              cuBLAS runs
 #   kernel     the kernel against the CPU reference sampler (random       ~60 s       150 s
-#              logits, 3 V x 3 dtypes, sample + top-k, bad rows)
+#              logits, 3 V x 3 dtypes, sample + top-k, bad rows); the
+#              preflight launches' agreement judged
 #   teacher    tiny fixture teachers on CUDA vs the CPU; SamplerBackend::sample ~40 s        90 s
 #              on CUDA; the kernel on the carried real-teacher logits
 #   sanitize   compute-sanitizer memcheck of the kernel tests, 16 rows    ~45 s        90 s
@@ -25,7 +28,11 @@
 # under `timeout` for the smaller of its cap and what is left, so the whole run
 # ends inside the budget (preflight + kernel + teacher inside 3 minutes). A
 # failed preflight stops the run; a failed later stage is recorded and the next
-# one runs. Every log and number is written as it is produced under $OUT (the
+# one runs. The preflight fails only when something is missing, does not
+# load or does not launch; how many of its launches' rows agree with the CPU is
+# data, judged by the kernel stage. Every log and number is written as it is
+# produced (line by line, so a stage killed at its limit keeps its lines in
+# results.jsonl) under $OUT (the
 # folder the GPU machine sends back; default tests/gpu/results/run-<time>), in
 # at most 6 files: run.log (this console), results.jsonl (every measurement and
 # each stage's status), test.log (the GPU test binary), bench.log (benchmarks,
@@ -41,12 +48,15 @@
 # there. A stage that stops at its first CUDA call is DRY-OK.
 #
 # Environment: BIN (tests/gpu/bin), DATA (tests/gpu/data): *.xz there are unpacked
-# into UNPACK (/tmp/logitd-gpu), other files used in place;
+# into UNPACK (/tmp/logitd-gpu) with XZ (xz; Python's lzma where it is
+# missing), other files used in place;
 # LOGITD_REAL_LOGITS (default: every *.safetensors in $DATA; set
 # LOGITD_GPU_SKIP_REAL_LOGITS=1 to run without them, which is reported), PYTHON
 # (python3), MODELS (/tmp/logitd-gpu-teachers), TEACHER (gemma3-1b), SEQUENCES x
 # LENGTH (8 x 1024), REPS (5), ROWS (rows per kernel test case, 1024),
-# SANITIZE_TOOLS (memcheck), E2E_SECONDS (20), LOGITD_GPU_BUDGET_S (540).
+# SANITIZE_TOOLS (memcheck; compute-sanitizer from PATH, else
+# $CUDA_HOME/bin, default /usr/local/cuda/bin), E2E_SECONDS (20),
+# LOGITD_GPU_BUDGET_S (540).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -77,7 +87,9 @@ START=$SECONDS
 touch "$JSONL"
 
 say() { echo "[$(date -u +%T) +$((SECONDS - START))s] $*"; }
-jsonl() { { grep -E '^\{' || true; } | tee -a "$JSONL"; }
+# JSON lines into results.jsonl as they come (--line-buffered: a stage killed
+# at its limit would otherwise lose what grep had not yet written).
+jsonl() { { grep --line-buffered -E '^\{' || true; } | tee -a "$JSONL"; }
 json_str() { "$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1" 2>/dev/null || printf '"%s"' "${1//\"/\'}"; }
 
 say "logitd GPU run: stages: $STAGES; budget ${BUDGET}s; results in $RESULTS${DRY:+; DRY RUN (no GPU)}"
@@ -87,14 +99,23 @@ say "logitd GPU run: stages: $STAGES; budget ${BUDGET}s; results in $RESULTS${DR
 # Packed files are unpacked outside the repository (UNPACK), so the carried
 # folders stay small; unpacked ones are used where they are.
 UNPACK=${UNPACK:-/tmp/logitd-gpu}
+XZ=${XZ:-xz}
+unxz() { # unxz FILE.xz: to stdout, with xz or else Python's lzma
+  if command -v "$XZ" >/dev/null; then
+    "$XZ" -dc "$1"
+  else
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer, 1 << 20)' "$1"
+  fi
+}
 unpack() { # unpack DIR SUBDIR: prints the directory to use
   local f dst=$UNPACK/$2
   compgen -G "$1/*.xz" >/dev/null || { echo "$1"; return; }
+  command -v "$XZ" >/dev/null || echo "no $XZ here: unpacking $1 with Python's lzma" >&2
   mkdir -p "$dst"
   for f in "$1"/*.xz; do
     local name
     name=$(basename "${f%.xz}")
-    if [[ ! -s $dst/$name || $f -nt $dst/$name ]]; then xz -dc "$f" >"$dst/$name.part" && mv "$dst/$name.part" "$dst/$name"; fi
+    if [[ ! -s $dst/$name || $f -nt $dst/$name ]]; then unxz "$f" >"$dst/$name.part" && mv "$dst/$name.part" "$dst/$name"; fi
     [[ $2 == bin ]] && chmod +x "$dst/$name"
   done
   echo "$dst"
@@ -220,10 +241,13 @@ stage_preflight() {
     # targets, as nvcc wrote them at build time.
     local ptx_version need_driver t built_cap
     ptx_version=$(grep -a -oE '^\.version [0-9]+\.[0-9]+' "$BIN/gpu_sampler" | awk '{print $2}' | sort -V | tail -1)
-    # The driver a PTX ISA version needs (CUDA 12.x / 13.0 release notes).
+    # The driver a PTX ISA version needs (the CUDA release notes: ISA 9.1 came
+    # with CUDA 13.1 and driver 590, 9.0 with 13.0 and 580). An ISA newer than
+    # this table asks for at least the newest driver in it.
     case $ptx_version in
-      9.*) need_driver=580 ;; 8.8) need_driver=575 ;; 8.7) need_driver=570 ;; 8.6) need_driver=560 ;;
-      8.5) need_driver=555 ;; 8.4) need_driver=550 ;; 8.3) need_driver=545 ;; *) need_driver=525 ;;
+      9.0) need_driver=580 ;; 9.*) need_driver=590 ;; 8.8) need_driver=575 ;; 8.7) need_driver=570 ;;
+      8.6) need_driver=560 ;; 8.5) need_driver=555 ;; 8.4) need_driver=550 ;; 8.3) need_driver=545 ;;
+      [1-9][0-9].*) need_driver=590 ;; *) need_driver=525 ;;
     esac
     check "driver $driver runs PTX ISA ${ptx_version:-?} (needs >= $need_driver)" \
       "$([[ -n $ptx_version && ${driver%%.*} -ge $need_driver ]]; echo $?)" "" "this driver would fail the first launch with CUDA_ERROR_UNSUPPORTED_PTX_VERSION"
@@ -236,17 +260,32 @@ stage_preflight() {
       fi
     done
   fi
-  # Binaries present, and every library they need resolves.
+  # Binaries present, and every library they need resolves, with every symbol
+  # they import from it: the CUDA libraries are load-time dependencies (cudarc's
+  # dynamic linking), and a library of another version can lack a function
+  # that plain ldd does not look for. `ldd -r` does, and each binary is also
+  # started with LD_BIND_NOW=1 (every symbol bound at start; no GPU touched).
+  local out
   for b in gpu_sampler gpu_bench logitd logitd-bench; do
     if [[ ! -x $BIN/$b ]]; then check "binary $b" 1 "missing from $BIN"; continue; fi
-    missing=$(ldd "$BIN/$b" 2>&1 | grep -E 'not found|not a dynamic' || true)
-    check "ldd $b" "$([[ -z $missing ]]; echo $?)" \
-      "${missing:-$(ldd "$BIN/$b" | grep -oE 'lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so[.0-9]* => [^ ]+' | sed 's/ => /=/' | paste -sd' ' -)}"
+    out=$(ldd -r "$BIN/$b" 2>&1)
+    missing=$(grep -E 'not found|not a dynamic|undefined symbol' <<<"$out" | head -n 5 || true)
+    check "ldd -r $b" "$([[ -z $missing ]]; echo $?)" \
+      "${missing:-$(grep -oE 'lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so[.0-9]* => [^ ]+' <<<"$out" | sed 's/ => /=/' | paste -sd' ' -)}"
   done
+  for b in logitd logitd-bench; do
+    [[ -x $BIN/$b ]] || continue
+    out=$(LD_BIND_NOW=1 "$BIN/$b" --version 2>&1)
+    check "$b --version (every symbol bound)" "$?" "$(head -n 3 <<<"$out" | paste -sd' ' -)"
+  done
+  if [[ -x $BIN/gpu_bench ]]; then
+    out=$(LD_BIND_NOW=1 "$BIN/gpu_bench" 2>&1)
+    check "gpu_bench starts (every symbol bound)" "$([[ $out == *"usage: gpu_bench"* ]]; echo $?)" "" "$(head -n 3 <<<"$out" | paste -sd' ' -)"
+  fi
   # The test binary runs and lists its tests (no GPU touched).
   local n
-  n=$("$BIN/gpu_sampler" --list 2>/dev/null | grep -c ': test$')
-  check "gpu_sampler lists its tests" "$([[ $n -ge 6 ]]; echo $?)" "$n tests"
+  n=$(LD_BIND_NOW=1 "$BIN/gpu_sampler" --list 2>/dev/null | grep -c ': test$')
+  check "gpu_sampler lists its tests" "$([[ $n -ge 7 ]]; echo $?)" "$n tests"
   # Data.
   local f
   if [[ -n ${LOGITD_GPU_SKIP_REAL_LOGITS:-} ]]; then
@@ -268,13 +307,15 @@ stage_preflight() {
     check "python torch, transformers, torch sees the GPU" "$([[ $py == *True ]]; echo $?)" "$py"
   fi
   for f in tests/gpu/*.py; do "$PYTHON" -m py_compile "$f" || check "python syntax $f" 1; done
-  if command -v compute-sanitizer >/dev/null; then echo "preflight: compute-sanitizer: $(command -v compute-sanitizer)"; else echo "preflight: compute-sanitizer: absent (the sanitize stage will FAIL)"; fi
+  if [[ -n $SANITIZER ]]; then echo "preflight: compute-sanitizer: $SANITIZER"; else echo "preflight: compute-sanitizer: absent from PATH and ${CUDA_HOME:-/usr/local/cuda}/bin (the sanitize stage will FAIL)"; fi
   [[ -z $PREFLIGHT_FAILED ]] || return 1
-  # The kernel's PTX loads, one launch agrees with the CPU, cuBLAS runs;
-  # registers, spills and resident blocks per SM of each kernel.
+  # The kernel's PTX loads, one launch per dtype and method runs, cuBLAS runs;
+  # registers, spills and resident blocks per SM of each kernel. How many rows
+  # of each launch are the CPU's is recorded (preflight_launch) and judged by
+  # the kernel stage: only a load or launch error fails here.
   runbin "$BIN/gpu_bench" preflight 2> >(tee -a "$BENCHLOG" >&2) | tee -a "$BENCHLOG" | jsonl
   rc=${PIPESTATUS[0]}
-  [[ $rc == 0 ]] && echo "preflight: kernel module loads and runs: ok"
+  [[ $rc == 0 ]] && echo "preflight: kernel module loads and launches: ok (agreement judged in the kernel stage)"
   return "$rc"
 }
 
@@ -282,16 +323,24 @@ gpu_tests() { # gpu_tests FILTER-ARGS...
   local rc from
   echo "== gpu_sampler $*" >>"$TESTLOG"
   from=$(($(wc -l <"$TESTLOG") + 1))
-  runbin "$BIN/gpu_sampler" --test-threads=1 --nocapture "$@" >>"$TESTLOG" 2>&1
-  rc=$?
-  # This run's AGREEMENT / TEACHER lines become JSON for the report.
-  tail -n +"$from" "$TESTLOG" | "$PYTHON" tests/gpu/report.py --from-test | jsonl >/dev/null
-  tail -n +"$from" "$TESTLOG" | grep -E "^test |test result|DRY:|panicked|^AGREEMENT|^TEACHER" | tail -n 60
+  # Each AGREEMENT / TEACHER line becomes a JSON record as it is printed, so
+  # that a stage killed at its limit keeps what it had measured.
+  runbin "$BIN/gpu_sampler" --test-threads=1 --nocapture "$@" 2>&1 | tee -a "$TESTLOG" |
+    "$PYTHON" -u tests/gpu/report.py --from-test | jsonl >/dev/null
+  rc=${PIPESTATUS[0]}
+  tail -n +"$from" "$TESTLOG" | grep -E "^test |test result|DRY:|panicked|^AGREEMENT|^DIFFER|^TEACHER" | tail -n 60
   return "$rc"
 }
 
 stage_kernel() {
+  local rc prc
   LOGITD_GPU_TEST_ROWS=$ROWS gpu_tests kernel_ bad_rows --skip real_teacher
+  rc=$?
+  # The preflight's launches (8 rows a dtype and method), recorded, judged here.
+  "$PYTHON" tests/gpu/report.py --check-preflight "$JSONL"
+  prc=$?
+  [[ $rc == 0 ]] || return "$rc"
+  return "$prc"
 }
 
 stage_teacher() {
@@ -304,15 +353,15 @@ stage_teacher() {
 
 stage_sanitize() {
   local tool rc=0 r
-  if ! command -v compute-sanitizer >/dev/null; then
-    if [[ -z $DRY ]]; then echo "compute-sanitizer: not on PATH"; return 1; fi
+  if [[ -z $SANITIZER ]]; then
+    if [[ -z $DRY ]]; then echo "compute-sanitizer: not on PATH nor in ${CUDA_HOME:-/usr/local/cuda}/bin"; return 1; fi
     echo "DRY: compute-sanitizer is not here; running the selection without it"
     LOGITD_GPU_TEST_ROWS=16 runbin "$BIN/gpu_sampler" --test-threads=1 kernel_agrees_with kernel_handles bad_rows >>"$SANLOG" 2>&1
     return $?
   fi
   for tool in $SANITIZE_TOOLS; do
     echo "== compute-sanitizer --tool $tool" >>"$SANLOG"
-    LOGITD_GPU_TEST_ROWS=16 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+    LOGITD_GPU_TEST_ROWS=16 "$SANITIZER" --tool "$tool" --error-exitcode 99 \
       "$BIN/gpu_sampler" --test-threads=1 kernel_agrees_with kernel_handles bad_rows >>"$SANLOG" 2>&1
     r=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Device not supported|DRY:" "$SANLOG" | tail -1)
@@ -332,7 +381,8 @@ python_gpu() { # python_gpu SCRIPT ARGS...: torch scripts; in a dry run, only im
     "$PYTHON" -m py_compile "$1"
     return $?
   fi
-  "$PYTHON" "$@"
+  # Unbuffered: its JSON lines reach results.jsonl as they are printed.
+  "$PYTHON" -u "$@"
 }
 
 stage_sampler() {
@@ -405,7 +455,7 @@ stage_e2e() {
   "$BIN/logitd-bench" --server http://127.0.0.1:50151 --concurrency 2 --mode stream --depth 2 \
     --sequences "$SEQUENCES" --length "$LENGTH" --duration-s "$E2E_SECONDS" --warmup-requests 2 \
     --label "$TEACHER" --json - 2>>"$BENCHLOG" |
-    "$PYTHON" -c 'import json,sys; d=json.load(sys.stdin); d["bench"]="e2e"; print(json.dumps(d))' | jsonl
+    "$PYTHON" -u -c 'import json,sys; d=json.load(sys.stdin); d["bench"]="e2e"; print(json.dumps(d))' | jsonl
   return "${PIPESTATUS[0]}"
 }
 
@@ -416,9 +466,15 @@ stage_report() {
   cat "$REPORT"
 }
 
-export BIN DATA PYTHON MODELS TEACHER SEQUENCES LENGTH REPS ROWS SANITIZE_TOOLS E2E_SECONDS DRY DRY_RC
+# compute-sanitizer: on PATH, else where a CUDA toolkit installs it.
+SANITIZER=$(command -v compute-sanitizer 2>/dev/null || true)
+if [[ -z $SANITIZER && -x ${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer ]]; then
+  SANITIZER=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+fi
+
+export BIN DATA PYTHON MODELS SANITIZER XZ TEACHER SEQUENCES LENGTH REPS ROWS SANITIZE_TOOLS E2E_SECONDS DRY DRY_RC
 export UNPACK RESULTS LOG JSONL TESTLOG BENCHLOG SANLOG REPORT LOGITD_REAL_LOGITS START
-export -f say jsonl json_str runbin check stage_preflight gpu_tests stage_kernel stage_teacher \
+export -f say jsonl json_str unxz runbin check stage_preflight gpu_tests stage_kernel stage_teacher \
   stage_sanitize python_gpu stage_sampler stage_forward stage_e2e stage_report
 
 declare -A CAP=([preflight]=60 [kernel]=150 [teacher]=90 [sanitize]=90 [sampler]=100 [forward]=150 [e2e]=75 [report]=20)

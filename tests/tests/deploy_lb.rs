@@ -343,6 +343,7 @@ fn requests(n: usize) -> Vec<SampleLogitsRequest> {
                         token_ids: (0..len).map(|_| r.next(96) as u32).collect(),
                         first_position: r.next(len as u64) as u32,
                         seed: None,
+                        ..Default::default()
                     }
                 })
                 .collect(),
@@ -351,6 +352,7 @@ fn requests(n: usize) -> Vec<SampleLogitsRequest> {
             seed: Some(1000 + i as u64),
             method: 0,
             value_encoding: 0,
+            ..Default::default()
         })
         .collect()
 }

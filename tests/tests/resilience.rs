@@ -90,6 +90,7 @@ fn echo(req: &SampleLogitsRequest) -> SampleLogitsResponse {
                 logprobs: vec![logp; n],
                 packed_logprobs: vec![],
                 lse: vec![1.5; n],
+                ..Default::default()
             }
         })
         .collect();
@@ -101,6 +102,7 @@ fn echo(req: &SampleLogitsRequest) -> SampleLogitsResponse {
         temperature: 1.0,
         method: 1,
         value_encoding: 1,
+        ..Default::default()
     }
 }
 
@@ -147,6 +149,7 @@ impl Teacher for Fake {
             tokenizer_sha256: String::new(),
             default_num_samples: 8,
             max_num_samples: 64,
+            ..Default::default()
         }))
     }
 }
@@ -191,7 +194,10 @@ fn echoed(client: &TeacherClient, sequences: &[Vec<u32>], seed: u64) -> Vec<Teac
             let e = echo(r);
             e.sequences
                 .iter()
-                .map(|s| TeacherTargets::from_sequence(s, e.num_samples, e.value_encoding).unwrap())
+                .map(|s| {
+                    TeacherTargets::from_sequence(s, e.num_samples, e.value_encoding, e.method)
+                        .unwrap()
+                })
                 .collect::<Vec<_>>()
         })
         .collect()

@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 use logitd::{
-    response::sampled_sequence,
+    response::{Asked, sampled_sequence},
     sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
 };
 use logitd_client::{LossOptions, TeacherTargets, distill_loss};
@@ -33,7 +33,7 @@ fn through_the_wire(
     temperature: f32,
 ) -> TeacherTargets {
     let response = SampleLogitsResponse {
-        sequences: vec![sampled_sequence(rows.clone(), 2, encoding)],
+        sequences: vec![sampled_sequence(rows.clone(), Asked::samples(2), encoding)],
         seed: 7,
         model_id: "synthetic".into(),
         num_samples: 256,
@@ -46,6 +46,7 @@ fn through_the_wire(
         &decoded.sequences[0],
         decoded.num_samples,
         decoded.value_encoding,
+        decoded.method,
     )
     .unwrap()
 }

@@ -187,6 +187,7 @@ impl Requests {
                 token_ids: self.pool[((r * s + i) % n) as usize].clone(),
                 first_position: self.args.first_position,
                 seed: None,
+                ..Default::default()
             })
             .collect();
         self.options(r).request(sequences)
@@ -200,6 +201,7 @@ impl Requests {
             seed: sequence_seed(self.args.seed, r),
             method: if self.args.top_k { SamplingMethod::TopK } else { SamplingMethod::Sample },
             value_encoding: self.args.value_encoding.proto(),
+            ..Default::default()
         }
     }
 

@@ -61,6 +61,10 @@ struct Dump {
     /// Seed of the run: sequence n's samples depend only on it and n.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also keep the teacher's log-probability and rank of the realised next
+    /// token at every position (the on-policy columns; shard format 2).
+    #[arg(long)]
+    token_logprobs: bool,
     /// Use top-k instead of sampling.
     #[arg(long)]
     top_k: bool,
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         temperature: a.temperature,
         seed: a.seed,
         top_k: a.top_k,
+        token_logprobs: a.token_logprobs,
         batch_sequences: a.batch_sequences,
         depth: a.depth,
         shard_entries: a.shard_entries,

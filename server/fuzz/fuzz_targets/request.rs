@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
         max_sequence_length: 64,
         default_num_samples: 16,
         max_num_samples: 300,
+        max_candidates: 8,
         max_request_tokens: 512,
         default_timeout: Duration::from_secs(1),
     };
@@ -46,6 +47,18 @@ fuzz_target!(|data: &[u8]| {
         assert!(!s.token_ids.is_empty() && s.token_ids.len() <= 64);
         assert!(s.token_ids.iter().all(|&t| t < 1000));
         assert!((s.first_position as usize) < s.token_ids.len());
+        // Candidates: none, or CSR over the returned positions, within limits.
+        let positions = s.token_ids.len() - s.first_position as usize;
+        let o = &s.candidate_offsets;
+        if o.is_empty() {
+            assert!(s.candidate_ids.is_empty());
+        } else {
+            assert_eq!(o.len(), positions + 1);
+            assert_eq!(o[0], 0);
+            assert!(o.windows(2).all(|w| w[0] <= w[1] && w[1] - w[0] <= 8));
+            assert_eq!(*o.last().unwrap() as usize, s.candidate_ids.len());
+            assert!(s.candidate_ids.iter().all(|&t| t < 1000));
+        }
         total += s.token_ids.len();
     }
     assert!(total <= 512);
@@ -53,8 +66,20 @@ fuzz_target!(|data: &[u8]| {
 
     let expected: Vec<Vec<u32>> = request.sequences.iter().map(|s| s.token_ids.clone()).collect();
     let now = Instant::now();
-    let (items, _receivers) =
-        work_items(request.sequences, request.params, request.seed.unwrap_or(0), None, now);
+    let offsets: Vec<Vec<u32>> =
+        request.sequences.iter().map(|s| s.candidate_offsets.clone()).collect();
+    let (items, _receivers) = work_items(
+        request.sequences,
+        request.params,
+        request.token_logprobs,
+        request.seed.unwrap_or(0),
+        None,
+        now,
+    );
+    for (item, o) in items.iter().zip(&offsets) {
+        assert_eq!(&item.scores.candidate_offsets, o);
+        assert_eq!(item.scores.realised, request.token_logprobs);
+    }
     let mut queue = BatchQueue::new(512, MAX_BATCH_TOKENS);
     queue.push(items).expect("a validated request fits an empty queue");
     assert_eq!(queue.queued_tokens(), total);

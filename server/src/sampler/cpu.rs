@@ -39,7 +39,10 @@
 //! independent, so [`CpuSampler::sample_rows`] splits a large batch of rows
 //! over threads; the result is the same.
 
-use super::{Method, RowKey, SampledRows, SamplerError, SamplingParams, philox::philox4x32_10};
+use super::{
+    Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplerError, SamplingParams,
+    philox::philox4x32_10,
+};
 
 /// NaN or +inf: the logit values the contract rejects (-inf is a masked id).
 #[inline(always)]
@@ -573,19 +576,6 @@ impl RowStats {
     }
 }
 
-/// Appends the rows of `part` to `out`.
-fn append(out: &mut SampledRows, part: &SampledRows) {
-    let base = out.token_ids.len();
-    out.token_ids.extend_from_slice(&part.token_ids);
-    out.counts.extend_from_slice(&part.counts);
-    out.logprobs.extend_from_slice(&part.logprobs);
-    out.lse.extend_from_slice(&part.lse);
-    out.offsets.extend(part.offsets[1..].iter().map(|&o| {
-        u32::try_from(base + o as usize)
-            .expect("more than 2^32 sampled entries in one batch: this is a bug")
-    }));
-}
-
 impl CpuSampler {
     /// A sampler with empty scratch buffers.
     pub fn new() -> Self {
@@ -603,15 +593,30 @@ impl CpuSampler {
         keys: &[RowKey],
         out: &mut SampledRows,
     ) -> Result<(), SamplerError> {
+        self.sample_rows_scored(logits, vocab, params, keys, RowQueries::NONE, out)
+    }
+
+    /// [`sample_rows`](Self::sample_rows), also scoring what `queries` ask of
+    /// each row (realised tokens and candidates) in the same pass.
+    pub fn sample_rows_scored(
+        &mut self,
+        logits: &[f32],
+        vocab: usize,
+        params: &SamplingParams,
+        keys: &[RowKey],
+        queries: RowQueries<'_>,
+        out: &mut SampledRows,
+    ) -> Result<(), SamplerError> {
         let threads = if logits.len() >= PARALLEL_MIN_LOGITS {
             candle_core::utils::get_num_threads()
         } else {
             1
         };
-        self.sample_rows_on(threads, logits, vocab, params, keys, out)
+        self.sample_rows_on(threads, logits, vocab, params, keys, queries, out)
     }
 
-    /// [`sample_rows`](Self::sample_rows) on at most `threads` threads.
+    /// [`sample_rows_scored`](Self::sample_rows_scored) on at most `threads` threads.
+    #[allow(clippy::too_many_arguments)]
     fn sample_rows_on(
         &mut self,
         threads: usize,
@@ -619,6 +624,7 @@ impl CpuSampler {
         vocab: usize,
         params: &SamplingParams,
         keys: &[RowKey],
+        queries: RowQueries<'_>,
         out: &mut SampledRows,
     ) -> Result<(), SamplerError> {
         if vocab == 0 {
@@ -627,10 +633,11 @@ impl CpuSampler {
         if logits.len() != keys.len() * vocab {
             return Err(SamplerError::ShapeMismatch { len: logits.len(), rows: keys.len(), vocab });
         }
+        queries.check(keys.len(), vocab)?;
         let threads = threads.clamp(1, keys.len().max(1));
         if threads == 1 {
-            for (row, key) in logits.chunks_exact(vocab).zip(keys) {
-                self.main.sample_row(row, params, *key, out)?;
+            for (r, (row, key)) in logits.chunks_exact(vocab).zip(keys).enumerate() {
+                self.main.sample_row(row, params, *key, queries.row(r), out)?;
             }
             return Ok(());
         }
@@ -638,14 +645,18 @@ impl CpuSampler {
         let per = keys.len().div_ceil(threads);
         self.workers.resize_with(threads - 1, Scratch::default);
         let (main, workers) = (&mut self.main, &mut self.workers);
-        let mut runs = logits.chunks(per * vocab).zip(keys.chunks(per));
-        let (first_logits, first_keys) = runs.next().expect("at least one row");
-        let run = |scratch: &mut Scratch, logits: &[f32], keys: &[RowKey]| {
+        let mut runs = logits
+            .chunks(per * vocab)
+            .zip(keys.chunks(per))
+            .enumerate()
+            .map(|(i, (l, k))| (l, k, queries.rows(i * per..i * per + k.len())));
+        let (first_logits, first_keys, first_queries) = runs.next().expect("at least one row");
+        let run = |scratch: &mut Scratch, logits: &[f32], keys: &[RowKey], q: RowQueries<'_>| {
             let mut part = SampledRows::new();
-            let result = logits
-                .chunks_exact(vocab)
-                .zip(keys)
-                .try_for_each(|(row, key)| scratch.sample_row(row, params, *key, &mut part));
+            let result =
+                logits.chunks_exact(vocab).zip(keys).enumerate().try_for_each(|(r, (row, key))| {
+                    scratch.sample_row(row, params, *key, q.row(r), &mut part)
+                });
             (part, result)
         };
         let run = &run;
@@ -653,16 +664,16 @@ impl CpuSampler {
             let handles: Vec<_> = workers
                 .iter_mut()
                 .zip(runs)
-                .map(|(scratch, (l, k))| s.spawn(move || run(scratch, l, k)))
+                .map(|(scratch, (l, k, q))| s.spawn(move || run(scratch, l, k, q)))
                 .collect();
-            let mut parts = vec![run(main, first_logits, first_keys)];
+            let mut parts = vec![run(main, first_logits, first_keys, first_queries)];
             for h in handles {
                 parts.push(h.join().expect("a sampler thread panicked: this is a bug"));
             }
             parts
         });
         for (part, result) in parts {
-            append(out, &part);
+            out.append(&part);
             result?;
         }
         Ok(())
@@ -676,9 +687,13 @@ impl CpuSampler {
         key: RowKey,
         out: &mut SampledRows,
     ) -> Result<(), SamplerError> {
-        self.main.sample_row(logits, params, key, out)
+        self.main.sample_row(logits, params, key, (None, &[]), out)
     }
 }
+
+/// One row's queries: the realised token (None: not asked; `Some(NO_TOKEN)`:
+/// the row has none) and the candidate ids.
+type RowQuery<'a> = (Option<u32>, &'a [u32]);
 
 impl Scratch {
     fn sample_row(
@@ -686,13 +701,24 @@ impl Scratch {
         logits: &[f32],
         params: &SamplingParams,
         key: RowKey,
+        query: RowQuery<'_>,
         out: &mut SampledRows,
     ) -> Result<(), SamplerError> {
         let stats = self.softmax_pass(logits, params.temperature())?;
+        let (realised, candidates) = query;
+        if let Some(&id) = realised
+            .iter()
+            .chain(candidates)
+            .find(|&&id| id != NO_TOKEN && id as usize >= logits.len())
+        {
+            return Err(SamplerError::IdOutsideVocabulary { id, vocab: logits.len() });
+        }
         match params.method() {
             Method::Sample => self.walk(logits, &stats, params.num_samples(), key, out),
             Method::TopK => self.top_k(logits, &stats, params.num_samples(), out),
+            Method::None => {}
         }
+        score_row(logits, &stats, query, out);
         out.finish_row(stats.lse());
         Ok(())
     }
@@ -825,11 +851,50 @@ impl Scratch {
             self.order.select_nth_unstable_by(k - 1, larger_first);
             self.order.truncate(k);
         }
-        self.order.sort_unstable();
+        // By descending log-probability, ties by ascending id (the protocol's
+        // top-k order): the logprob is a monotone function of z, so this is
+        // the order of z except where two logits round to one logprob.
+        let row_start = out.token_ids.len();
         for &id in &self.order {
             out.push_entry(id, 1, stats.logprob(z[id as usize]));
         }
+        out.order_entries_by_logprob(row_start..out.token_ids.len());
     }
+}
+
+/// Appends what `query` asks of the row `z` (whose softmax is `stats`): the
+/// realised token's log p and rank, and the candidates' log p (closed with
+/// the row by [`SampledRows::finish_row`]).
+fn score_row(z: &[f32], stats: &RowStats, query: RowQuery<'_>, out: &mut SampledRows) {
+    let (realised, candidates) = query;
+    match realised {
+        Some(NO_TOKEN) => {
+            out.token_logprobs.push(f32::NAN);
+            out.token_ranks.push(0);
+        }
+        Some(id) => {
+            let zx = z[id as usize];
+            out.token_logprobs.push(stats.logprob(zx));
+            out.token_ranks.push(rank(z, zx));
+        }
+        None => {}
+    }
+    out.candidate_logprobs.extend(candidates.iter().map(|&id| stats.logprob(z[id as usize])));
+}
+
+/// 1 + the number of logits larger than `zx` (vLLM's rank).
+fn rank(z: &[f32], zx: f32) -> u32 {
+    // Counted in lanes of 8 so that the compiler vectorises the compare.
+    let mut lanes = [0u32; 8];
+    let chunks = z.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += u32::from(v > zx);
+        }
+    }
+    let larger = lanes.iter().sum::<u32>() + tail.iter().map(|&v| u32::from(v > zx)).sum::<u32>();
+    1 + larger
 }
 
 #[cfg(test)]
@@ -1143,16 +1208,36 @@ mod tests {
             SamplingParams::new(Method::Sample, 256, 1.0).unwrap(),
             SamplingParams::new(Method::Sample, 64, 0.6).unwrap(),
             SamplingParams::new(Method::TopK, 20, 1.0).unwrap(),
+            SamplingParams::new(Method::None, 1, 1.0).unwrap(),
         ] {
-            let mut one = SampledRows::new();
-            CpuSampler::new().sample_rows_on(1, &z, vocab, &params, &keys, &mut one).unwrap();
-            for threads in [2, 3, 8] {
-                // Appended after a row already there, as the engine does per chunk.
-                let mut many = SampledRows::new();
-                let mut s = CpuSampler::new();
-                s.sample_rows_on(1, &z[..vocab], vocab, &params, &keys[..1], &mut many).unwrap();
-                s.sample_rows_on(threads, &z, vocab, &params, &keys, &mut many).unwrap();
-                assert_eq!(many.slice(1..rows + 1), one, "{threads} threads");
+            // Every row scores its realised token and row r r % 4 candidates.
+            let realised: Vec<u32> = (0..rows as u32).map(|p| p * 13 % vocab as u32).collect();
+            let mut offsets = vec![0u32];
+            for r in 0..rows as u32 {
+                offsets.push(offsets[r as usize] + r % 4);
+            }
+            let ids: Vec<u32> = (0..offsets[rows]).map(|i| i * 101 % vocab as u32).collect();
+            let q = RowQueries {
+                realised: &realised,
+                candidate_offsets: &offsets,
+                candidate_ids: &ids,
+            };
+            for queries in [RowQueries::NONE, q] {
+                let mut one = SampledRows::new();
+                CpuSampler::new()
+                    .sample_rows_on(1, &z, vocab, &params, &keys, queries, &mut one)
+                    .unwrap();
+                for threads in [2, 3, 8] {
+                    // Appended after a row already there, as the engine does per chunk.
+                    let mut many = SampledRows::new();
+                    let mut s = CpuSampler::new();
+                    let first = queries.rows(0..1);
+                    s.sample_rows_on(1, &z[..vocab], vocab, &params, &keys[..1], first, &mut many)
+                        .unwrap();
+                    s.sample_rows_on(threads, &z, vocab, &params, &keys, queries, &mut many)
+                        .unwrap();
+                    assert_eq!(many.slice(1..rows + 1), one, "{threads} threads");
+                }
             }
         }
     }
@@ -1165,7 +1250,15 @@ mod tests {
         let keys = vec![RowKey { seed: 1, sequence: 0, position: 0 }; 10];
         let params = SamplingParams::new(Method::Sample, 8, 1.0).unwrap();
         let mut out = SampledRows::new();
-        let e = CpuSampler::new().sample_rows_on(4, &z, vocab, &params, &keys, &mut out);
+        let e = CpuSampler::new().sample_rows_on(
+            4,
+            &z,
+            vocab,
+            &params,
+            &keys,
+            RowQueries::NONE,
+            &mut out,
+        );
         assert!(matches!(e, Err(SamplerError::NonFiniteLogit { index: 3, .. })));
         assert_eq!(out.num_rows(), 6);
     }

@@ -130,14 +130,17 @@ pub struct KernelResources {
 
 /// The CUDA sampler of one device: the loaded kernel and two reusable output
 /// buffers, so that one chunk's kernel (and the next chunk's LM head, queued
-/// behind it) can run while the host decodes the chunk before.
+/// behind it) can run while the host decodes the chunk before. Each buffer has
+/// its own cursor (the device word its rows reserve entries with), so two
+/// launches in flight never share one, whatever stream they run on.
 pub struct CudaSampler {
     device: CudaDevice,
     f32: CudaFunction,
     bf16: CudaFunction,
     f16: CudaFunction,
     max_dynamic_shared: usize,
-    cursor: CudaSlice<u32>,
+    /// The entry cursor of each output buffer (zeroed before its launch).
+    cursors: [CudaSlice<u32>; 2],
     mapped: [Option<Mapped>; 2],
     /// Launched chunks not yet decoded, oldest first (at most two).
     pending: std::collections::VecDeque<Pending>,
@@ -184,14 +187,14 @@ impl CudaSampler {
             .w()?;
             max_dynamic_shared = max_dynamic_shared.min(dynamic);
         }
-        let cursor = device.alloc_zeros::<u32>(1)?;
+        let cursors = [device.alloc_zeros::<u32>(1)?, device.alloc_zeros::<u32>(1)?];
         Ok(Self {
             device: device.clone(),
             f32,
             bf16,
             f16,
             max_dynamic_shared,
-            cursor,
+            cursors,
             mapped: [None, None],
             pending: std::collections::VecDeque::new(),
             next: 0,
@@ -333,7 +336,9 @@ impl CudaSampler {
             w.copy_from_slice(&[lo, hi, k.sequence, k.position]);
         }
         let stream = self.device.cuda_stream();
-        stream.memset_zeros(&mut self.cursor).w()?;
+        // This slot's cursor: the other slot's launch may still be in flight.
+        let cursor = &mut self.cursors[slot];
+        stream.memset_zeros(cursor).w()?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -361,7 +366,7 @@ impl CudaSampler {
                     .arg(&k_u32)
                     .arg(&inv_t)
                     .arg(&t_is_one)
-                    .arg(&mut self.cursor)
+                    .arg(&mut *cursor)
                     .arg(&ids)
                     .arg(&counts)
                     .arg(&lps)

@@ -36,7 +36,9 @@ pub const STATUS_ALL_MASKED: u32 = 2;
 pub fn method_code(method: Method) -> u32 {
     match method {
         Method::Sample => 0,
-        Method::TopK => 1,
+        // No ids: the kernel's top-k path with k = 1 gives the lse, and the
+        // host drops the entry (see `SamplerBackend`).
+        Method::TopK | Method::None => 1,
     }
 }
 
@@ -47,7 +49,7 @@ pub fn shared_bytes(method: Method, vocab: usize, k: usize) -> usize {
     let tiles = vocab.div_ceil(TILE) * 8;
     match method {
         Method::Sample => tiles + (k + 1) * 8 + k * 12,
-        Method::TopK => tiles,
+        Method::TopK | Method::None => tiles,
     }
 }
 

@@ -26,8 +26,11 @@ pub use cpu::CpuSampler;
 pub enum Method {
     /// k i.i.d. draws with replacement from softmax(z / T).
     Sample,
-    /// The k largest logits (ties broken by the lower id), count 1 each.
+    /// The k largest logits (ties broken by the lower id), count 1 each,
+    /// listed by descending log-probability (ties by ascending id).
     TopK,
+    /// No ids: only the row's lse and what [`RowQueries`] ask for.
+    None,
 }
 
 /// What to draw for every row of a batch.
@@ -124,6 +127,95 @@ pub struct SampledRows {
     pub logprobs: Vec<f32>,
     /// Per row: log-sum-exp of z / T.
     pub lse: Vec<f32>,
+    /// Per row, when the rows' realised tokens were asked for: log p of the
+    /// realised token (NaN for a row without one); empty otherwise.
+    pub token_logprobs: Vec<f32>,
+    /// Aligned with `token_logprobs`: 1 + the ids with a larger logit (0 for a
+    /// row without a realised token).
+    pub token_ranks: Vec<u32>,
+    /// rows + 1 entries, starting at 0: row r's candidates are
+    /// `candidate_logprobs[candidate_offsets[r]..candidate_offsets[r + 1]]`.
+    pub candidate_offsets: Vec<u32>,
+    /// log p at each candidate id, in the order asked.
+    pub candidate_logprobs: Vec<f32>,
+}
+
+/// Marks a row without a realised token in [`RowQueries::realised`].
+pub const NO_TOKEN: u32 = u32::MAX;
+
+/// What a batch of rows asks for besides the draws: the realised next token of
+/// each row and candidate ids, whose log-probabilities (and the realised
+/// token's rank) the sampler computes in its pass over the row.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowQueries<'a> {
+    /// Empty (not asked), or one per row: the realised token, or [`NO_TOKEN`].
+    pub realised: &'a [u32],
+    /// Empty (no candidates), or rows + 1 offsets into `candidate_ids` (they
+    /// need not start at 0: a sub-range of rows keeps its parent's ids).
+    pub candidate_offsets: &'a [u32],
+    /// The candidate ids.
+    pub candidate_ids: &'a [u32],
+}
+
+impl<'a> RowQueries<'a> {
+    /// Nothing asked.
+    pub const NONE: RowQueries<'static> =
+        RowQueries { realised: &[], candidate_offsets: &[], candidate_ids: &[] };
+
+    /// Whether anything is asked.
+    pub fn is_empty(&self) -> bool {
+        self.realised.is_empty() && self.candidate_offsets.is_empty()
+    }
+
+    /// The queries of rows `rows`.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> RowQueries<'a> {
+        RowQueries {
+            realised: if self.realised.is_empty() { &[] } else { &self.realised[rows.clone()] },
+            candidate_offsets: if self.candidate_offsets.is_empty() {
+                &[]
+            } else {
+                &self.candidate_offsets[rows.start..=rows.end]
+            },
+            candidate_ids: self.candidate_ids,
+        }
+    }
+
+    /// Row `r`'s realised token (None when not asked; `Some(NO_TOKEN)` for a
+    /// row without one) and candidate ids.
+    pub fn row(&self, r: usize) -> (Option<u32>, &'a [u32]) {
+        let realised = self.realised.get(r).copied();
+        let candidates = if self.candidate_offsets.is_empty() {
+            &[][..]
+        } else {
+            let e = logitd_proto::csr::entries(self.candidate_offsets, r..r + 1);
+            &self.candidate_ids[e]
+        };
+        (realised, candidates)
+    }
+
+    /// Checks the shape against `rows` rows and every id against `vocab`.
+    pub fn check(&self, rows: usize, vocab: usize) -> Result<(), SamplerError> {
+        let bad_len = (!self.realised.is_empty() && self.realised.len() != rows)
+            || (!self.candidate_offsets.is_empty()
+                && (self.candidate_offsets.len() != rows + 1
+                    || self.candidate_offsets.windows(2).any(|w| w[0] > w[1])
+                    || *self.candidate_offsets.last().unwrap() as usize
+                        > self.candidate_ids.len()));
+        if bad_len {
+            return Err(SamplerError::QueryShape { rows });
+        }
+        let ids = if self.candidate_offsets.is_empty() {
+            &[][..]
+        } else {
+            &self.candidate_ids[logitd_proto::csr::entries(self.candidate_offsets, 0..rows)]
+        };
+        let outside =
+            self.realised.iter().chain(ids).find(|&&id| id != NO_TOKEN && id as usize >= vocab);
+        match outside {
+            Some(&id) => Err(SamplerError::IdOutsideVocabulary { id, vocab }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for SampledRows {
@@ -154,6 +246,10 @@ impl SampledRows {
             counts: Vec::new(),
             logprobs: Vec::new(),
             lse: Vec::new(),
+            token_logprobs: Vec::new(),
+            token_ranks: Vec::new(),
+            candidate_offsets: vec![0],
+            candidate_logprobs: Vec::new(),
         }
     }
 
@@ -186,23 +282,80 @@ impl SampledRows {
         self.logprobs.push(logprob);
     }
 
-    /// Closes the row being built.
+    /// Closes the row being built (its entries and its candidates).
     pub(crate) fn finish_row(&mut self, lse: f32) {
         self.lse.push(lse);
         let end = u32::try_from(self.token_ids.len())
             .expect("more than 2^32 sampled entries in one batch: this is a bug");
         self.offsets.push(end);
+        let end = u32::try_from(self.candidate_logprobs.len())
+            .expect("more than 2^32 candidates in one batch: this is a bug");
+        self.candidate_offsets.push(end);
+    }
+
+    /// Drops the entries (ids, counts, log p) of rows `rows..`, keeping their
+    /// lse and scores (the GPU's way to method None).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn drop_entries(&mut self, rows: std::ops::RangeFrom<usize>) {
+        let start = self.offsets[rows.start];
+        self.offsets[rows.start..].iter_mut().for_each(|o| *o = start);
+        self.token_ids.truncate(start as usize);
+        self.counts.truncate(start as usize);
+        self.logprobs.truncate(start as usize);
     }
 
     /// A copy of rows `rows` (offsets rebased to 0).
     pub fn slice(&self, rows: std::ops::Range<usize>) -> SampledRows {
         let entries = logitd_proto::csr::entries(&self.offsets, rows.clone());
+        let candidates = logitd_proto::csr::entries(&self.candidate_offsets, rows.clone());
+        let per_row = |v: &[f32]| if v.is_empty() { Vec::new() } else { v[rows.clone()].to_vec() };
         SampledRows {
             offsets: logitd_proto::csr::rebased(&self.offsets, rows.clone()),
             token_ids: self.token_ids[entries.clone()].to_vec(),
             counts: self.counts[entries.clone()].to_vec(),
             logprobs: self.logprobs[entries].to_vec(),
-            lse: self.lse[rows].to_vec(),
+            lse: self.lse[rows.clone()].to_vec(),
+            token_logprobs: per_row(&self.token_logprobs),
+            token_ranks: if self.token_ranks.is_empty() {
+                Vec::new()
+            } else {
+                self.token_ranks[rows.clone()].to_vec()
+            },
+            candidate_offsets: logitd_proto::csr::rebased(&self.candidate_offsets, rows),
+            candidate_logprobs: self.candidate_logprobs[candidates].to_vec(),
+        }
+    }
+
+    /// Appends the rows of `part`.
+    pub fn append(&mut self, part: &SampledRows) {
+        logitd_proto::csr::append(&mut self.offsets, &part.offsets);
+        self.token_ids.extend_from_slice(&part.token_ids);
+        self.counts.extend_from_slice(&part.counts);
+        self.logprobs.extend_from_slice(&part.logprobs);
+        self.lse.extend_from_slice(&part.lse);
+        self.token_logprobs.extend_from_slice(&part.token_logprobs);
+        self.token_ranks.extend_from_slice(&part.token_ranks);
+        logitd_proto::csr::append(&mut self.candidate_offsets, &part.candidate_offsets);
+        self.candidate_logprobs.extend_from_slice(&part.candidate_logprobs);
+    }
+
+    /// Lists the entries of rows `rows..` by descending log-probability, ties
+    /// by ascending id (the top-k order of the protocol).
+    pub fn order_by_logprob(&mut self, rows: std::ops::RangeFrom<usize>) {
+        for r in rows.start..self.num_rows() {
+            self.order_entries_by_logprob(logitd_proto::csr::entries(&self.offsets, r..r + 1));
+        }
+    }
+
+    /// Sorts `entries` by descending log-probability, ties by ascending id.
+    pub(crate) fn order_entries_by_logprob(&mut self, entries: std::ops::Range<usize>) {
+        let mut order: Vec<(f32, u32, u32)> = entries
+            .clone()
+            .map(|i| (self.logprobs[i], self.token_ids[i], self.counts[i]))
+            .collect();
+        order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (i, (lp, id, c)) in entries.zip(order) {
+            (self.logprobs[i], self.token_ids[i], self.counts[i]) = (lp, id, c);
         }
     }
 }
@@ -230,6 +383,20 @@ pub enum SamplerError {
     /// The row is empty (vocabulary size 0).
     #[error("the row has no logits")]
     EmptyRow,
+    /// The rows' queries do not match the rows (a bug in the caller).
+    #[error("the realised tokens or candidate offsets do not match {rows} rows")]
+    QueryShape {
+        /// Rows sampled.
+        rows: usize,
+    },
+    /// A realised token or candidate id is not in the vocabulary.
+    #[error("id {id} is outside the vocabulary of {vocab}")]
+    IdOutsideVocabulary {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
     /// The flat logits buffer does not hold a whole number of rows.
     #[error("{len} logits do not make {rows} rows of {vocab}")]
     ShapeMismatch {

@@ -255,7 +255,7 @@ pub fn demo_teacher() -> PathBuf {
 }
 
 pub fn seq(tokens: &[u32], first_position: u32, seed: Option<u64>) -> Sequence {
-    Sequence { token_ids: tokens.to_vec(), first_position, seed }
+    Sequence { token_ids: tokens.to_vec(), first_position, seed, ..Default::default() }
 }
 
 pub fn request(sequences: Vec<Sequence>, k: u32, seed: u64) -> SampleLogitsRequest {
@@ -266,6 +266,7 @@ pub fn request(sequences: Vec<Sequence>, k: u32, seed: u64) -> SampleLogitsReque
         seed: Some(seed),
         method: 0,
         value_encoding: 0,
+        ..Default::default()
     }
 }
 

@@ -778,41 +778,45 @@ async fn deadlines_and_call_slots_on_the_http_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_the_http_port_too() {
-    let mut server =
-        Server::start(&tiny("llama"), &["--http-listen", "127.0.0.1:0", "--max-wait-ms", "60000"]);
-    let addr = http(&server);
-    server.client().await;
+    // The real SmolLM2 teacher and 600 tokens, so that the drain lasts long
+    // enough to watch (as service.rs's gRPC drain test); --max-wait-ms 60000
+    // holds the lone call in the queue until the drain flushes it.
+    let mut server = Server::start(
+        &common::demo_teacher(),
+        &["--http-listen", "127.0.0.1:0", "--max-wait-ms", "60000"],
+    );
+    let addr = ready(&server).await;
+    let long: Vec<u32> = (0..600).map(|i| (i * 7919) % 49_152).collect();
     let queued = {
         let addr = addr.clone();
-        tokio::spawn(async move {
-            post(
-                &addr,
-                "/v1/completions",
-                &json!({"prompt": [1, 2, 3, 4, 5], "prompt_logprobs": 2}),
-            )
-            .await
-        })
+        let body = json!({"prompt": long, "prompt_logprobs": 2});
+        tokio::spawn(async move { post(&addr, "/v1/completions", &body).await })
     };
     server
         .eventually("the call's tokens in the queue gauge", Duration::from_secs(20), || async {
-            (server.metric("logitd_queue_tokens").await == Some(5.0)).then_some(())
+            (server.metric("logitd_queue_tokens").await == Some(600.0)).then_some(())
         })
         .await;
+    assert!(!queued.is_finished(), "answered before the signal");
     server.signal(libc::SIGTERM);
+    // While draining: health 503, and new work refused with 503.
     server
         .eventually("health 503 while draining", Duration::from_secs(10), || {
             let addr = addr.clone();
             async move { (call(&addr, "GET", "/health", b"", &[]).await.0 == 503).then_some(()) }
         })
         .await;
-    let (status, r) = tokio::time::timeout(Duration::from_secs(30), queued)
+    let (status, r) = post(&addr, "/generate", &json!({"input_ids": [1, 2]})).await;
+    assert!(status == 503 || status == 0, "{status} {r}");
+    let (status, r) = tokio::time::timeout(Duration::from_secs(60), queued)
         .await
         .expect("the queued call is answered")
         .unwrap();
     assert_eq!(status, 200, "{r}");
-    assert_eq!(r["choices"][0]["prompt_logprobs"].as_array().unwrap().len(), 5);
-    let exit = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(r["choices"][0]["prompt_logprobs"].as_array().unwrap().len(), 600);
+    let exit = server.wait_exit(Duration::from_secs(60));
     assert!(exit.success(), "{exit:?}; log: {}", server.log());
+    assert!(!server.log().contains("drain timeout reached"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

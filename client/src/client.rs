@@ -229,7 +229,7 @@ impl Candidates {
     /// The same `k` ids at every one of `positions` positions, given as a
     /// row-major `[positions, k]` slice.
     pub fn dense(ids: &[u32], k: usize) -> Self {
-        let positions = if k == 0 { 0 } else { ids.len() / k };
+        let positions = ids.len().checked_div(k).unwrap_or(0);
         Self { offsets: (0..=positions).map(|p| (p * k) as u32).collect(), ids: ids.to_vec() }
     }
 }

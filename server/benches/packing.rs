@@ -30,6 +30,7 @@ fn work(lengths: &[usize]) -> Vec<WorkItem> {
             key_sequence: 0,
             deadline: None,
             enqueued: now,
+            scores: Default::default(),
             reply: tokio::sync::oneshot::channel().0,
         })
         .collect()

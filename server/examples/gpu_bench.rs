@@ -384,6 +384,7 @@ fn engine(args: &[String]) -> anyhow::Result<()> {
                 key_sequence: i as u32,
                 deadline: None,
                 enqueued: Instant::now(),
+                scores: Default::default(),
                 reply: tokio::sync::oneshot::channel().0,
             })
             .collect()

@@ -61,7 +61,7 @@ fn logits(seed: u64, rows: usize, vocab: usize, scale: f32, mask_every: usize) -
     for r in 0..rows {
         for i in 0..vocab {
             let mut v = (g.unit() + g.unit() + g.unit() - 1.5) * scale;
-            if g.next() % 997 == 0 {
+            if g.next().is_multiple_of(997) {
                 v += 4.0 * scale;
             }
             if mask_every > 0 && r % 2 == 1 && i % mask_every == 3 {

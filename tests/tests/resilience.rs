@@ -102,7 +102,6 @@ fn echo(req: &SampleLogitsRequest) -> SampleLogitsResponse {
         temperature: 1.0,
         method: 1,
         value_encoding: 1,
-        ..Default::default()
     }
 }
 

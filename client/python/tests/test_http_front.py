@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,16 @@ FIXTURE = REPO / "server" / "tests" / "fixtures" / "real" / "smollm2_135m.json"
 def front():
     s = Server(extra=("--http-listen", "127.0.0.1:0"))
     assert s.http_port, f"no HTTP address; log:\n{s.log()}"
+    # Health answers 200 once the teacher is loaded and warmed up.
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{s.http_port}/health", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"the HTTP front never turned healthy; log:\n{s.log()}"
+        time.sleep(0.2)
     yield s
     s.stop()
 

@@ -110,7 +110,7 @@ fn fixture_config(name: &str) -> (String, u64, u64) {
 
 #[test]
 fn info_prints_the_model_info_of_each_fixture() {
-    const FIELDS: [&str; 9] = [
+    const FIELDS: [&str; 10] = [
         "model_id",
         "architecture",
         "vocab_size",

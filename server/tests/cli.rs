@@ -110,7 +110,7 @@ fn fixture_config(name: &str) -> (String, u64, u64) {
 
 #[test]
 fn info_prints_the_model_info_of_each_fixture() {
-    const FIELDS: [&str; 9] = [
+    const FIELDS: [&str; 10] = [
         "model_id",
         "architecture",
         "vocab_size",
@@ -120,6 +120,7 @@ fn info_prints_the_model_info_of_each_fixture() {
         "tokenizer_sha256",
         "default_num_samples",
         "max_num_samples",
+        "max_candidates",
     ];
     // The digests: SHA-256 over the tensors in name order (name, NUL, dtype,
     // shape as u64 LE, bytes), computed from the files by a Python script

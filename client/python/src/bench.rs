@@ -26,7 +26,7 @@ pub fn decode_response<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py,
         let targets = r
             .sequences
             .iter()
-            .map(|s| TeacherTargets::from_sequence(s, r.num_samples, r.value_encoding))
+            .map(|s| TeacherTargets::from_sequence(s, r.num_samples, r.value_encoding, r.method))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         Ok(Columns::new(&targets, None))
@@ -55,7 +55,7 @@ pub fn rust_prefetch(
         flat.as_slice().map_err(|_| bad())?,
         lengths.as_slice().map_err(|_| bad())?,
     )?;
-    let options = sample_options(py, num_samples, Some(1.0), seed, "sample", "f32")?;
+    let options = sample_options(py, num_samples, Some(1.0), seed, "sample", "f32", false)?;
     let inner = client.inner.clone();
     let run = async move {
         let source = (0..batches).map(move |i| TrainingBatch {

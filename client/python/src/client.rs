@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use logitd_client::{ClientConfig, SampleOptions, TeacherClient};
+use logitd_client::{Candidates, ClientConfig, SampleOptions, TeacherClient};
 use logitd_proto::v1::{SamplingMethod, ValueEncoding};
 use numpy::PyReadonlyArray1;
 use pyo3::{prelude::*, types::PyDict};
@@ -20,14 +20,16 @@ pub(crate) fn sample_options(
     seed: u64,
     method: &str,
     value_encoding: &str,
+    token_logprobs: bool,
 ) -> PyResult<SampleOptions> {
     let method = match method {
         "sample" => SamplingMethod::Sample,
         "top_k" => SamplingMethod::TopK,
+        "none" => SamplingMethod::None,
         other => {
             return Err(errors::invalid_argument(
                 py,
-                format!("method {other:?}: expected \"sample\" or \"top_k\""),
+                format!("method {other:?}: expected \"sample\", \"top_k\" or \"none\""),
             ));
         }
     };
@@ -42,7 +44,74 @@ pub(crate) fn sample_options(
             ));
         }
     };
-    Ok(SampleOptions { num_samples, temperature, seed, method, value_encoding })
+    // Scoring alone draws nothing: k is ignored (0 keeps the server's k
+    // limit out of the way).
+    let num_samples = if method == SamplingMethod::None { 0 } else { num_samples };
+    Ok(SampleOptions { num_samples, temperature, seed, method, value_encoding, token_logprobs })
+}
+
+/// The candidate ids of a batch, CSR over all its returned positions (sequence
+/// b's positions first, in order), as one [`Candidates`] per sequence, checked
+/// against the server's vocabulary and `max_candidates`. Errors name the
+/// sequence, the position (in the sequence) and the value.
+pub(crate) fn split_candidates(
+    py: Python<'_>,
+    offsets: &[i64],
+    ids: &[u32],
+    sequences: &[Vec<u32>],
+    first: &[u32],
+    vocab_size: u32,
+    max_candidates: u32,
+) -> PyResult<Vec<Candidates>> {
+    let positions: usize =
+        sequences.iter().zip(first).map(|(s, &f)| s.len().saturating_sub(f as usize)).sum();
+    if offsets.len() != positions + 1
+        || offsets[0] != 0
+        || offsets.windows(2).any(|w| w[1] < w[0])
+        || offsets[positions] as usize != ids.len()
+    {
+        return Err(errors::invalid_argument(
+            py,
+            format!(
+                "candidate offsets ({} entries) do not fit the batch's {positions} returned positions and {} candidate ids",
+                offsets.len(),
+                ids.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(sequences.len());
+    let mut q = 0usize;
+    for (b, (s, &f)) in sequences.iter().zip(first).enumerate() {
+        let n = s.len().saturating_sub(f as usize);
+        let (c0, c1) = (offsets[q] as usize, offsets[q + n] as usize);
+        for i in 0..n {
+            let row = &ids[offsets[q + i] as usize..offsets[q + i + 1] as usize];
+            let position = f as usize + i;
+            if row.len() > max_candidates as usize {
+                return Err(errors::invalid_argument(
+                    py,
+                    format!(
+                        "sequence {b}, position {position}: {} candidate ids, more than the server's max_candidates of {max_candidates}",
+                        row.len()
+                    ),
+                ));
+            }
+            if let Some(&id) = row.iter().find(|&&id| id >= vocab_size) {
+                return Err(errors::invalid_argument(
+                    py,
+                    format!(
+                        "sequence {b}, position {position}: candidate id {id} is outside the vocabulary (vocab_size {vocab_size})"
+                    ),
+                ));
+            }
+        }
+        out.push(Candidates {
+            offsets: offsets[q..=q + n].iter().map(|&o| (o as usize - c0) as u32).collect(),
+            ids: ids[c0..c1].to_vec(),
+        });
+        q += n;
+    }
+    Ok(out)
 }
 
 /// Token ids in one flat array plus lengths, as one vector per sequence.
@@ -187,12 +256,14 @@ impl Client {
         d.set_item("tokenizer_sha256", &i.tokenizer_sha256)?;
         d.set_item("default_num_samples", i.default_num_samples)?;
         d.set_item("max_num_samples", i.max_num_samples)?;
+        d.set_item("max_candidates", i.max_candidates)?;
         Ok(d)
     }
 
     /// Targets of the sequences `flat` split by `lengths`: the columns tuple
-    /// of `logitd.Targets`.
-    #[pyo3(signature = (flat, lengths, first_positions, *, num_samples, temperature, seed, method, value_encoding))]
+    /// of `logitd.Targets`. `candidate_offsets`/`candidate_ids`: candidate ids
+    /// CSR over every returned position of the batch (see `split_candidates`).
+    #[pyo3(signature = (flat, lengths, first_positions, *, num_samples, temperature, seed, method, value_encoding, token_logprobs = false, candidate_offsets = None, candidate_ids = None))]
     #[allow(clippy::too_many_arguments)]
     fn sample<'py>(
         &self,
@@ -205,8 +276,19 @@ impl Client {
         seed: u64,
         method: &str,
         value_encoding: &str,
+        token_logprobs: bool,
+        candidate_offsets: Option<PyReadonlyArray1<'py, i64>>,
+        candidate_ids: Option<PyReadonlyArray1<'py, u32>>,
     ) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
-        let options = sample_options(py, num_samples, temperature, seed, method, value_encoding)?;
+        let options = sample_options(
+            py,
+            num_samples,
+            temperature,
+            seed,
+            method,
+            value_encoding,
+            token_logprobs,
+        )?;
         let lengths = contiguous(py, &lengths, "lengths")?.to_vec();
         let sequences = split_sequences(py, contiguous(py, &flat, "token ids")?, &lengths)?;
         let first =
@@ -217,9 +299,35 @@ impl Client {
                 format!("{} first positions for {} sequences", first.len(), sequences.len()),
             ));
         }
+        let candidates = match (&candidate_offsets, &candidate_ids) {
+            (Some(o), Some(i)) => {
+                let info = self.inner.model_info();
+                Some(split_candidates(
+                    py,
+                    contiguous(py, o, "candidate_offsets")?,
+                    contiguous(py, i, "candidate_ids")?,
+                    &sequences,
+                    &first,
+                    info.vocab_size,
+                    info.max_candidates,
+                )?)
+            }
+            (None, None) => None,
+            _ => {
+                return Err(errors::invalid_argument(
+                    py,
+                    "candidate_offsets and candidate_ids go together".into(),
+                ));
+            }
+        };
         let client = &self.inner;
-        let targets = wait(py, client.sample_targets(&sequences, Some(&first), options))?
-            .map_err(|e| errors::client_error(py, e))?;
+        let call = client.sample_targets_with_candidates(
+            &sequences,
+            Some(&first),
+            candidates.as_deref(),
+            options,
+        );
+        let targets = wait(py, call)?.map_err(|e| errors::client_error(py, e))?;
         // Decoding into the columns needs no GIL.
         let columns = py.detach(|| Columns::new(&targets, Some(lengths)));
         columns.into_py(py)

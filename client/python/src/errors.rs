@@ -57,7 +57,9 @@ pub(crate) fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
             make(py, "TokenizerMismatch", e.to_string(), None, None)
         }
         ClientError::VocabMismatch { .. } => make(py, "VocabMismatch", e.to_string(), None, None),
-        ClientError::Config(_) => make(py, "ConfigError", e.to_string(), None, None),
+        ClientError::Config(_) | ClientError::Request(_) => {
+            make(py, "ConfigError", e.to_string(), None, None)
+        }
         ClientError::Targets(_) => make(py, "MalformedTargets", e.to_string(), None, None),
     }
 }

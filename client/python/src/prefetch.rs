@@ -72,7 +72,7 @@ pub struct NativePrefetcher {
 #[pymethods]
 impl NativePrefetcher {
     #[new]
-    #[pyo3(signature = (client, source, depth, *, num_samples, temperature, method, value_encoding))]
+    #[pyo3(signature = (client, source, depth, *, num_samples, temperature, method, value_encoding, token_logprobs = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -83,12 +83,21 @@ impl NativePrefetcher {
         temperature: Option<f32>,
         method: &str,
         value_encoding: &str,
+        token_logprobs: bool,
     ) -> PyResult<Self> {
         if depth == 0 {
             return Err(errors::invalid_argument(py, "depth = 0: at least 1".into()));
         }
         // Each batch brings its own seed; this one is not used.
-        let options = sample_options(py, num_samples, temperature, 0, method, value_encoding)?;
+        let options = sample_options(
+            py,
+            num_samples,
+            temperature,
+            0,
+            method,
+            value_encoding,
+            token_logprobs,
+        )?;
         let source_error = Arc::new(Mutex::new(None));
         let src = Source { iter: source, error: source_error.clone() };
         let _guard = crate::runtime().enter();

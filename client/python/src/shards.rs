@@ -69,6 +69,7 @@ impl ShardIter {
             "method",
             match m.method {
                 2 => "top_k",
+                3 => "none",
                 _ => "sample",
             },
         )?;

@@ -20,6 +20,15 @@ pub(crate) struct Columns {
     pub first_positions: Vec<i64>,
     pub lengths: Vec<i64>,
     pub num_samples: u32,
+    /// Per position (NaN where no next token was scored), when any sequence
+    /// has them.
+    pub token_logprobs: Option<Vec<f32>>,
+    /// Per position, aligned with `token_logprobs` (0 where none).
+    pub token_ranks: Option<Vec<i32>>,
+    /// positions + 1 entries over `candidate_logprobs`, when any sequence has
+    /// candidates (a sequence without them has none at each position).
+    pub candidate_offsets: Option<Vec<i64>>,
+    pub candidate_logprobs: Option<Vec<f32>>,
 }
 
 impl Columns {
@@ -44,10 +53,44 @@ impl Columns {
                     .collect()
             }),
             num_samples: targets.first().map_or(0, |t| t.num_samples),
+            ..Self::default()
         };
+        if targets.iter().any(|t| !t.token_logprobs.is_empty()) {
+            c.token_logprobs = Some(Vec::with_capacity(positions));
+            c.token_ranks = Some(Vec::with_capacity(positions));
+        }
+        if targets.iter().any(|t| !t.candidate_offsets.is_empty()) {
+            let n = targets.iter().map(|t| t.candidate_logprobs.len()).sum();
+            c.candidate_offsets = Some(Vec::with_capacity(positions + 1));
+            c.candidate_logprobs = Some(Vec::with_capacity(n));
+        }
         c.offsets.push(0);
         c.seq_offsets.push(0);
+        if let Some(o) = c.candidate_offsets.as_mut() {
+            o.push(0);
+        }
         for t in targets {
+            let p = t.num_positions();
+            if let (Some(lp), Some(ranks)) = (c.token_logprobs.as_mut(), c.token_ranks.as_mut()) {
+                if t.token_logprobs.is_empty() {
+                    lp.extend(std::iter::repeat_n(f32::NAN, p));
+                    ranks.extend(std::iter::repeat_n(0, p));
+                } else {
+                    lp.extend_from_slice(&t.token_logprobs);
+                    ranks.extend(t.token_ranks.iter().map(|&r| r as i32));
+                }
+            }
+            if let (Some(off), Some(lp)) =
+                (c.candidate_offsets.as_mut(), c.candidate_logprobs.as_mut())
+            {
+                let base = lp.len() as i64;
+                if t.candidate_offsets.is_empty() {
+                    off.extend(std::iter::repeat_n(base, p));
+                } else {
+                    off.extend(t.candidate_offsets[1..].iter().map(|&o| base + i64::from(o)));
+                    lp.extend_from_slice(&t.candidate_logprobs);
+                }
+            }
             let base = c.token_ids.len() as i64;
             c.offsets.extend(t.offsets[1..].iter().map(|&o| base + i64::from(o)));
             c.token_ids.extend(t.token_ids.iter().map(|&i| i64::from(i)));
@@ -61,8 +104,16 @@ impl Columns {
     }
 
     /// `(offsets, token_ids, counts, logprobs, lse, seq_offsets,
-    /// first_positions, lengths, num_samples)`, the arrays owning the vectors.
+    /// first_positions, lengths, num_samples, token_logprobs, token_ranks,
+    /// candidate_offsets, candidate_logprobs)`, the arrays owning the vectors
+    /// (the last four None when absent).
     pub fn into_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+        fn opt<'py, T: numpy::Element>(py: Python<'py>, v: Option<Vec<T>>) -> Bound<'py, PyAny> {
+            match v {
+                Some(v) => PyArray1::from_vec(py, v).into_any(),
+                None => py.None().into_bound(py),
+            }
+        }
         PyTuple::new(
             py,
             [
@@ -75,6 +126,10 @@ impl Columns {
                 PyArray1::from_vec(py, self.first_positions).into_any(),
                 PyArray1::from_vec(py, self.lengths).into_any(),
                 self.num_samples.into_pyobject(py)?.into_any(),
+                opt(py, self.token_logprobs),
+                opt(py, self.token_ranks),
+                opt(py, self.candidate_offsets),
+                opt(py, self.candidate_logprobs),
             ],
         )
     }

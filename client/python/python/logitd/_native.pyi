@@ -22,6 +22,10 @@ Columns = tuple[
     npt.NDArray[np.int64],  # first_positions [B]
     npt.NDArray[np.int64],  # lengths [B]
     int,  # num_samples
+    npt.NDArray[np.float32] | None,  # token_logprobs [P] (NaN where no next token)
+    npt.NDArray[np.int32] | None,  # token_ranks [P] (0 where no next token)
+    npt.NDArray[np.int64] | None,  # candidate_offsets [P + 1]
+    npt.NDArray[np.float32] | None,  # candidate_logprobs [C]
 ]
 
 class Client:
@@ -56,7 +60,14 @@ class Client:
         seed: int,
         method: str,
         value_encoding: str,
-    ) -> Columns: ...
+        token_logprobs: bool = False,
+        candidate_offsets: npt.NDArray[np.int64] | None = None,
+        candidate_ids: npt.NDArray[np.uint32] | None = None,
+    ) -> Columns:
+        """``method``: "sample", "top_k" or "none". ``candidate_offsets`` /
+        ``candidate_ids``: candidate ids CSR over every returned position of the
+        batch (sequence by sequence), checked against the server's vocabulary
+        and max_candidates (InvalidArgument naming sequence and position)."""
 
 class NativePrefetcher:
     """The Rust ``logitd_client::Prefetcher`` over ``source``, an iterator of
@@ -72,6 +83,7 @@ class NativePrefetcher:
         temperature: float | None,
         method: str,
         value_encoding: str,
+        token_logprobs: bool = False,
     ) -> None: ...
     def next_targets(self) -> Columns: ...
     def close(self) -> None: ...

@@ -62,7 +62,8 @@ class TeacherTargetsDataset(IterableDataset):
     ``transform``: optional ``f(batch, targets) -> item`` applied to each pair (e.g.
     to pad the targets and build the model's inputs), run in the iterating process.
     ``sample_options``: passed to the prefetcher (``num_samples``, ``temperature``,
-    ``method``, ...); batch ``i`` of ``batches`` is sampled with seed
+    ``method``, ``token_logprobs``, ...; not ``candidates``, which the prefetcher
+    does not send: ValueError); batch ``i`` of ``batches`` is sampled with seed
     ``seed + i`` (``seed`` defaults to 0; a Mapping batch's own ``"seed"`` wins),
     so its targets equal ``client.sample(batch, seed=seed + i, ...)`` whatever the
     rank, world size or worker that fetches it.
@@ -94,6 +95,12 @@ class TeacherTargetsDataset(IterableDataset):
         self.sample_options = sample_options
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (rank={rank}, world_size={world_size})")
+        if sample_options.get("candidates") is not None:
+            raise ValueError(
+                "TeacherTargetsDataset does not send candidate ids (its prefetcher cannot; candidates "
+                "such as the student's top-k are known only at the training step): score them with "
+                "TeacherClient.sample(..., candidates=...)"
+            )
 
     def shard(self) -> Tuple[int, int]:
         """(index, count): this iterator takes the batches ``i`` with ``i % count == index``."""

@@ -3,6 +3,11 @@
     for targets in logitd.shards.read("targets/", batch_size=32):
         ...   # logitd.Targets, in corpus order, bit-identical to live targets
 
+Format 1 shards hold the sampled targets; format 2 shards (``logitd-client dump
+--token-logprobs``) also the on-policy columns, which come back as
+``Targets.token_logprobs``/``token_ranks`` and, where a shard has them,
+``candidate_offsets``/``candidate_logprobs`` (see :class:`logitd.Targets`).
+
 Read by the Rust ``ShardReader``: every shard's metadata must agree (one run),
 shards of several folders (the workers of a split dump) are read as one set
 in sequence order, and a gap or an overlap between them is an error naming it.
@@ -23,7 +28,9 @@ class ShardReader:
     (the last may hold fewer), in corpus order. ``meta`` is what produced the
     targets (model_id, tokenizer_sha256, num_samples, temperature, seed, method,
     value_encoding); ``files`` the shard files in order. A reader thread
-    decodes ahead; the sequence lengths are first_position + positions."""
+    decodes ahead; the sequence lengths are first_position + positions. The
+    on-policy columns of format 2 shards come with the targets (None where
+    the shards have none)."""
 
     def __init__(self, dirs: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 64):
         if isinstance(dirs, (str, os.PathLike)):

@@ -704,15 +704,9 @@ impl Scratch {
         query: RowQuery<'_>,
         out: &mut SampledRows,
     ) -> Result<(), SamplerError> {
+        // The ids were checked against the vocabulary with the rows' shape
+        // (`RowQueries::check`, in `sample_rows_on`).
         let stats = self.softmax_pass(logits, params.temperature())?;
-        let (realised, candidates) = query;
-        if let Some(&id) = realised
-            .iter()
-            .chain(candidates)
-            .find(|&&id| id != NO_TOKEN && id as usize >= logits.len())
-        {
-            return Err(SamplerError::IdOutsideVocabulary { id, vocab: logits.len() });
-        }
         match params.method() {
             Method::Sample => self.walk(logits, &stats, params.num_samples(), key, out),
             Method::TopK => self.top_k(logits, &stats, params.num_samples(), out),

@@ -82,6 +82,7 @@ class Server:
             *self.extra,
         ]
         log = open(self.log_path, "ab")
+        log_start = log.tell()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log)
         log.close()
         line: list[bytes] = []
@@ -101,6 +102,26 @@ class Server:
         self.port = int(m.group(1))
         h = re.search(rb"HTTP on 127\.0\.0\.1:(\d+)", line[0])
         self.http_port = int(h.group(1)) if h else None
+        self.wait_serving(log_start)
+
+    def wait_serving(self, log_start: int) -> None:
+        """Waits for the server's `serving` log line (written once the teacher is
+        loaded and warmed up; a debug build on a slow CPU takes a while), or fails
+        the test if the process exits or the line does not come within STARTUP_S."""
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(log_start)
+                if re.search(rb"\bserving grpc_addr=", f.read()):
+                    return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(
+                    f"logitd serve did not reach `serving` within {STARTUP_S} s "
+                    f"(exit status {self.proc.returncode}); log:\n{self.log()}",
+                    pytrace=False,
+                )
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

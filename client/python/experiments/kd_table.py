@@ -271,6 +271,14 @@ class Server:
             sys.exit(f"logitd serve did not start; log {self.log.name}")
         threading.Thread(target=lambda: shutil.copyfileobj(self.proc.stdout, open(os.devnull, "wb")), daemon=True).start()
         self.uri, self.metrics = "http://" + m.group(1).decode(), m.group(2).decode()
+        # The ports are bound before the teacher is loaded and warmed up; its own
+        # `serving` log line says when it answers (a debug build takes a while).
+        deadline = time.monotonic() + 180
+        while not re.search(rb"\bserving grpc_addr=", Path(self.log.name).read_bytes()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                sys.exit(f"logitd serve did not reach `serving` (exit status {self.proc.returncode}); log {self.log.name}")
+            time.sleep(0.05)
 
     def stop(self):
         if self.proc.poll() is None:

@@ -290,11 +290,19 @@ class Server:
 
 
 def response_bytes(metrics_url: str | None) -> float:
+    """The server's encoded reply bytes so far (``logitd_response_bytes_total``,
+    summed over its label sets); NaN only without a metrics URL (not measured).
+    The exporter lists the counter from its first increment on, so a logitd
+    server that has not answered yet has none: that is 0 bytes. A page with no
+    ``logitd_`` sample at all is not a logitd server's metrics: an error."""
     if not metrics_url:
         return float("nan")
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    vals = [float(l.split()[-1]) for l in text.splitlines() if l.startswith("logitd_response_bytes_total")]
-    return sum(vals) if vals else float("nan")
+    samples = [l for l in text.splitlines() if l.startswith("logitd_")]
+    if not samples:
+        raise RuntimeError(f"{metrics_url} has no logitd_ metrics: not a logitd server's metrics endpoint?")
+    name = re.compile(r"logitd_response_bytes_total(\{.*\})?\s")
+    return sum(float(l.split()[-1]) for l in samples if name.match(l))
 
 
 @dataclass
@@ -336,11 +344,12 @@ def wire_targets(client, metrics, inputs, method, k, seed, n_bytes):
     return w
 
 
-def check_targets(arm: str, t, seq_len: int) -> None:
-    """The structure each arm's targets must have (AssertionError naming what is off)."""
+def check_targets(arm: str, t, batch: int, seq_len: int) -> None:
+    """The structure each arm's targets must have for a batch of `batch` sequences
+    of `seq_len` positions (AssertionError naming what is off)."""
     spec = ARMS[arm]
     mask, counts = t.mask, t.counts
-    assert tuple(mask.shape[:2]) == (mask.shape[0], seq_len), f"{arm}: rows {tuple(mask.shape)} != [B, {seq_len}, K]"
+    assert tuple(mask.shape[:2]) == (batch, seq_len), f"{arm}: rows {tuple(mask.shape)} != [{batch}, {seq_len}, K]"
     assert bool(t.position_mask.all()), f"{arm}: positions without targets"
     n_ids = mask.sum(-1)
     if spec["method"] == "top_k":
@@ -414,6 +423,13 @@ def evaluate(model, tokens: torch.Tensor, t_lp: torch.Tensor | None, t_top: torc
 # ------------------------------------------------------------------ training
 
 
+@torch.no_grad()
+def full_targets(teacher, picks) -> torch.Tensor:
+    """The `full` arm's targets for training rows `picks`: the teacher's whole
+    distribution softmax(hidden @ head.T), [B, L, V], from teacher_dense's outputs."""
+    return F.softmax(teacher["hidden"][picks] @ teacher["head"].T, -1)
+
+
 def train_arm(args, arm, seed, train, heldout_t, teacher, wire, log=print):
     """Train one (arm, seed); returns (curve rows, per-step train losses, seconds, head seconds)."""
     spec = ARMS[arm]
@@ -444,14 +460,13 @@ def train_arm(args, arm, seed, train, heldout_t, teacher, wire, log=print):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         elif spec["kind"] == "full":
             th = time.perf_counter()
-            with torch.no_grad():
-                p = F.softmax(teacher["hidden"][picks] @ teacher["head"].T, -1)
+            p = full_targets(teacher, picks)
             head_s += time.perf_counter() - th
             loss = -(p * F.log_softmax(logits, -1)).sum(-1).mean()
         else:
             t = wire[(spec["method"], spec["k"], seed)].batch(picks)
             if step == 1:
-                check_targets(arm, t, L)
+                check_targets(arm, t, len(picks), L)
             if spec["kind"] == "tail":
                 loss = tail_loss(logits, t)
             else:

@@ -31,10 +31,14 @@ fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf")
 }
 
-/// Bound on |our logit − transformers' logit|, as for the safetensors fixtures
-/// (teacher_fixtures.rs). Both sides compute in f32 from the same dequantised
-/// weights; measured max |diff| is printed by each test.
-const BOUND: f32 = 1e-4;
+/// Bound on |our logit − transformers' logit|, about 5× the largest measured
+/// (as for the safetensors fixtures, teacher_fixtures.rs). Both sides compute in
+/// f32 from the same dequantised weights; each test prints its max |diff|.
+/// Measured 2026-12-07 on an AMD EPYC with AVX2 and no AVX-512 (candle's AVX2
+/// matmul kernels, as on CI; CPUs with AVX-512 sum in another order): llama_q4_0
+/// 2.1e-6, qwen3_f16_q4_0 2.6e-6, gemma2_q8_0_q4_0 3.8e-6, llama_kquants 5.5e-6,
+/// qwen2_q8_0 6.2e-6.
+const BOUND: f32 = 3.2e-5;
 
 /// The tensor types of the file, by name (read with candle's GGUF reader).
 fn tensor_types(path: &Path) -> BTreeMap<String, String> {
@@ -83,7 +87,7 @@ fn check(name: &str, arch: Arch, want_types: &[(&str, &str)]) {
                 compared += 1;
                 assert!(
                     d <= BOUND,
-                    "{name}: sequence {s} position {p} id {v}: {g} vs transformers {w}"
+                    "{name}: sequence {s} position {p} id {v}: {g} vs transformers {w} (|diff| {d:e} > {BOUND:e})"
                 );
             }
         }
@@ -92,7 +96,7 @@ fn check(name: &str, arch: Arch, want_types: &[(&str, &str)]) {
     let spread = want.iter().flatten().flatten().fold(0f32, |m, v| m.max(v.abs()));
     assert!(spread > 0.5, "{name}: fixture logits are degenerate (max |z| = {spread})");
     eprintln!(
-        "{name}: max |diff| = {worst:e} over {} positions x {} ids",
+        "{name}: max |diff| = {worst:e} (bound {BOUND:e}) over {} positions x {} ids",
         batch.num_tokens(),
         teacher.config().vocab_size
     );

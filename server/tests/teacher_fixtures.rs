@@ -11,6 +11,15 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
 }
 
+/// Bound on |our logit − transformers' logit|, about 5× the largest measured.
+/// Measured 2026-12-07 on an AMD EPYC with AVX2 and no AVX-512 (so candle's
+/// AVX2 matmul kernels, as on CI; the default build picks its AVX-512 kernels
+/// at run time on CPUs that have them, summing in another order), max |diff|:
+/// llama 1.7e-6, llama3_rope 1.7e-6, qwen2 1.9e-6, qwen3 1.4e-6, mistral
+/// 1.4e-6, gemma2 2.4e-6, gemma3 3.2e-6, gemma3_multimodal 4.8e-6 (each test
+/// prints its own with `--nocapture`).
+const BOUND: f32 = 2.5e-5;
+
 /// Packs the fixture's three sequences into one batch and compares the logits
 /// at every position with transformers' (each sequence run alone there).
 fn check(name: &str) {
@@ -41,8 +50,8 @@ fn check(name: &str) {
                 let d = (g - w).abs();
                 worst = worst.max(d);
                 assert!(
-                    d <= 1e-4,
-                    "{name}: sequence {s} position {p} id {v}: {g} vs transformers {w}"
+                    d <= BOUND,
+                    "{name}: sequence {s} position {p} id {v}: {g} vs transformers {w} (|diff| {d:e} > {BOUND:e})"
                 );
             }
         }
@@ -51,7 +60,10 @@ fn check(name: &str) {
     // would fail here rather than pass by accident.
     let spread = want.iter().flatten().flatten().fold(0f32, |m, v| m.max(v.abs()));
     assert!(spread > 0.5, "{name}: fixture logits are degenerate (max |z| = {spread})");
-    eprintln!("{name}: max |diff| = {worst:e} over {} positions", batch.num_tokens());
+    eprintln!(
+        "{name}: max |diff| = {worst:e} (bound {BOUND:e}) over {} positions",
+        batch.num_tokens()
+    );
 }
 
 #[test]

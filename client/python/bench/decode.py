@@ -6,7 +6,8 @@
    protobuf) + numpy conversion, in interleaved rounds; positions/s.
 2. Prefetching: `logitd.Prefetcher` (a Python loop over batches) vs the Rust
    `Prefetcher` drained in Rust, on the same server and batches, interleaved;
-   positions/s.
+   positions/s. Against a slow teacher this cannot show the Python loop's
+   overhead; prefetch_overhead.py measures it against the tiny fixture.
 
     python client/python/bench/decode.py [--server URI] [--out results.md]
 

@@ -61,7 +61,8 @@ pub struct ModelArgs {
     /// Compute dtype.
     #[arg(long, env = "LOGITD_DTYPE", value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
-    /// Model id reported to clients (default: the model's file or directory name).
+    /// Model id reported to clients (default: the model's file or directory name,
+    /// `@` and the first 12 hex digits of the weights' SHA-256, computed at load).
     #[arg(long, env = "LOGITD_MODEL_ID")]
     pub model_id: Option<String>,
     /// Longest sequence accepted, in tokens (default: the model's context

@@ -5,7 +5,7 @@
 //!
 //! The expected codes come from the gRPC specification
 //! (doc/statuscodes.md, doc/compression.md) and from the validation rules in
-//! docs/design.md §4, not from the server's output. Where tonic or prost pick
+//! docs/reference/errors.md, not from the server's output. Where tonic or prost pick
 //! the code and message themselves (undecodable bytes: INTERNAL, like grpc-go
 //! and grpc-java; an over-limit message: OUT_OF_RANGE; a passed grpc-timeout:
 //! CANCELLED "Timeout expired" when tonic's own deadline layer answers first)

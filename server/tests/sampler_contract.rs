@@ -1,4 +1,4 @@
-//! The sampling contract (docs/design.md §1) checked against exact probabilities
+//! The sampling contract (docs/concepts/sampling.md) checked against exact probabilities
 //! computed here in float64: goodness of fit, determinism, batch invariance,
 //! log-probabilities, temperature edge cases, masking and top-k.
 

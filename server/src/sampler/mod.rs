@@ -1,4 +1,4 @@
-//! Teacher-target sampling: the contract of docs/design.md §1, with the CPU reference
+//! Teacher-target sampling: the contract of docs/concepts/sampling.md, with the CPU reference
 //! implementation.
 //!
 //! For one row of logits z ∈ R^V and temperature T, p = softmax(z / T). In

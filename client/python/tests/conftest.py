@@ -97,6 +97,7 @@ class Server:
             )
         # Keep draining stdout so the server never blocks on a full pipe.
         threading.Thread(target=lambda: shutil.copyfileobj(self.proc.stdout, open(os.devnull, "wb")), daemon=True).start()
+        self.first_line = line[0].decode(errors="replace")
         m = re.search(rb"gRPC on 127\.0\.0\.1:(\d+)", line[0])
         assert m, f"unexpected first line {line[0]!r}; log:\n{self.log()}"
         self.port = int(m.group(1))

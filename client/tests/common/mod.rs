@@ -70,21 +70,37 @@ pub async fn connect(uri: &str, server: &mut ServerTask) -> TeacherClient {
     }
 }
 
-/// The same targets: the same positions, sampled ids and counts, bit for bit;
-/// the teacher's log-probabilities and lse within 1e-5. The server's forward
-/// pass is not bit for bit the same for every batch it packs a sequence into
-/// (tiles of other shapes sum in another order; seen: 4.8e-7 on one lse with
-/// two servers), and which requests it batches together depends on timing.
+/// The same targets: the same positions, sampled ids and counts (and token
+/// ranks and candidate offsets, where scored), bit for bit; the teacher's
+/// log-probabilities, lse (and token and candidate log-probabilities) as many
+/// and within 1e-5. The server's forward pass is not bit for bit the same for
+/// every batch it packs a sequence into (tiles of other shapes sum in another
+/// order; seen: 4.8e-7 on one lse with two servers), and which requests it
+/// batches together depends on timing.
 pub fn same_targets(got: &[TeacherTargets], want: &[TeacherTargets], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: sequences");
     for (n, (g, w)) in got.iter().zip(want).enumerate() {
         let same_samples = (g.num_samples, g.first_position, &g.offsets, &g.token_ids, &g.counts)
-            == (w.num_samples, w.first_position, &w.offsets, &w.token_ids, &w.counts);
+            == (w.num_samples, w.first_position, &w.offsets, &w.token_ids, &w.counts)
+            && (&g.token_ranks, &g.candidate_offsets) == (&w.token_ranks, &w.candidate_offsets);
         assert!(same_samples, "{what}: sequence {n} has other samples:\n{g:?}\n{w:?}");
-        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
-        assert!(
-            close(&g.logprobs, &w.logprobs) && close(&g.lse, &w.lse),
-            "{what}: sequence {n} has other values:\n{g:?}\n{w:?}"
-        );
+        for (field, a, b) in [
+            ("logprobs", &g.logprobs, &w.logprobs),
+            ("lse", &g.lse, &w.lse),
+            ("token_logprobs", &g.token_logprobs, &w.token_logprobs),
+            ("candidate_logprobs", &g.candidate_logprobs, &w.candidate_logprobs),
+        ] {
+            assert_eq!(
+                a.len(),
+                b.len(),
+                "{what}: sequence {n} has {} {field}, not {}:\n{g:?}\n{w:?}",
+                a.len(),
+                b.len()
+            );
+            assert!(
+                a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5),
+                "{what}: sequence {n} has other {field}:\n{g:?}\n{w:?}"
+            );
+        }
     }
 }

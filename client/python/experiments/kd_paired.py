@@ -22,7 +22,7 @@ from pathlib import Path
 PAIRS = [
     ("sample256_counts", "top256", "sampled k=256 vs top-256"),
     ("sample256_counts", "top256_tail", "sampled k=256 vs top-256 + tail"),
-    ("sample50_counts", "top20", "sampled k=50 vs top-20: about equal bytes"),
+    ("sample50_counts", "top20", "sampled k=50 vs top-20; 1.44x its count-free bytes"),
     ("sample50_counts", "top256", "sampled k=50 vs top-256"),
     ("sample256_counts", "sample256_renorm", "the same draws: Counts vs Renormalized"),
     ("top256_tail", "top256", "tail bucket vs plain renormalised top-256"),

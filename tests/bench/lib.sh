@@ -11,11 +11,19 @@ machine_header() {
 
 # ask NAME FD PID SECONDS OUT: one measurement from a peer kept loaded, reading
 # durations on fd FD and printing a JSON line per measurement to $WORK/NAME.out.
+# A peer that exits before answering stops the script (status 1), naming it,
+# its exit status and its stderr.
 ask() {
   local before; before=$(wc -l < "$WORK/$1.out")
   echo "$4" >&"$2"
   while (( $(wc -l < "$WORK/$1.out") <= before )); do
-    kill -0 "$3" 2>/dev/null || { cat "$WORK/$1.err" >&2; exit 1; }
+    if ! kill -0 "$3" 2>/dev/null; then
+      local status=0
+      wait "$3" || status=$?
+      echo "the $1 peer (pid $3) exited with status $status before answering; its stderr:" >&2
+      cat "$WORK/$1.err" >&2
+      exit 1
+    fi
     sleep 0.2
   done
   tail -n 1 "$WORK/$1.out" > "$5"

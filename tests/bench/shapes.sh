@@ -28,6 +28,10 @@
 # ~/.cache/logitd/bench-venv made from tests/bench/requirements.txt; building
 # llama-cpp-python from source takes ~10 minutes once), RESULTS (directory for
 # shapes-<date>.md, default tests/bench/results).
+#
+# A peer that crashes or exits early stops the script with a non-zero status and
+# a message naming it (logitd, transformers or llama.cpp), its exit status and
+# its stderr; no results file is written.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -77,24 +81,36 @@ log "tokenising the play into 16 sequences of $max_len tokens"
 "$PYTHON" tests/bench/torch_peer.py corpus "$GGUF" "$PLAY" "$WORK/corpus.jsonl" 16 "$max_len" 2>/dev/null
 
 
+# finish NAME PID: a peer whose stdin was closed must exit with status 0; a
+# crash on the way out fails the run too.
+finish() {
+  local status=0
+  wait "$2" || status=$?
+  if (( status != 0 )); then
+    log "the $1 peer (pid $2) exited with status $status after shape $shape; its stderr:"
+    cat "$WORK/$1.err" >&2
+    exit 1
+  fi
+}
+
 for shape in $SHAPES; do
   S=${shape%x*} L=${shape#*x}
   log "shape $S x $L: loading the three"
-  rm -f "$WORK/l.in" "$WORK/t.in" "$WORK/m.in"
-  mkfifo "$WORK/l.in" "$WORK/t.in" "$WORK/m.in"
+  rm -f "$WORK/logitd.in" "$WORK/transformers.in" "$WORK/llama.cpp.in"
+  mkfifo "$WORK/logitd.in" "$WORK/transformers.in" "$WORK/llama.cpp.in"
   "$BIN/examples/engine_bench" engine "$GGUF" "$WORK/corpus.jsonl" "$S" "$L" "$K" stdin 1 \
-    < "$WORK/l.in" > "$WORK/l.out" 2> "$WORK/l.err" &
-  L_PID=$!; PIDS+=("$L_PID"); exec 7> "$WORK/l.in"
+    < "$WORK/logitd.in" > "$WORK/logitd.out" 2> "$WORK/logitd.err" &
+  L_PID=$!; PIDS+=("$L_PID"); exec 7> "$WORK/logitd.in"
   "$PYTHON" tests/bench/torch_peer.py forward "$GGUF" "$WORK/corpus.jsonl" "$S" "$L" "$K" stdin "$THREADS" \
-    < "$WORK/t.in" > "$WORK/t.out" 2> "$WORK/t.err" &
-  T_PID=$!; PIDS+=("$T_PID"); exec 8> "$WORK/t.in"
+    < "$WORK/transformers.in" > "$WORK/transformers.out" 2> "$WORK/transformers.err" &
+  T_PID=$!; PIDS+=("$T_PID"); exec 8> "$WORK/transformers.in"
   "$PYTHON" tests/bench/llama_peer.py forward "$GGUF" "$WORK/corpus.jsonl" "$S" "$L" stdin "$THREADS" \
-    < "$WORK/m.in" > "$WORK/m.out" 2> "$WORK/m.err" &
-  M_PID=$!; PIDS+=("$M_PID"); exec 9> "$WORK/m.in"
-  ask l 7 "$L_PID" 0 /dev/null; ask t 8 "$T_PID" 0 /dev/null; ask m 9 "$M_PID" 0 /dev/null
-  run_l() { log "$shape round $1: logitd"; ask l 7 "$L_PID" "$DURATION" "$WORK/$shape-logitd-$1.json"; }
-  run_t() { log "$shape round $1: transformers"; ask t 8 "$T_PID" "$DURATION" "$WORK/$shape-torch-$1.json"; }
-  run_m() { log "$shape round $1: llama.cpp"; ask m 9 "$M_PID" "$DURATION" "$WORK/$shape-llama-$1.json"; }
+    < "$WORK/llama.cpp.in" > "$WORK/llama.cpp.out" 2> "$WORK/llama.cpp.err" &
+  M_PID=$!; PIDS+=("$M_PID"); exec 9> "$WORK/llama.cpp.in"
+  ask logitd 7 "$L_PID" 0 /dev/null; ask transformers 8 "$T_PID" 0 /dev/null; ask llama.cpp 9 "$M_PID" 0 /dev/null
+  run_l() { log "$shape round $1: logitd"; ask logitd 7 "$L_PID" "$DURATION" "$WORK/$shape-logitd-$1.json"; }
+  run_t() { log "$shape round $1: transformers"; ask transformers 8 "$T_PID" "$DURATION" "$WORK/$shape-torch-$1.json"; }
+  run_m() { log "$shape round $1: llama.cpp"; ask llama.cpp 9 "$M_PID" "$DURATION" "$WORK/$shape-llama-$1.json"; }
   for r in $(seq 1 "$ROUNDS"); do
     case $(( (r - 1) % 3 )) in
       0) run_l "$r"; run_t "$r"; run_m "$r" ;;
@@ -103,7 +119,7 @@ for shape in $SHAPES; do
     esac
   done
   exec 7>&- 8>&- 9>&-
-  wait "$L_PID" "$T_PID" "$M_PID" || true
+  finish logitd "$L_PID"; finish transformers "$T_PID"; finish llama.cpp "$M_PID"
 done
 
 S=${MEM_SHAPE%x*} L=${MEM_SHAPE#*x}

@@ -29,23 +29,75 @@ ask() {
   tail -n 1 "$WORK/$1.out" > "$5"
 }
 
+# llama_cmake_args: the CMake flags that pip builds llama-cpp-python's llama.cpp
+# with on this machine (CMAKE_ARGS; empty: its defaults, a native -march=native
+# build). On a CPU with AMX (amx_* in the flags of $CPUINFO, default
+# /proc/cpuinfo) a native build runs llama.cpp's AMX tile kernels, and
+# llama_peer.py segfaults; there the build is not native: AVX2, and AVX-512 with
+# the extensions the CPU has, AMX off. CMAKE_ARGS already in the environment is
+# used as it is.
+llama_cmake_args() {
+  if [[ -n ${CMAKE_ARGS+set} ]]; then
+    echo "$CMAKE_ARGS"
+    return
+  fi
+  local flags; flags=" $(grep -m1 '^flags' "${CPUINFO:-/proc/cpuinfo}" | cut -d: -f2-) "
+  [[ $flags == *" amx_"* ]] || return 0
+  local a="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+  if [[ $flags == *" avx512f "* ]]; then
+    a+=" -DGGML_AVX512=ON"
+    if [[ $flags == *" avx512vbmi "* ]]; then a+=" -DGGML_AVX512_VBMI=ON"; fi
+    if [[ $flags == *" avx512_vnni "* ]]; then a+=" -DGGML_AVX512_VNNI=ON"; fi
+    if [[ $flags == *" avx512_bf16 "* ]]; then a+=" -DGGML_AVX512_BF16=ON"; fi
+  fi
+  echo "$a -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+}
+
+# install_llama_cpp VENV: (re)builds the pinned llama-cpp-python in VENV with
+# llama_cmake_args, and records the flags in VENV/llama-cpp-cmake-args ("native"
+# for none). --no-cache-dir: pip would otherwise reuse a wheel it built before,
+# whatever flags that one had.
+install_llama_cpp() {
+  local args pin
+  args=$(llama_cmake_args)
+  pin=$(grep -m1 '^llama-cpp-python==' tests/bench/requirements.txt)
+  echo "building $pin in $1 with CMAKE_ARGS='$args' (~10 minutes)" >&2
+  CMAKE_ARGS=$args "$1/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --no-cache-dir --force-reinstall --no-deps "$pin"
+  echo "${args:-native}" > "$1/llama-cpp-cmake-args"
+}
+
 # bench_python IMPORTS: sets PYTHON to the caller's, or else to the bench venv
 # (~/.cache/logitd/bench-venv), created and filled from tests/bench/requirements.txt
-# (pinned; llama-cpp-python builds from source, ~10 minutes once) when it cannot
-# import IMPORTS (comma-separated modules); fails unless PYTHON imports them.
+# (pinned; llama-cpp-python builds from source, ~10 minutes once, with
+# llama_cmake_args) when it cannot import IMPORTS (comma-separated modules), and
+# llama-cpp-python rebuilt when IMPORTS has llama_cpp and the venv's was built
+# with other flags than this machine needs (a venv without the record was built
+# natively); fails unless PYTHON imports them. Sets LLAMA_CPP_BUILD to the flags
+# the venv's llama.cpp was built with, for the results.
 bench_python() {
   if [[ -z ${PYTHON:-} ]]; then
-    local venv=${XDG_CACHE_HOME:-$HOME/.cache}/logitd/bench-venv
+    local venv=${XDG_CACHE_HOME:-$HOME/.cache}/logitd/bench-venv want built
     if [[ ! -x $venv/bin/python ]]; then
       echo "creating $venv" >&2
       python3 -m venv "$venv"
     fi
+    want=$(llama_cmake_args)
+    want=${want:-native}
+    built=$(cat "$venv/llama-cpp-cmake-args" 2>/dev/null || echo native)
     if ! "$venv/bin/python" -c "import $1" 2>/dev/null; then
       echo "installing tests/bench/requirements.txt into $venv" >&2
+      install_llama_cpp "$venv"
       "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         -r tests/bench/requirements.txt
+    elif [[ ,$1, == *,llama_cpp,* && $built != "$want" ]]; then
+      echo "$venv's llama-cpp-python was built with CMAKE_ARGS '$built', this machine needs '$want'" >&2
+      install_llama_cpp "$venv"
     fi
     PYTHON=$venv/bin/python
+    LLAMA_CPP_BUILD="CMAKE_ARGS: $(cat "$venv/llama-cpp-cmake-args" 2>/dev/null || echo 'native (built before this was recorded)')"
+  else
+    LLAMA_CPP_BUILD="unknown (PYTHON=$PYTHON given)"
   fi
   "$PYTHON" -c "import $1" || { echo "$PYTHON cannot import $1" >&2; exit 1; }
 }

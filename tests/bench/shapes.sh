@@ -26,8 +26,10 @@
 # SKIP_BUILD (set: use target/release as it is), PYTHON (a Python with torch,
 # transformers, gguf, numpy and llama_cpp; default: a venv in
 # ~/.cache/logitd/bench-venv made from tests/bench/requirements.txt; building
-# llama-cpp-python from source takes ~10 minutes once), RESULTS (directory for
-# shapes-<date>.md, default tests/bench/results).
+# llama-cpp-python from source takes ~10 minutes once: natively, except on CPUs
+# with AMX, where llama.cpp's AMX kernels crash it and it is built without them,
+# see llama_cmake_args in lib.sh; the results record the flags), RESULTS
+# (directory for shapes-<date>.md, default tests/bench/results).
 #
 # A peer that crashes or exits early stops the script with a non-zero status and
 # a message naming it (logitd, transformers or llama.cpp), its exit status and
@@ -72,8 +74,15 @@ export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THRE
   echo "commit: $(git rev-parse --short HEAD)$([[ -n $(git status --porcelain -- server client proto tests/bench) ]] && echo ' (with uncommitted changes)')"
   echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   "$PYTHON" -c 'import torch, transformers, llama_cpp; print(f"torch {torch.__version__}, transformers {transformers.__version__}, llama-cpp-python {llama_cpp.__version__}")'
+  # What the llama.cpp peer was built with: the CMake flags, and what its
+  # library says it was compiled for (AMX_INT8 = 1 there: AMX kernels).
+  echo "llama.cpp build: $LLAMA_CPP_BUILD"
+  echo "llama.cpp system info: $("$PYTHON" -c 'import llama_cpp; i = llama_cpp.llama_print_system_info(); print((i.decode() if isinstance(i, bytes) else i).strip())')"
 } > "$WORK/machine.txt"
 cat "$WORK/machine.txt" >&2
+if grep -q ' amx_' /proc/cpuinfo && grep -q 'AMX_INT8 = 1' "$WORK/machine.txt"; then
+  log "warning: this CPU has AMX and the llama.cpp peer was built with AMX kernels, which crash it; see llama_cmake_args in tests/bench/lib.sh"
+fi
 
 max_len=0
 for shape in $SHAPES $MEM_SHAPE; do (( ${shape#*x} > max_len )) && max_len=${shape#*x}; done

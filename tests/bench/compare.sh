@@ -143,7 +143,16 @@ for r in $(seq 1 "$ROUNDS"); do
   esac
 done
 exec 7>&- 8>&-
-wait "$B_PID" "$C_PID" || true
+# Their stdin is closed: each must exit 0. A crash on the way out fails the run.
+for peer in b:"$B_PID" c:"$C_PID"; do
+  status=0
+  wait "${peer#*:}" || status=$?
+  if (( status != 0 )); then
+    echo "the ${peer%%:*} peer (pid ${peer#*:}) exited with status $status; its stderr:" >&2
+    cat "$WORK/${peer%%:*}.err" >&2
+    exit 1
+  fi
+done
 
 log "(a') streaming: $CONCURRENCY streams, depth 2, ${DURATION}s"
 bench a-stream --mode stream --depth 2 --duration-s "$DURATION" --warmup-requests 2

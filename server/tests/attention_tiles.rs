@@ -10,7 +10,7 @@
 //!   bit, since the tiles' matmuls and softmax rows have other shapes and may
 //!   sum in another order), and
 //! - the logits still match transformers' (the fixtures' expected logits,
-//!   computed by transformers on each sequence alone) within 1e-4.
+//!   computed by transformers on each sequence alone) within `TRANSFORMERS_BOUND`.
 //!
 //! On the CPU in f32 the server runs the fused attention kernel instead
 //! (`model/attention_cpu.rs`); the same two checks hold it, at its default
@@ -27,6 +27,11 @@ fn fixtures() -> PathBuf {
 
 /// Tiles per sequence of `len` queries under `bound` scores with `heads`
 /// heads, as the tiling rule says (rows = bound / (heads · len), at least 1).
+/// Logits against transformers: about 5× the largest error measured, 4.8e-6
+/// (every fixture at every tile size, AVX2-only AMD EPYC, 2026-12-07; the same
+/// bound as `teacher_fixtures.rs`, which compares the one-tile forward).
+const TRANSFORMERS_BOUND: f32 = 2.5e-5;
+
 fn tiles_of(len: usize, heads: usize, bound: usize) -> usize {
     let rows = (bound / (heads * len)).clamp(1, len);
     len.div_ceil(rows)
@@ -34,7 +39,7 @@ fn tiles_of(len: usize, heads: usize, bound: usize) -> usize {
 
 /// The hidden states `hidden` (of `batch`, computed with `label`) against
 /// `one_tile`'s, within 2e-6 of each token's largest value, and their logits
-/// against transformers' (`want`) within 1e-4.
+/// against transformers' (`want`) within [`TRANSFORMERS_BOUND`].
 fn compare(
     name: &str,
     label: &str,
@@ -73,8 +78,9 @@ fn compare(
                 let d = (g - w).abs();
                 worst_tf = worst_tf.max(d);
                 assert!(
-                    d <= 1e-4,
-                    "{name}: {label}: sequence {s} position {p} id {v}: {g} vs transformers {w}"
+                    d <= TRANSFORMERS_BOUND,
+                    "{name}: {label}: sequence {s} position {p} id {v}: {g} vs transformers {w} \
+                     (|diff| {d:e}, bound {TRANSFORMERS_BOUND:e})"
                 );
             }
         }

@@ -10,7 +10,7 @@
 #      the build added to the base;
 #   4. run as `docker run` would (`podman run` does not work in this sandbox):
 #      the container's root file system (podman create + podman mount), the
-#      cached demo teacher bind-mounted read-only where the README's `docker run`
+#      cached demo teacher bind-mounted read-only where deploy/README.md's `docker run`
 #      line puts it, the image's env, user 10001, workdir, entrypoint and command,
 #      through chroot; the image's HEALTHCHECK command run inside the root fails
 #      while the model loads and passes once it is loaded; SampleLogits answers
@@ -376,7 +376,7 @@ home=$(awk -F: -v u="${user%%:*}" '$3 == u { print $6 }' "$root/etc/passwd")
 [[ -n $home ]] || die "uid ${user%%:*} has no /etc/passwd entry in the image"
 run_env=("${cfg_env[@]}" "HOSTNAME=logitd-test" "HOME=$home")
 
-# `-v ~/.cache/logitd:/home/logitd/.cache/logitd:ro`, as in the README's `docker
+# `-v ~/.cache/logitd:/home/logitd/.cache/logitd:ro`, as in deploy/README.md's `docker
 # run` line (Docker creates the missing mount point, as here), and what a
 # container has: /proc, /dev, /sys (read-only).
 readme_mount=$(grep -oE -- '-v ~/\.cache/logitd:[^ :]+:ro' "$repo/deploy/docker/Dockerfile.cpu" | head -1 | cut -d: -f2)

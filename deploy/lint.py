@@ -62,7 +62,7 @@ ports = {p["name"]: p["containerPort"] for p in c["ports"]}
 drain = int(env.get("LOGITD_DRAIN_TIMEOUT_S", cli_default("LOGITD_DRAIN_TIMEOUT_S")))
 check(str(drain) == cli_default("LOGITD_DRAIN_TIMEOUT_S"),
       f"deployment sets LOGITD_DRAIN_TIMEOUT_S={drain}, the server's default is "
-      f"{cli_default('LOGITD_DRAIN_TIMEOUT_S')}: keep them equal or update the README")
+      f"{cli_default('LOGITD_DRAIN_TIMEOUT_S')}: keep them equal or update deploy/README.md")
 pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
 # logitd waits up to 5 s for open calls after GOAWAY (server/src/server.rs).
 need = pre_stop + drain + 5

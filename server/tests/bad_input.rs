@@ -9,10 +9,10 @@
 //! the code and message themselves (undecodable bytes: INTERNAL, like grpc-go
 //! and grpc-java; an over-limit message: OUT_OF_RANGE; a passed grpc-timeout:
 //! CANCELLED "Timeout expired" when tonic's own deadline layer answers first)
-//! the test pins their text and the README says so. Unknown services and
+//! the test pins their text and docs/reference/errors.md says so. Unknown services and
 //! methods get UNIMPLEMENTED naming the path (tonic alone sends no message).
 //!
-//! Counted separately and asserted exactly (the README quotes the counts):
+//! Counted separately and asserted exactly (docs/reference/reliability.md quotes the counts):
 //! RULES validation rules broken, MALFORMED malformed calls, VALID valid
 //! boundary inputs, CONNECTIONS connection-level cases.
 
@@ -251,7 +251,7 @@ async fn the_bad_input_corpus_gets_precise_errors_and_never_disturbs_other_clien
     let canary = Canary::start(&server).await;
     let mut c = server.client().await;
     // What the test checks, counted by kind; asserted exactly at the end
-    // (the README's Reliability table quotes these numbers).
+    // (docs/reference/reliability.md quotes these numbers).
     let mut rules = 0usize; // validation rules broken (each sent unary and on a stream)
     let mut malformed = 0usize; // malformed calls, each with its status and message
     let mut served = 0usize; // valid boundary inputs, each answered correctly
@@ -941,7 +941,7 @@ async fn the_bad_input_corpus_gets_precise_errors_and_never_disturbs_other_clien
     assert_eq!(
         (rules, malformed, served, connections),
         (RULES, MALFORMED, VALID, CONNECTIONS),
-        "the README's Reliability table quotes these counts"
+        "docs/reference/reliability.md quotes these counts"
     );
 }
 

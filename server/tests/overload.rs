@@ -1,7 +1,7 @@
 //! Overload: 256 streaming callers for 60 s (LOGITD_OVERLOAD_SECS) against a
 //! small queue. Requests beyond capacity are refused at once with
 //! RESOURCE_EXHAUSTED, every accepted one is answered correctly, and the
-//! server's resident memory stays bounded. Prints the figures for the README.
+//! server's resident memory stays bounded. Prints the figures docs/reference/metrics.md quotes.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The client's resilience, as the README promises it:
+//! The client's resilience, as docs/guides/rust-client.md promises it:
 //! - a call refused with RESOURCE_EXHAUSTED is retried until the server
 //!   accepts it, INVALID_ARGUMENT is never retried (counted on the server side,
 //!   by a scripted in-process Teacher), and a real server whose queue is full

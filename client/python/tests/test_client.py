@@ -348,3 +348,36 @@ def test_tls_with_a_ca_and_a_domain(client, tmp_path):
             logitd.TeacherClient(f"https://127.0.0.1:{s.port}", tls=tmp_path / "missing.pem")
     finally:
         s.stop()
+
+
+# Mistakes a new user makes get an InvalidArgument that says what to do, before
+# anything is sent (issue 34's fresh-clone trial).
+
+
+def test_text_instead_of_ids_says_to_tokenize(client):
+    for bad in ("It is a truth", ["It is a truth", "universally"], [[1, 2], "three"], b"bytes"):
+        with pytest.raises(logitd.InvalidArgument, match="tokenize first") as e:
+            client.sample(bad)
+        assert "truth" not in str(e.value) and "three" not in str(e.value), "the text is echoed back"
+
+
+def test_an_empty_batch_is_refused(client):
+    with pytest.raises(logitd.InvalidArgument, match="no sequences"):
+        client.sample([])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_samples": -1}, r"num_samples = -1 is outside 0\.\.=4294967295"),
+        ({"num_samples": 2**32}, r"num_samples = 4294967296 is outside"),
+        ({"num_samples": 2.5}, r"num_samples must be an integer, got float 2\.5"),
+        ({"seed": -3}, r"seed = -3 is outside 0\.\.=18446744073709551615"),
+        ({"seed": 2**64}, r"seed = 18446744073709551616 is outside"),
+    ],
+)
+def test_out_of_range_options_name_the_value(client, options, message):
+    with pytest.raises(logitd.InvalidArgument, match=message):
+        client.sample([[1, 2, 3]], **options)
+    with pytest.raises(logitd.InvalidArgument, match=message):
+        logitd.Prefetcher(client, [[[1, 2, 3]]], **options)

@@ -404,6 +404,22 @@ def _check_ids(flat: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(flat, dtype=np.uint32)
 
 
+def _bounded_int(name: str, value: Any, hi: int) -> int:
+    """``value`` as an int in 0..=hi, or InvalidArgument naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if not 0 <= v <= hi:
+        raise InvalidArgument(f"{name} = {v} is outside 0..={hi}")
+    return v
+
+
+_TEXT_HINT = (
+    "logitd takes token ids, not text: tokenize first with the teacher's tokenizer, "
+    "e.g. tokenizer(texts)[\"input_ids\"]"
+)
+
+
 def _flatten(
     sequences: Any, lengths: Any = None, attention_mask: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -413,6 +429,8 @@ def _flatten(
     anything with ``__array__``) whose rows are right-padded to a common
     length and cut by ``lengths`` or a right-padded ``attention_mask`` (without
     either, every row is a whole sequence)."""
+    if isinstance(sequences, (str, bytes)):
+        raise InvalidArgument(f"sequences is {type(sequences).__name__}: {_TEXT_HINT}")
     two_d = isinstance(sequences, np.ndarray) or hasattr(sequences, "__array__") or type(
         sequences
     ).__module__.startswith("torch")
@@ -452,6 +470,10 @@ def _flatten(
         return _check_ids(arr.reshape(-1), "sequences"), np.full(b, t, np.int64)
     if lengths is not None or attention_mask is not None:
         raise InvalidArgument("lengths and attention_mask go with a padded 2-D batch only")
+    sequences = list(sequences)
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, (str, bytes)):
+            raise InvalidArgument(f"sequence {i} is {type(seq).__name__}: {_TEXT_HINT}")
     rows = [_as_numpy(s) for s in sequences]
     for i, r in enumerate(rows):
         if r.ndim != 1:
@@ -740,6 +762,10 @@ class TeacherClient:
           position and the value.
         """
         flat, lens = _flatten(sequences, lengths, attention_mask)
+        if len(lens) == 0:
+            raise InvalidArgument("no sequences: sample() needs at least one sequence of token ids")
+        num_samples = _bounded_int("num_samples", num_samples, 2**32 - 1)
+        seed = _bounded_int("seed", seed, 2**64 - 1)
         first = _first_positions(first_position, len(lens))
         cand_offsets = cand_ids = None
         if candidates is not None:
@@ -837,9 +863,10 @@ class Prefetcher:
             client._native,
             # Not a method: the runtime holds the generator, which must not hold
             # this object (a cycle through Rust that Python's GC cannot see).
-            _prefetch_requests(iter(batches), self._pending, int(seed), first_position),
+            _prefetch_requests(iter(batches), self._pending, _bounded_int("seed", seed, 2**64 - 1),
+                               first_position),
             int(depth),
-            num_samples=int(num_samples),
+            num_samples=_bounded_int("num_samples", num_samples, 2**32 - 1),
             temperature=None if temperature is None else float(temperature),
             method=method,
             value_encoding=value_encoding,

@@ -256,8 +256,8 @@ def teacher_dense(args, tokens: np.ndarray, name: str, dense: bool):
 class Server:
     """`logitd serve` on the teacher, 127.0.0.1, with its metrics endpoint."""
 
-    def __init__(self, args):
-        argv = [str(args.logitd_bin), "serve", "--model", str(args.teacher), "--listen", "127.0.0.1:0",
+    def __init__(self, binary: Path, teacher: Path):
+        argv = [str(binary), "serve", "--model", str(teacher), "--listen", "127.0.0.1:0",
                 "--metrics-listen", "127.0.0.1:0"]
         self.log = tempfile.NamedTemporaryFile(prefix="kd-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log)
@@ -270,7 +270,10 @@ class Server:
             self.stop()
             sys.exit(f"logitd serve did not start; log {self.log.name}")
         threading.Thread(target=lambda: shutil.copyfileobj(self.proc.stdout, open(os.devnull, "wb")), daemon=True).start()
-        self.uri, self.metrics = "http://" + m.group(1).decode(), m.group(2).decode()
+        self.uri = "http://" + m.group(1).decode()
+        # "http://127.0.0.1:PORT/metrics"; builds before 2026-12 print the bare address.
+        metrics = m.group(2).decode().rstrip(",")
+        self.metrics = metrics if metrics.startswith("http") else f"http://{metrics}/metrics"
         # The ports are bound before the teacher is loaded and warmed up; its own
         # `serving` log line says when it answers (a debug build takes a while).
         deadline = time.monotonic() + 180
@@ -645,7 +648,7 @@ def run(args, log=print) -> dict:
     if args.server:
         uri, metrics = args.server, args.metrics
     else:
-        server = Server(args)
+        server = Server(args.logitd_bin, args.teacher)
         uri, metrics = server.uri, server.metrics
     wire = {}
     try:

@@ -42,15 +42,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +62,6 @@ ARMS = {
 }
 ENCODINGS = ("f32", "f16")
 COUNTER = "logitd_response_bytes_total"
-STARTUP_S = 300.0
 REQUEST_SEQUENCES = 64  # kd_table.fetch's chunk
 
 
@@ -106,65 +99,6 @@ def parse_args(argv=None):
     return own, kd
 
 
-class Server:
-    """`BINARY serve` on the teacher, as client/python/tests/conftest.py starts it."""
-
-    def __init__(self, binary: Path, teacher: Path):
-        argv = [str(binary), "serve", "--model", str(teacher), "--listen", "127.0.0.1:0",
-                "--metrics-listen", "127.0.0.1:0"]
-        fd, name = tempfile.mkstemp(prefix="reply-bytes-serve-", suffix=".log")
-        self.log_path = Path(name)
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log)
-        line: list[bytes] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(STARTUP_S)
-        m = re.search(rb"gRPC on (127\.0\.0\.1:\d+), metrics on (\S+)", line[0] if line else b"")
-        if not m:
-            self.stop()
-            sys.exit(f"{binary} serve printed no address line within {STARTUP_S:.0f} s; log {self.log_path}")
-        # Keep draining stdout so the server never blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.uri = "http://" + m.group(1).decode()
-        metrics = m.group(2).decode().rstrip(",")  # "http://127.0.0.1:PORT/metrics" (or a bare address)
-        self.metrics = metrics if metrics.startswith("http") else f"http://{metrics}/metrics"
-        deadline = time.monotonic() + STARTUP_S
-        while not re.search(rb"\bserving grpc_addr=", self.log_path.read_bytes()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                sys.exit(f"{binary} serve did not reach `serving` within {STARTUP_S:.0f} s "
-                         f"(exit status {self.proc.returncode}); log {self.log_path}")
-            time.sleep(0.1)
-
-    def _drain(self):
-        while self.proc.stdout.read(65536):
-            pass
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def response_bytes(metrics_url: str) -> int:
-    """The server's encoded reply bytes so far (0 before its first reply, when the
-    counter is not yet exported; a metrics endpoint that does not answer fails)."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as r:
-        if r.status != 200:
-            raise RuntimeError(f"{metrics_url}: HTTP {r.status}")
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(COUNTER) and (len(line) == len(COUNTER) or line[len(COUNTER)] in " {"):
-            total += float(line.split()[-1])
-    return int(round(total))
-
-
 def shown(path) -> str:
     """A binary's path as the outputs name it: relative to the repository when inside
     it, else only that it lies outside (the README says what it is)."""
@@ -193,9 +127,9 @@ def measure(client, metrics, inputs: np.ndarray, method: str, k: int, encoding: 
     t0 = time.perf_counter()
     for c in range(0, len(inputs), REQUEST_SEQUENCES):
         batch = inputs[c : c + REQUEST_SEQUENCES]
-        b0 = response_bytes(metrics)
+        b0 = int(round(kd_table.response_bytes(metrics)))
         t = client.sample(batch, num_samples=k, seed=seed * 1_000_003 + c, method=method, value_encoding=encoding)
-        b1 = response_bytes(metrics)
+        b1 = int(round(kd_table.response_bytes(metrics)))
         if b1 <= b0:
             raise RuntimeError(f"{COUNTER} did not grow over a request ({b0} -> {b1})")
         per_request.append(dict(sequences=len(batch), positions=t.num_positions, bytes=b1 - b0))
@@ -243,7 +177,7 @@ def main(argv=None):
     results = []
     for si, (label, binary) in enumerate(own.servers):
         t0 = time.perf_counter()
-        server = Server(binary, kd.teacher)
+        server = kd_table.Server(binary, kd.teacher)
         print(f"[{label}] serving after {time.perf_counter() - t0:.1f} s", flush=True)
         try:
             client = logitd.TeacherClient(server.uri, timeout_s=600.0)

@@ -4,19 +4,17 @@ it runs, and its loss falls."""
 
 import csv
 import math
-import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from test_readme import shown
+from test_readme import example_env, shown
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"
 
 
 def test_hf_trainer_example_loss_falls(server, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd, _ = shown("python client/python/examples/hf_trainer.py")
     argv = shlex.split(cmd)
     assert argv[:2] == ["python", "client/python/examples/hf_trainer.py"], argv
@@ -25,7 +23,7 @@ def test_hf_trainer_example_loss_falls(server, tmp_path):
     alpha = float(argv[argv.index("--alpha") + 1]) if "--alpha" in argv else 0.5  # the example's default
     run = subprocess.run(
         [sys.executable, str(EXAMPLE), *argv[2:], "--endpoint", server.uri, "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=example_env(), capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, f"the example failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     rows = list(csv.DictReader(open(tmp_path / "losses.csv")))

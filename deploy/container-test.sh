@@ -555,7 +555,7 @@ json.dump({"sequences": seqs[:2], "numSamples": 20, "method": "SAMPLING_METHOD_T
 json.dump({"sequences": [{"tokenIds": [r.randrange(vocab) for _ in range(300)]}], "numSamples": 16, "seed": "99"},
           open(f"{out}/req-drain.json", "w"))
 PY
-# well_formed REQUEST ANSWER: every sequence answered, positions and counts as asked.
+# well_formed REQUEST ANSWER: every sequence answered, positions, counts and order as asked.
 well_formed() {
   python3 - "$1" "$2" <<'PY'
 import json, sys
@@ -567,11 +567,17 @@ for q, a in zip(req["sequences"], ans["sequences"]):
     n = len(q["tokenIds"]) - q.get("firstPosition", 0)
     off = a["offsets"]
     assert len(off) == n + 1 and len(a["lse"]) == n, "one entry per returned position"
-    ids, counts, lps = a["tokenIds"], a["counts"], a["logprobs"]
+    ids, lps = a["tokenIds"], a["logprobs"]
+    # Top-k replies carry no counts (every count is 1) and list ids by descending log p.
+    assert not topk or "counts" not in a, "top-k replies leave counts empty"
     for i in range(n):
-        c = counts[off[i]:off[i + 1]]
-        assert sum(c) == k and (not topk or c == [1] * k), f"counts of position {i}"
-        assert all(lp <= 0 for lp in lps[off[i]:off[i + 1]]), "log-probabilities"
+        p = lps[off[i]:off[i + 1]]
+        if topk:
+            assert off[i + 1] - off[i] == k, f"k ids at position {i}"
+            assert all(x >= y for x, y in zip(p, p[1:])), f"descending log p at position {i}"
+        else:
+            assert sum(a["counts"][off[i]:off[i + 1]]) == k, f"counts of position {i}"
+        assert all(lp <= 0 for lp in p), "log-probabilities"
 PY
 }
 for kind in sample topk; do

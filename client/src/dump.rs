@@ -47,8 +47,9 @@ use tokio::sync::mpsc;
 use crate::{
     ClientConfig, SampleOptions, TeacherClient, TeacherTargets,
     corpus::{Columns, Corpus, Record, expand_inputs},
+    formats::{ParquetShardWriter, TargetFormat},
     sequence_seed,
-    shard::{ShardMeta, ShardWriter},
+    shard::{ShardError, ShardMeta, ShardWriter, WrittenShard},
 };
 use manifest::{InputEntry, Manifest, Settings, ShardEntry};
 
@@ -88,6 +89,9 @@ pub struct DumpOptions {
     pub worker: u32,
     /// Workers in all.
     pub workers: u32,
+    /// The layout of the output: logitd's safetensors shards, or Parquet for
+    /// Axolotl or DistillKit (see [`crate::formats`]).
+    pub format: TargetFormat,
 }
 
 /// What a dump did.
@@ -201,6 +205,32 @@ impl DumpOptions {
     }
 }
 
+/// Where the targets go: logitd's shards, or Parquet in a trainer's layout.
+enum Sink {
+    Logitd(Box<ShardWriter>),
+    Parquet(Box<ParquetShardWriter>),
+}
+
+impl Sink {
+    fn append(
+        &mut self,
+        tokens: &[u32],
+        t: &TeacherTargets,
+    ) -> Result<Option<WrittenShard>, ShardError> {
+        match self {
+            Sink::Logitd(w) => w.append(t),
+            Sink::Parquet(w) => w.append(tokens, t),
+        }
+    }
+
+    fn finish_last(self) -> Result<Option<WrittenShard>, ShardError> {
+        match self {
+            Sink::Logitd(w) => w.finish_last(),
+            Sink::Parquet(w) => w.finish_last(),
+        }
+    }
+}
+
 /// What the writer thread receives.
 enum Fetched {
     Answer(Batch, SampleLogitsResponse),
@@ -216,6 +246,11 @@ pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
         "--worker {} is not below --workers {}",
         o.worker,
         o.workers
+    );
+    anyhow::ensure!(
+        o.format != TargetFormat::Distillkit || o.temperature == 1.0,
+        "--format distillkit needs --temperature 1 (DistillKit reads its values as log-probabilities at temperature 1), not {}",
+        o.temperature
     );
     let started = Instant::now();
     let corpus = Corpus::open(&expand_inputs(&o.inputs)?, o.columns.clone())?;
@@ -242,7 +277,18 @@ pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
         method: o.sample_options().method as i32,
         value_encoding: o.sample_options().value_encoding as i32,
     };
-    let writer = ShardWriter::starting_at(&o.out, meta, o.shard_entries, start);
+    let writer = match o.format {
+        TargetFormat::Logitd => {
+            Sink::Logitd(Box::new(ShardWriter::starting_at(&o.out, meta, o.shard_entries, start)))
+        }
+        layout => Sink::Parquet(Box::new(ParquetShardWriter::starting_at(
+            &o.out,
+            meta,
+            layout,
+            o.shard_entries,
+            start,
+        ))),
+    };
     let progress = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(&corpus, start..range.end)?;
     let (batch_tx, batch_rx) = mpsc::channel(o.depth.max(1));
@@ -311,6 +357,8 @@ fn settings(
         value_encoding: o.sample_options().value_encoding as i32,
         shard_entries: o.shard_entries as u64,
         workers: o.workers,
+        format: o.format.name().into(),
+        token_logprobs: o.token_logprobs,
     }
 }
 
@@ -399,7 +447,7 @@ async fn fetch_all(
 /// Decodes the answers, checks their shape, writes the shards and the manifest.
 fn write_all(
     dir: PathBuf,
-    mut writer: ShardWriter,
+    mut writer: Sink,
     mut manifest: Manifest,
     mut rx: mpsc::Receiver<Fetched>,
     bar: ProgressBar,
@@ -407,7 +455,7 @@ fn write_all(
 ) -> anyhow::Result<Manifest> {
     let started = Instant::now();
     let (mut tokens_buffered, mut tokens_run) = (0u64, 0u64);
-    let record = |m: &mut Manifest, w: Option<crate::shard::WrittenShard>, tokens: &mut u64| {
+    let record = |m: &mut Manifest, w: Option<WrittenShard>, tokens: &mut u64| {
         if let Some(w) = w {
             m.shards.push(ShardEntry::new(&w, *tokens));
             *tokens = 0;
@@ -445,7 +493,8 @@ fn write_all(
                 r.index,
                 t.num_positions()
             );
-            let written = writer.append(&t)?;
+            let written =
+                writer.append(&r.tokens, &t).with_context(|| format!("sequence {}", r.index))?;
             record(&mut manifest, written, &mut tokens_buffered)?;
             tokens_buffered += r.tokens.len() as u64;
             tokens_run += r.tokens.len() as u64;

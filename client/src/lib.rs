@@ -20,6 +20,7 @@
 mod client;
 pub mod corpus;
 pub mod dump;
+pub mod formats;
 mod loss;
 mod prefetch;
 pub mod shard;

@@ -90,7 +90,7 @@ pub struct ShardMeta {
 }
 
 impl ShardMeta {
-    fn to_map(&self) -> HashMap<String, String> {
+    pub(crate) fn to_map(&self) -> HashMap<String, String> {
         HashMap::from([
             ("logitd.format".into(), FORMAT_VERSION.into()),
             ("model_id".into(), self.model_id.clone()),
@@ -241,12 +241,12 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 /// Writes a safetensors file with a deterministic header (metadata keys
 /// sorted, tensors in the order given), so that equal contents give equal
 /// bytes: `safetensors::serialize` writes its metadata map in hash order,
-/// which differs from process to process. Returns (bytes, sha256).
+/// which differs from process to process.
 fn write_safetensors(
-    w: impl std::io::Write,
+    out: &mut impl std::io::Write,
     metadata: &std::collections::BTreeMap<String, String>,
     tensors: &[(&str, Column)],
-) -> std::io::Result<(u64, String)> {
+) -> std::io::Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!(metadata));
     let mut offset = 0usize;
@@ -260,43 +260,73 @@ fn write_safetensors(
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
     json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out =
-        Hashing { inner: std::io::BufWriter::new(w), hasher: Default::default(), bytes: 0 };
     out.write_all(&(json.len() as u64).to_le_bytes())?;
     out.write_all(&json)?;
     for (_, data) in tensors {
-        data.write(&mut out)?;
+        data.write(out)?;
     }
-    out.flush()?;
-    Ok((out.bytes, hex(&sha2::Digest::finalize(out.hasher))))
+    Ok(())
 }
 
 use std::io::Write as _;
 
-/// Writes `path` atomically: into `path.partial`, synced, then renamed, and the
-/// directory synced; a crash leaves either no file or the whole file.
-fn write_atomically<T>(
-    path: &Path,
-    write: impl FnOnce(&std::fs::File) -> std::io::Result<T>,
-) -> Result<T, ShardError> {
-    fn io(p: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
-        move |source| ShardError::Io { path: p.to_path_buf(), source }
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    let out = write(&file).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-    Ok(out)
+/// A file written atomically: into `path.partial`, then synced, renamed and
+/// the directory synced by [`commit`](Self::commit); a crash leaves either no
+/// `path` or the whole file. What is written is counted and hashed.
+pub(crate) struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Hashing<std::io::BufWriter<std::fs::File>>,
 }
 
-/// Writes `bytes` to `path` atomically (see [`write_atomically`]).
+impl AtomicFile {
+    /// Starts `path` (as `path.partial`).
+    pub(crate) fn create(path: &Path) -> Result<Self, ShardError> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let file = std::fs::File::create(&tmp)
+            .map_err(|source| ShardError::Io { path: tmp.clone(), source })?;
+        let out =
+            Hashing { inner: std::io::BufWriter::new(file), hasher: Default::default(), bytes: 0 };
+        Ok(Self { path: path.to_path_buf(), tmp, out })
+    }
+
+    /// Syncs and renames the file into place; returns (bytes, sha256).
+    pub(crate) fn commit(self) -> Result<(u64, String), ShardError> {
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| ShardError::Io { path: p, source }
+        };
+        let Hashing { inner, hasher, bytes } = self.out;
+        let file = inner.into_inner().map_err(|e| e.into_error()).map_err(io(&self.tmp))?;
+        file.sync_all().map_err(io(&self.tmp))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        Ok((bytes, hex(&sha2::Digest::finalize(hasher))))
+    }
+
+    /// The error of a failed write into it.
+    pub(crate) fn error(&self, source: std::io::Error) -> ShardError {
+        ShardError::Io { path: self.tmp.clone(), source }
+    }
+}
+
+impl std::io::Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Writes `bytes` to `path` atomically (see [`AtomicFile`]).
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), ShardError> {
-    write_atomically(path, |mut f| f.write_all(bytes))
+    let mut f = AtomicFile::create(path)?;
+    f.write_all(bytes).map_err(|e| f.error(e))?;
+    f.commit().map(|_| ())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ShardError> {
@@ -412,8 +442,11 @@ impl ShardWriter {
         if tensors.len() > 7 {
             metadata.insert("logitd.format".into(), FORMAT_VERSION_SCORES.into());
         }
-        let (bytes, sha256) =
-            write_atomically(&path, |file| write_safetensors(file, &metadata, &tensors))?;
+        let (bytes, sha256) = {
+            let mut f = AtomicFile::create(&path)?;
+            write_safetensors(&mut f, &metadata, &tensors).map_err(|e| f.error(e))?;
+            f.commit()?
+        };
         self.next_sequence = end;
         self.written.push(path.clone());
         Ok(Some(WrittenShard { path, sequences: start..end, positions, entries, bytes, sha256 }))
@@ -431,16 +464,18 @@ impl ShardWriter {
     }
 }
 
-/// The shard files of `dir` (`targets-*.safetensors`), sorted by name.
+/// The shard files of `dir` (`targets-*.safetensors`, or `targets-*.parquet`
+/// in the Axolotl and DistillKit layouts), sorted by name.
 pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ShardError> {
     let read = std::fs::read_dir(dir)
         .map_err(|source| ShardError::Io { path: dir.to_path_buf(), source })?;
     let mut files: Vec<PathBuf> = read
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("targets-") && n.ends_with(".safetensors"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("targets-")
+                    && (n.ends_with(".safetensors") || n.ends_with(".parquet"))
+            })
         })
         .collect();
     files.sort();
@@ -571,6 +606,10 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ShardError> {
 
 /// The metadata of a shard and its sequence range, from its header only.
 pub fn read_header(path: &Path) -> Result<(ShardMeta, Option<std::ops::Range<u64>>), ShardError> {
+    if crate::formats::is_parquet_shard(path) {
+        let (meta, range, _) = crate::formats::read_parquet_header(path)?;
+        return Ok((meta, range));
+    }
     use std::io::Read as _;
     let io = |source| ShardError::Io { path: path.to_path_buf(), source };
     let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
@@ -589,7 +628,16 @@ pub fn read_header(path: &Path) -> Result<(ShardMeta, Option<std::ops::Range<u64
         .get("__metadata__")
         .and_then(|m| serde_json::from_value(m.clone()).ok())
         .ok_or_else(|| invalid("no string metadata in the header".into()))?;
-    let meta = ShardMeta::from_map(&map, path)?;
+    meta_and_range(&map, path)
+}
+
+/// The metadata and sequence range a shard's string metadata records.
+pub(crate) fn meta_and_range(
+    map: &HashMap<String, String>,
+    path: &Path,
+) -> Result<(ShardMeta, Option<std::ops::Range<u64>>), ShardError> {
+    let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
+    let meta = ShardMeta::from_map(map, path)?;
     let num = |k: &str| -> Result<Option<u64>, ShardError> {
         map.get(k)
             .map(|v| v.parse::<u64>().map_err(|e| invalid(format!("metadata `{k}`: {e}"))))
@@ -604,6 +652,9 @@ pub fn read_header(path: &Path) -> Result<(ShardMeta, Option<std::ops::Range<u64
 }
 
 fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, ShardError> {
+    if crate::formats::is_parquet_shard(path) {
+        return crate::formats::read_parquet_shard(path, num_samples);
+    }
     let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
     let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;

@@ -1,7 +1,9 @@
 //! `logitd-client dump` over whole corpora against a real (in-process) tiny
 //! server: samples keyed by sequence index (batching and workers do not change
 //! them), JSON lines and Parquet alike, resume after SIGKILL bit for bit, a
-//! damaged last shard redone, other arguments refused, bad input named.
+//! damaged last shard redone, other arguments refused, bad input named; the
+//! Axolotl and DistillKit layouts (`--format`) read back as the live targets,
+//! resumed bit for bit, their preconditions refused by name.
 //!
 //! The reference targets are the server's own answer to the whole corpus as one
 //! batch with per-sequence seeds `sequence_seed(seed, n)` (what the dump's
@@ -223,15 +225,25 @@ fn read_set(dirs: &[&Path]) -> Vec<TeacherTargets> {
 
 /// The server's targets for the whole corpus as one batch, seed 5, k = 8.
 async fn reference(client: &TeacherClient, corpus: &[(Vec<u32>, u32)]) -> Vec<TeacherTargets> {
+    reference_with(client, corpus, SamplingMethod::Sample, false).await
+}
+
+/// [`reference`] with another method, and the realised tokens' log p if asked.
+async fn reference_with(
+    client: &TeacherClient,
+    corpus: &[(Vec<u32>, u32)],
+    method: SamplingMethod,
+    token_logprobs: bool,
+) -> Vec<TeacherTargets> {
     let seqs: Vec<Vec<u32>> = corpus.iter().map(|(t, _)| t.clone()).collect();
     let firsts: Vec<u32> = corpus.iter().map(|(_, f)| *f).collect();
     let opts = SampleOptions {
         num_samples: 8,
         temperature: Some(1.0),
         seed: 5,
-        method: SamplingMethod::Sample,
+        method,
         value_encoding: ValueEncoding::F32,
-        ..Default::default()
+        token_logprobs,
     };
     client.sample_targets(&seqs, Some(&firsts), opts).await.unwrap()
 }
@@ -613,4 +625,93 @@ fn jsonl_ranges_start_anywhere() {
     write_jsonl(&p1, &c[..17_000]);
     write_jsonl(&p2, &c[17_000..]);
     assert_eq!(read_range(&[p1, p2], cols, 16_990..17_010), c[16_990..17_010]);
+}
+
+/// `n` sequences of `len` tokens each (DistillKit's rows are of one length).
+fn corpus_of_one_length(n: usize, len: u32) -> Vec<(Vec<u32>, u32)> {
+    (0..n as u32).map(|i| ((0..len).map(|p| (i * 17 + p * 31 + 5) % 96).collect(), i % 3)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trainer_layouts_read_back_as_the_live_targets() {
+    let (uri, mut server) = common::tiny_server().await;
+    let client = common::connect(&uri, &mut server).await;
+    let s = Scratch::new("formats");
+    let c = corpus(90, 2);
+    write_jsonl(&s.path("c.jsonl"), &c);
+    let fixed = corpus_of_one_length(40, 10);
+    write_jsonl(&s.path("fixed.jsonl"), &fixed);
+    let (sample, top_k) = (SamplingMethod::Sample, SamplingMethod::TopK);
+    for (format, input, corpus, extra, method, scores) in [
+        ("axolotl", "c.jsonl", &c, vec![], sample, false),
+        ("axolotl", "c.jsonl", &c, vec!["--top-k"], top_k, false),
+        ("axolotl", "c.jsonl", &c, vec!["--token-logprobs", "--workers", "2"], sample, true),
+        ("distillkit", "fixed.jsonl", &fixed, vec![], sample, false),
+        ("distillkit", "fixed.jsonl", &fixed, vec!["--top-k", "--token-logprobs"], top_k, true),
+    ] {
+        let what = format!("--format {format} {extra:?}");
+        let out = s.path(&format!("{format}-{}", extra.join("")));
+        let mut args = vec!["--format", format, "--shard-entries", "700", "--batch-sequences", "7"];
+        args.extend(&extra);
+        if extra.contains(&"--workers") {
+            for w in ["1", "0"] {
+                let mut a = args.clone();
+                a.extend(["--worker", w]);
+                ok(dump(&uri, &[&s.path(input)], &out, &a));
+            }
+        } else {
+            ok(dump(&uri, &[&s.path(input)], &out, &args));
+        }
+        let reader = ShardReader::open(&out).unwrap();
+        assert!(reader.files().len() > 2, "{what}: {} shards", reader.files().len());
+        assert!(reader.files().iter().all(|f| f.extension().unwrap() == "parquet"), "{what}");
+        let want = reference_with(&client, corpus, method, scores).await;
+        common::same_targets(&read_set(&[&out]), &want, &what);
+    }
+
+    // DistillKit's preconditions, refused by name.
+    let err = failed(dump(
+        &uri,
+        &[&s.path("c.jsonl")],
+        &s.path("dk-lengths"),
+        &["--format", "distillkit"],
+    ));
+    let says = "3 tokens, but sequence 0 has 5: DistillKit reads rows of one length";
+    assert!(err.contains("0: sequence 1") && err.contains(says), "{err}");
+    let err = failed(dump(
+        &uri,
+        &[&s.path("fixed.jsonl")],
+        &s.path("dk-t"),
+        &["--format", "distillkit", "--temperature", "0.7"],
+    ));
+    assert!(err.contains("--format distillkit needs --temperature 1"), "{err}");
+    assert!(err.contains("not 0.7"), "{err}");
+    // Another layout into a folder written with one is refused.
+    let err =
+        failed(dump(&uri, &[&s.path("c.jsonl")], &s.path("axolotl-"), &["--shard-entries", "700"]));
+    assert!(err.contains("--format was \"axolotl\", now it is \"logitd\""), "{err}");
+
+    // Killed (SIGKILL) and resumed: the same Parquet bytes as an uninterrupted run.
+    let input = s.path("kill.jsonl");
+    write_jsonl(&input, &corpus(300, 4));
+    let args =
+        ["--format", "axolotl", "--shard-entries", "500", "--batch-sequences", "1", "--depth", "1"];
+    let (whole, resumed) = (s.path("kill-whole"), s.path("kill-resumed"));
+    ok(dump(&uri, &[&input], &whole, &args));
+    let reference = files_of(&whole);
+    assert!(reference.len() > 5, "{} files", reference.len());
+    let mut child = dump(&uri, &[&input], &resumed, &args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_shards(&resumed, 3, &mut child);
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success());
+    std::fs::write(resumed.join("targets-000000000290.parquet.partial"), b"half").unwrap();
+    let run = ok(dump(&uri, &[&input], &resumed, &args));
+    let line = String::from_utf8_lossy(&run.stdout);
+    assert!(line.contains("wrote 300 sequences") && !line.contains("(300 in this run)"), "{line}");
+    assert_eq!(files_of(&resumed), reference, "killed and resumed = uninterrupted, bit for bit");
+    server.abort();
 }

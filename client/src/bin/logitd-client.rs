@@ -3,7 +3,8 @@
 //! `logitd-client dump --server URI --input corpus.jsonl --out DIR` asks a logitd
 //! server for the teacher targets of every sequence of a corpus and writes them
 //! as safetensors shards (see `logitd_client::dump` and `logitd_client::shard`),
-//! with a progress bar.
+//! or with `--format axolotl|distillkit` as Parquet those trainers load (see
+//! `logitd_client::formats`), with a progress bar.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 use logitd_client::{
     corpus::Columns,
     dump::{DumpOptions, run},
+    formats::TargetFormat,
 };
 
 /// Tools for student trainers that use a logitd teacher.
@@ -90,6 +92,14 @@ struct Dump {
     /// Refuse a server whose tokenizer digest differs.
     #[arg(long)]
     expect_tokenizer_sha256: Option<String>,
+    /// What to write: logitd's safetensors shards, or Parquet that a trainer
+    /// loads as it is: Axolotl's KD columns (`target_token_ids`,
+    /// `target_logprobs`, `target_mask`), or DistillKit's raw columns
+    /// (`token_ids`, `top_values`; needs --temperature 1 and sequences of one
+    /// length). Ids by descending log p; counts in an extra column. The
+    /// Python package and the Rust client read all three.
+    #[arg(long, value_enum, default_value_t = TargetFormat::Logitd)]
+    format: TargetFormat,
 }
 
 #[tokio::main]
@@ -118,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         expect_tokenizer_sha256: a.expect_tokenizer_sha256,
         worker: a.worker,
         workers: a.workers,
+        format: a.format,
     })
     .await?;
     println!("{}", summary.line(&out));

@@ -62,6 +62,16 @@ pub struct Settings {
     pub shard_entries: u64,
     /// Workers the corpus is split across.
     pub workers: u32,
+    /// The layout (`--format`); manifests from before the option read as `logitd`.
+    #[serde(default = "logitd_format")]
+    pub format: String,
+    /// Whether the realised tokens' log p is kept (`--token-logprobs`).
+    #[serde(default)]
+    pub token_logprobs: bool,
+}
+
+fn logitd_format() -> String {
+    "logitd".into()
 }
 
 impl Settings {
@@ -100,6 +110,8 @@ impl Settings {
             ("value_encoding", "the value encoding"),
             ("shard_entries", "--shard-entries"),
             ("workers", "--workers"),
+            ("format", "--format"),
+            ("token_logprobs", "--token-logprobs"),
         ];
         flags
             .iter()

@@ -1,4 +1,6 @@
-"""Teacher targets on disk: the safetensors shards ``logitd-client dump`` writes.
+"""Teacher targets on disk: the shards ``logitd-client dump`` writes, safetensors or,
+with ``--format axolotl|distillkit``, Parquet in those trainers' columns (read back
+through logitd's extra columns as the same targets).
 
     for targets in logitd.shards.read("targets/", batch_size=32):
         ...   # logitd.Targets, in corpus order, bit-identical to live targets

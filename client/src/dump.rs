@@ -1,5 +1,7 @@
 //! `logitd-client dump`: the teacher targets of a whole corpus, streamed,
-//! resumable and split across workers.
+//! resumable and split across workers, written as logitd's safetensors
+//! shards ([`crate::shard`]) or as Parquet in Axolotl's or DistillKit's
+//! columns ([`crate::formats`]).
 //!
 //! - **Samples keyed by sequence index.** Sequence `n` of the corpus is sent
 //!   with its own seed, [`sequence_seed`]`(seed, n)` (the proto's per-sequence

@@ -1,6 +1,9 @@
 //! Teacher targets on disk: write the replies for a corpus once, train several
 //! students from them.
 //!
+//! (The Parquet layouts for Axolotl and DistillKit are in [`crate::formats`];
+//! [`ShardReader`] reads those folders too.)
+//!
 //! A target set is a directory of safetensors shards `targets-00000.safetensors`,
 //! `targets-00001.safetensors`, … each holding whole sequences, columnar:
 //!

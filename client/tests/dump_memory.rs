@@ -20,7 +20,7 @@
 //! `--format axolotl` (and distillkit, the same writer) streams its shard a
 //! row group at a time, so its peak does not depend on the shard size: it is
 //! compared at the default shard size, 100,000 against 1,000,000 sequences.
-//! Measured 2026-12-07 (the same machine): 28.8 MiB and 32.1 MiB.
+//! Measured 2026-12-07 (the same machine): 29.3 MiB and 32.0 MiB.
 
 mod common;
 

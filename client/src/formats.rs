@@ -52,11 +52,12 @@ use std::{
 };
 
 use arrow_array::{
-    Array, ArrayRef, Int64Array, ListArray, RecordBatch,
+    Array, ArrayRef, Int64Array, ListArray, RecordBatch, RecordBatchReader,
     builder::{Float32Builder, Int8Builder, Int64Builder, ListBuilder, UInt32Builder},
     cast::AsArray,
     types::{Float32Type, Int64Type, UInt32Type},
 };
+use arrow_schema::{DataType, Field};
 use parquet::{
     arrow::{ArrowWriter, arrow_reader::ParquetRecordBatchReaderBuilder},
     basic::Compression,
@@ -563,6 +564,19 @@ fn open_reader(path: &Path) -> Result<SerializedFileReader<File>, ShardError> {
     })
 }
 
+/// `leaf` in `depth` levels of lists.
+fn nested(depth: usize, leaf: DataType) -> DataType {
+    (0..depth).fold(leaf, |t, _| DataType::List(Arc::new(Field::new("item", t, true))))
+}
+
+/// Equal types, whatever the list fields' names and nullability.
+fn same_type(a: &DataType, b: &DataType) -> bool {
+    match (a, b) {
+        (DataType::List(x), DataType::List(y)) => same_type(x.data_type(), y.data_type()),
+        _ => a == b,
+    }
+}
+
 /// The key-value metadata of a Parquet shard.
 fn key_values(path: &Path) -> Result<std::collections::HashMap<String, String>, ShardError> {
     let reader = open_reader(path)?;
@@ -608,6 +622,31 @@ pub fn read_parquet_shard(
         TargetFormat::Distillkit => ("token_ids", "top_values", "counts"),
         _ => ("target_token_ids", "teacher_logprobs", "target_counts"),
     };
+    // The columns' types, checked once: the reads below downcast without checking.
+    let (list1, list2) = (|leaf| nested(1, leaf), |leaf| nested(2, leaf));
+    let mut expected = vec![
+        (ids_col, list2(DataType::Int64)),
+        (values_col, list2(DataType::Float32)),
+        (counts_col, list2(DataType::UInt32)),
+        ("teacher_lse", list1(DataType::Float32)),
+        ("first_position", DataType::Int64),
+    ];
+    let schema = reader.schema();
+    if schema.column_with_name("teacher_token_logprobs").is_some() {
+        expected.push(("teacher_token_logprobs", list1(DataType::Float32)));
+        expected.push(("teacher_token_ranks", list1(DataType::UInt32)));
+    }
+    for (name, want) in &expected {
+        let Some((_, field)) = schema.column_with_name(name) else {
+            return Err(invalid(format!("no column `{name}`")));
+        };
+        if !same_type(field.data_type(), want) {
+            return Err(invalid(format!(
+                "column `{name}` is {}, expected {want}",
+                field.data_type()
+            )));
+        }
+    }
     let mut out = vec![];
     for batch in reader {
         let batch = batch.map_err(|e| invalid(e.to_string()))?;
@@ -699,4 +738,40 @@ pub fn read_parquet_shard(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard whose `target_token_ids` holds one level of lists, not two:
+    /// the reader says so instead of panicking in a downcast.
+    #[test]
+    fn a_column_of_another_type_is_named() {
+        let dir = std::env::temp_dir().join(format!("logitd-formats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(parquet_file_name(0));
+        let meta = ShardMeta { num_samples: 2, method: 1, ..Default::default() };
+        let mut kv: Vec<KeyValue> =
+            meta.to_map().into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+        kv.push(KeyValue::new(LAYOUT_KEY.to_string(), "axolotl".to_string()));
+        let props = WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
+        let mut ids = ListBuilder::new(Int64Builder::new());
+        ids.values().append_value(3);
+        ids.append(true);
+        let batch =
+            RecordBatch::try_from_iter([("target_token_ids", Arc::new(ids.finish()) as ArrayRef)])
+                .unwrap();
+        let mut w = ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), Some(props))
+            .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let err = read_parquet_shard(&path, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("column `target_token_ids` is List(Int64)")
+                && err.contains("expected List(List(Int64))"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -109,15 +109,21 @@ def fell(losses: list[float], n: int = 5) -> tuple[float, float]:
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
 
 
+def cache_dir() -> Path:
+    """Where tests/fetch-teachers.sh puts the teachers: $LOGITD_CACHE, else
+    $XDG_CACHE_HOME/logitd (~/.cache/logitd)."""
+    if os.environ.get("LOGITD_CACHE"):
+        return Path(os.environ["LOGITD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitd"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher-url", default="http://127.0.0.1:8000")
     p.add_argument(
         "--gguf",
         type=Path,
-        default=Path(os.environ.get("LOGITD_CACHE_DIR", Path.home() / ".cache" / "logitd"))
-        / "teachers"
-        / "SmolLM2-135M-Instruct.Q4_1.gguf",
+        default=cache_dir() / "teachers" / "SmolLM2-135M-Instruct.Q4_1.gguf",
         help="the teacher's GGUF, for its tokenizer (the student must share it)",
     )
     p.add_argument("--steps", type=int, default=40)

@@ -83,7 +83,11 @@ METRICS = ("heldout_ce", "heldout_kl", "ece", "mass_outside_top256", "train_ce")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LOGITD_CACHE_DIR", Path.home() / ".cache" / "logitd"))
+    """Where tests/fetch-teachers.sh puts the teachers and the corpus: $LOGITD_CACHE,
+    else $XDG_CACHE_HOME/logitd (~/.cache/logitd)."""
+    if os.environ.get("LOGITD_CACHE"):
+        return Path(os.environ["LOGITD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitd"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -37,7 +37,11 @@ def _binary(name: str, env: str) -> Path:
 
 
 def teacher_path() -> Path:
-    cache = Path(os.environ.get("LOGITD_CACHE_DIR", Path.home() / ".cache" / "logitd"))
+    # Where tests/fetch-teachers.sh puts it: $LOGITD_CACHE, else $XDG_CACHE_HOME/logitd.
+    if os.environ.get("LOGITD_CACHE"):
+        cache = Path(os.environ["LOGITD_CACHE"])
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitd"
     p = cache / "teachers" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not p.is_file():
         pytest.fail(f"{p} is missing: run tests/fetch-teachers.sh all", pytrace=False)

@@ -29,7 +29,7 @@ def _binary(name: str, env: str) -> Path:
     p = Path(os.environ.get(env, REPO / "target" / "debug" / name))
     if not p.is_file():
         pytest.fail(
-            f"{p} is missing: build it with `cargo build -p logitd -p logitd-client` "
+            f"{p} is missing: build it with `cargo build --workspace --bin logitd --bin logitd-client` "
             f"(or set {env})",
             pytrace=False,
         )

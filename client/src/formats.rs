@@ -45,7 +45,6 @@
 //! `logitd.layout`.
 
 use std::{
-    collections::BTreeMap,
     fs::File,
     path::{Path, PathBuf},
     sync::Arc,
@@ -61,11 +60,7 @@ use arrow_schema::{DataType, Field};
 use parquet::{
     arrow::{ArrowWriter, arrow_reader::ParquetRecordBatchReaderBuilder},
     basic::Compression,
-    file::{
-        metadata::KeyValue,
-        properties::WriterProperties,
-        reader::{FileReader, SerializedFileReader},
-    },
+    file::{metadata::KeyValue, properties::WriterProperties},
 };
 
 use crate::{
@@ -148,6 +143,8 @@ pub struct ParquetShardWriter {
     shard_entries: usize,
     /// DistillKit: the length of the first sequence written, with its index.
     length: Option<(u64, usize)>,
+    /// Whether the sequences carry the realised tokens' log p (all or none).
+    scored: Option<bool>,
 }
 
 /// A shard being written.
@@ -157,8 +154,6 @@ struct OpenShard {
     sequences: u64,
     positions: u64,
     entries: u64,
-    /// Whether its rows carry the realised tokens' log p.
-    scored: bool,
 }
 
 /// Buffered sequences: their tokens and their positions' targets, flat.
@@ -234,6 +229,7 @@ impl ParquetShardWriter {
             group,
             shard_entries: 0,
             length: None,
+            scored: None,
         }
     }
 
@@ -249,12 +245,7 @@ impl ParquetShardWriter {
         tokens: &[u32],
         t: &TeacherTargets,
     ) -> Result<Option<WrittenShard>, ShardError> {
-        if t.num_samples != self.meta.num_samples {
-            return Err(ShardError::Mismatch(format!(
-                "targets with k = {} do not belong in a set written with k = {}",
-                t.num_samples, self.meta.num_samples
-            )));
-        }
+        self.meta.check_k(t)?;
         if t.first_position as usize + t.num_positions() != tokens.len() {
             return Err(ShardError::Mismatch(format!(
                 "{} tokens, but targets for positions {}..{}",
@@ -262,6 +253,12 @@ impl ParquetShardWriter {
                 t.first_position,
                 t.first_position as usize + t.num_positions()
             )));
+        }
+        let scored = !t.token_logprobs.is_empty();
+        if *self.scored.get_or_insert(scored) != scored {
+            return Err(ShardError::Mismatch(
+                "some sequences carry token log-probabilities and others do not".into(),
+            ));
         }
         let index = self.next_sequence + self.sequences_in_shard();
         if self.layout == TargetFormat::Distillkit {
@@ -287,12 +284,6 @@ impl ParquetShardWriter {
         } else {
             None
         };
-        let scored = !self.group.targets.token_logprobs.is_empty();
-        if self.group.len() > 0 && t.token_logprobs.is_empty() == scored {
-            return Err(ShardError::Mismatch(
-                "some sequences carry token log-probabilities and others do not".into(),
-            ));
-        }
         let g = &mut self.group;
         g.tokens.extend_from_slice(tokens);
         g.token_offsets.push(g.tokens.len() as u32);
@@ -314,11 +305,6 @@ impl ParquetShardWriter {
         }
         let g = std::mem::replace(&mut self.group, Buffer::new(self.meta.num_samples));
         let scored = !g.targets.token_logprobs.is_empty();
-        if self.open.as_ref().is_some_and(|o| o.scored != scored) {
-            return Err(ShardError::Mismatch(
-                "some sequences carry token log-probabilities and others do not".into(),
-            ));
-        }
         let k = self.meta.num_samples as usize;
         let rows: Vec<Row> = (0..g.len()).map(|s| g.sequence(s)).collect();
         let batch = record_batch(self.layout, k, scored, &rows)
@@ -327,14 +313,8 @@ impl ParquetShardWriter {
             Some(open) => open,
             None => {
                 let path = self.dir.join(parquet_file_name(self.next_sequence));
-                let mut metadata: BTreeMap<String, String> =
-                    self.meta.to_map().into_iter().collect();
-                metadata.insert("sequence_start".into(), self.next_sequence.to_string());
+                let mut metadata = self.meta.shard_metadata(self.next_sequence, scored);
                 metadata.insert(LAYOUT_KEY.into(), self.layout.name().into());
-                if scored {
-                    metadata
-                        .insert("logitd.format".into(), crate::shard::FORMAT_VERSION_SCORES.into());
-                }
                 let props = WriterProperties::builder()
                     .set_compression(Compression::SNAPPY)
                     .set_key_value_metadata(Some(
@@ -344,14 +324,7 @@ impl ParquetShardWriter {
                 let file = AtomicFile::create(&path)?;
                 let writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
                     .map_err(|e| parquet_error(&path, e))?;
-                self.open.insert(OpenShard {
-                    path,
-                    writer,
-                    sequences: 0,
-                    positions: 0,
-                    entries: 0,
-                    scored,
-                })
+                self.open.insert(OpenShard { path, writer, sequences: 0, positions: 0, entries: 0 })
             }
         };
         open.writer.write(&batch).map_err(|e| parquet_error(&open.path, e))?;
@@ -555,10 +528,11 @@ fn record_batch(
     RecordBatch::try_from_iter(columns)
 }
 
-fn open_reader(path: &Path) -> Result<SerializedFileReader<File>, ShardError> {
+/// A shard opened for reading: its footer parsed, once.
+fn open_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, ShardError> {
     let file =
         File::open(path).map_err(|source| ShardError::Io { path: path.to_path_buf(), source })?;
-    SerializedFileReader::new(file).map_err(|e| ShardError::Invalid {
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| ShardError::Invalid {
         path: path.to_path_buf(),
         message: format!("not a Parquet file ({e})"),
     })
@@ -577,22 +551,24 @@ fn same_type(a: &DataType, b: &DataType) -> bool {
     }
 }
 
-/// The key-value metadata of a Parquet shard.
-fn key_values(path: &Path) -> Result<std::collections::HashMap<String, String>, ShardError> {
-    let reader = open_reader(path)?;
-    Ok(reader
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|kv| kv.iter().filter_map(|e| Some((e.key.clone(), e.value.clone()?))).collect())
-        .unwrap_or_default())
-}
-
 /// The metadata, sequence range and layout of a Parquet shard, from its footer.
 pub fn read_parquet_header(
     path: &Path,
 ) -> Result<(ShardMeta, Option<std::ops::Range<u64>>, TargetFormat), ShardError> {
-    let map = key_values(path)?;
+    header_of(&open_builder(path)?, path)
+}
+
+/// The metadata, sequence range and layout in an opened shard's footer.
+fn header_of(
+    builder: &ParquetRecordBatchReaderBuilder<File>,
+    path: &Path,
+) -> Result<(ShardMeta, Option<std::ops::Range<u64>>, TargetFormat), ShardError> {
+    let map: std::collections::HashMap<String, String> = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().filter_map(|e| Some((e.key.clone(), e.value.clone()?))).collect())
+        .unwrap_or_default();
     let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
     let layout = map
         .get(LAYOUT_KEY)
@@ -611,13 +587,10 @@ pub fn read_parquet_shard(
     num_samples: u32,
 ) -> Result<Vec<TeacherTargets>, ShardError> {
     let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
-    let (meta, _, layout) = read_parquet_header(path)?;
+    let builder = open_builder(path)?;
+    let (meta, _, layout) = header_of(&builder, path)?;
     let top_k = meta.method == SamplingMethod::TopK as i32;
-    let file =
-        File::open(path).map_err(|source| ShardError::Io { path: path.to_path_buf(), source })?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| invalid(e.to_string()))?;
+    let reader = builder.build().map_err(|e| invalid(e.to_string()))?;
     let (ids_col, values_col, counts_col) = match layout {
         TargetFormat::Distillkit => ("token_ids", "top_values", "counts"),
         _ => ("target_token_ids", "teacher_logprobs", "target_counts"),
@@ -753,7 +726,8 @@ mod tests {
         let path = dir.join(parquet_file_name(0));
         let meta = ShardMeta { num_samples: 2, method: 1, ..Default::default() };
         let mut kv: Vec<KeyValue> =
-            meta.to_map().into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+            meta.shard_metadata(0, false).into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+        kv.push(KeyValue::new("sequence_end".to_string(), "1".to_string()));
         kv.push(KeyValue::new(LAYOUT_KEY.to_string(), "axolotl".to_string()));
         let props = WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
         let mut ids = ListBuilder::new(Int64Builder::new());

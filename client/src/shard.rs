@@ -93,7 +93,33 @@ pub struct ShardMeta {
 }
 
 impl ShardMeta {
-    pub(crate) fn to_map(&self) -> HashMap<String, String> {
+    /// Refuses targets drawn with another k than this set's.
+    pub(crate) fn check_k(&self, t: &TeacherTargets) -> Result<(), ShardError> {
+        if t.num_samples == self.num_samples {
+            return Ok(());
+        }
+        Err(ShardError::Mismatch(format!(
+            "targets with k = {} do not belong in a set written with k = {}",
+            t.num_samples, self.num_samples
+        )))
+    }
+
+    /// A shard's string metadata: this set's, the shard's first sequence, and
+    /// format 2 where it carries the on-policy columns.
+    pub(crate) fn shard_metadata(
+        &self,
+        sequence_start: u64,
+        scored: bool,
+    ) -> std::collections::BTreeMap<String, String> {
+        let mut m: std::collections::BTreeMap<String, String> = self.to_map().into_iter().collect();
+        m.insert("sequence_start".into(), sequence_start.to_string());
+        if scored {
+            m.insert("logitd.format".into(), FORMAT_VERSION_SCORES.into());
+        }
+        m
+    }
+
+    fn to_map(&self) -> HashMap<String, String> {
         HashMap::from([
             ("logitd.format".into(), FORMAT_VERSION.into()),
             ("model_id".into(), self.model_id.clone()),
@@ -389,12 +415,7 @@ impl ShardWriter {
     /// Appends the next sequence's targets; returns the shard written when
     /// the buffered ones had to go to disk first.
     pub fn append(&mut self, t: &TeacherTargets) -> Result<Option<WrittenShard>, ShardError> {
-        if t.num_samples != self.meta.num_samples {
-            return Err(ShardError::Mismatch(format!(
-                "targets with k = {} do not belong in a set written with k = {}",
-                t.num_samples, self.meta.num_samples
-            )));
-        }
+        self.meta.check_k(t)?;
         let buffered = self.columns.positions.token_ids.len();
         let written = if buffered > 0 && buffered + t.token_ids.len() > self.max_entries {
             self.flush()?
@@ -416,11 +437,10 @@ impl ShardWriter {
         let start = self.next_sequence;
         let end = start + c.first_position.len() as u64;
         let path = self.dir.join(shard_file_name(start));
-        let mut metadata: std::collections::BTreeMap<String, String> =
-            self.meta.to_map().into_iter().collect();
-        metadata.insert("sequence_start".into(), start.to_string());
-        metadata.insert("sequence_end".into(), end.to_string());
         let t = &c.positions;
+        let scored = !t.token_logprobs.is_empty() || !t.candidate_offsets.is_empty();
+        let mut metadata = self.meta.shard_metadata(start, scored);
+        metadata.insert("sequence_end".into(), end.to_string());
         t.validate().map_err(|e| {
             ShardError::Mismatch(format!("the targets of one shard do not fit together: {e}"))
         })?;
@@ -441,9 +461,6 @@ impl ShardWriter {
         if !t.candidate_offsets.is_empty() {
             tensors.push(("candidate_offsets", Column::U32(&t.candidate_offsets)));
             tensors.push(("candidate_logprobs", Column::F32(&t.candidate_logprobs)));
-        }
-        if tensors.len() > 7 {
-            metadata.insert("logitd.format".into(), FORMAT_VERSION_SCORES.into());
         }
         let (bytes, sha256) = {
             let mut f = AtomicFile::create(&path)?;

@@ -32,6 +32,15 @@
 //! engine_bench scores MODEL CORPUS.jsonl SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS
 //! ```
 //!
+//! `shared` measures shared-prefix packing: G rollouts of one PROMPT-token
+//! prompt, each COMPLETION tokens long, scored (completions only) with and
+//! without sharing, alternating, one batch each per round; one JSON line per
+//! round with both rates, their ratio and each one's peak RSS.
+//!
+//! ```text
+//! engine_bench shared MODEL CORPUS.jsonl|TEXT G PROMPT COMPLETION K ROUNDS
+//! ```
+//!
 //! Each prints JSON lines.
 
 use std::{io::BufRead, path::Path, time::Instant};
@@ -178,6 +187,112 @@ fn scores(args: &[String]) -> anyhow::Result<()> {
                 "plain_positions_per_s": rate[0],
                 "scored_positions_per_s": rate[1],
                 "scored_over_plain": rate[1] / rate[0],
+            })
+        );
+    }
+    Ok(())
+}
+
+/// Resets the process's peak resident set (Linux: `clear_refs` 5), so that
+/// [`peak_rss_mib`] reads the peak of what runs after.
+fn reset_peak_rss() -> anyhow::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")
+}
+
+/// The peak resident set since the last [`reset_peak_rss`] (VmHWM), in MiB.
+fn peak_rss_mib() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// A text file tokenised with the model's own tokenizer, cut into lines of
+/// `length` tokens.
+fn text_pool(model: &Path, text: &Path, length: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    let tokenizer = logitd::model::load_tokenizer(model, None)?;
+    let text = std::fs::read_to_string(text).with_context(|| format!("{}", text.display()))?;
+    let ids = tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pool: Vec<Vec<u32>> = ids.get_ids().chunks_exact(length).map(<[u32]>::to_vec).collect();
+    if pool.len() < 2 {
+        bail!("the text holds fewer than 2 × {length} tokens");
+    }
+    Ok(pool)
+}
+
+/// `shared`: G rollouts of one prompt, scored with and without shared-prefix
+/// packing (`Engine::set_min_shared_prefix` 32 and 0), in alternating order,
+/// one batch each per round. The corpus is a token JSONL file or a text file
+/// (tokenised with the model's tokenizer, cut into lines of max(PROMPT,
+/// COMPLETION) tokens). Prompt r is corpus line r cut to PROMPT tokens;
+/// rollout g continues it with the last COMPLETION tokens of line r + 1 + g.
+/// Only the completions' positions are returned (first_position = PROMPT).
+/// One JSON line per round: both rates (returned positions per second), their
+/// ratio and each variant's peak RSS during its batch.
+fn shared(args: &[String]) -> anyhow::Result<()> {
+    let [model, corpus, g, prompt, completion, k, rounds] = &args[..7] else {
+        bail!("usage: shared MODEL CORPUS G PROMPT COMPLETION K ROUNDS");
+    };
+    let (g, prompt, completion): (usize, usize, usize) =
+        (g.parse()?, prompt.parse()?, completion.parse()?);
+    let (k, rounds): (u32, usize) = (k.parse()?, rounds.parse()?);
+    let length = prompt.max(completion);
+    let pool = if corpus.ends_with(".jsonl") {
+        read_pool(Path::new(corpus), length)?
+    } else {
+        text_pool(Path::new(model), Path::new(corpus), length)?
+    };
+    let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
+    let mut engine = Engine::new(teacher, None)?;
+    let params = SamplingParams::new(Method::Sample, k, 1.0)?;
+    let batch = |r: usize| -> Vec<WorkItem> {
+        let head = &pool[r % pool.len()][..prompt];
+        (0..g)
+            .map(|i| {
+                let line = &pool[(r + 1 + i) % pool.len()];
+                let tail = &line[line.len() - completion..];
+                let tokens: Vec<u32> = head.iter().chain(tail).copied().collect();
+                let key = RowKey { seed: request_seed(r as u64), sequence: i as u32, position: 0 };
+                WorkItem::new(tokens, prompt as u32, params, key, None, Instant::now()).0
+            })
+            .collect()
+    };
+    engine.score(&batch(0))?; // warm-up
+    for round in 0..rounds {
+        let mut rate = [0f64; 2];
+        let mut peak = [0f64; 2];
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for sharing in order {
+            engine.set_min_shared_prefix(if sharing { 32 } else { 0 });
+            let work = batch(round);
+            reset_peak_rss()?;
+            let started = Instant::now();
+            let results = engine.score(&work)?;
+            let seconds = started.elapsed().as_secs_f64();
+            peak[usize::from(sharing)] = peak_rss_mib()?;
+            let positions: usize = results.iter().map(SampledRows::num_rows).sum();
+            rate[usize::from(sharing)] = positions as f64 / seconds;
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "round": round,
+                "threads": candle_core::utils::get_num_threads(),
+                "g": g,
+                "prompt": prompt,
+                "completion": completion,
+                "num_samples": k,
+                "whole_positions_per_s": rate[0],
+                "shared_positions_per_s": rate[1],
+                "shared_over_whole": rate[1] / rate[0],
+                "whole_peak_rss_mib": peak[0],
+                "shared_peak_rss_mib": peak[1],
             })
         );
     }
@@ -387,10 +502,12 @@ fn main() -> anyhow::Result<()> {
         Some("engine") if args.len() >= 7 => engine(&args[1..]),
         Some("sampler") if args.len() >= 5 => sampler(&args[1..]),
         Some("scores") if args.len() >= 9 => scores(&args[1..]),
+        Some("shared") if args.len() >= 8 => shared(&args[1..]),
         _ => bail!(
             "usage: engine_bench engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S [WARMUP]\n       \
              engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S\n       \
-             engine_bench scores MODEL CORPUS SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS"
+             engine_bench scores MODEL CORPUS SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS\n       \
+             engine_bench shared MODEL CORPUS G PROMPT COMPLETION K ROUNDS"
         ),
     }
 }

@@ -114,6 +114,13 @@ pub struct ServeArgs {
     /// Deadline of a request when the client sets none, in seconds.
     #[arg(long, env = "LOGITD_REQUEST_TIMEOUT_S", default_value_t = 120)]
     pub request_timeout_s: u64,
+    /// Sequences of one batch whose first N tokens are equal (e.g. G rollouts
+    /// of one prompt, from one request or several) share their longest common
+    /// prefix: the forward runs it once and every sequence gets its positions.
+    /// 0 turns sharing off. Used by the fused CPU attention (f32 on the CPU);
+    /// other devices run every sequence whole.
+    #[arg(long, env = "LOGITD_MIN_SHARED_PREFIX", default_value_t = crate::engine::DEFAULT_MIN_SHARED_PREFIX)]
+    pub min_shared_prefix: usize,
     /// Most Teacher calls handled at once (an open stream counts as one);
     /// further calls are refused at once with RESOURCE_EXHAUSTED. Health checks
     /// are not counted, so probes still answer under load.

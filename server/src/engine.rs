@@ -45,6 +45,12 @@ pub trait ScoringBackend: Send + 'static {
     /// Runs the model over `batch`.
     fn forward(&mut self, batch: &PackedBatch) -> Result<Self::Hidden, ModelError>;
 
+    /// Whether [`Self::forward`] computes a shared prefix once; when not, the
+    /// engine packs batches unshared (the result is the same either way).
+    fn shares_prefixes(&self) -> bool {
+        false
+    }
+
     /// Appends one sampled row per entry of `rows` (token indices of the
     /// batch, keyed by `keys`, scored as `queries` ask) to `out`.
     fn sample(
@@ -75,6 +81,10 @@ impl ScoringBackend for TeacherBackend {
         self.teacher.hidden_states(batch)
     }
 
+    fn shares_prefixes(&self) -> bool {
+        self.teacher.shares_prefixes()
+    }
+
     fn sample(
         &mut self,
         hidden: &Self::Hidden,
@@ -97,7 +107,12 @@ pub struct Engine<B: ScoringBackend = TeacherBackend> {
     backend: B,
     batches: u64,
     faults: Vec<u64>,
+    min_shared_prefix: usize,
 }
+
+/// Leading tokens that sequences of one batch must have in common before the
+/// forward computes them once for all ([`Engine::set_min_shared_prefix`]).
+pub const DEFAULT_MIN_SHARED_PREFIX: usize = 32;
 
 impl Engine<TeacherBackend> {
     /// An engine for `teacher`, sampling `head_chunk_rows` rows per LM-head
@@ -117,7 +132,19 @@ impl Engine<TeacherBackend> {
 impl<B: ScoringBackend> Engine<B> {
     /// An engine running batches on `backend`.
     pub fn with_backend(backend: B) -> Self {
-        Self { backend, batches: 0, faults: Vec::new() }
+        Self {
+            backend,
+            batches: 0,
+            faults: Vec::new(),
+            min_shared_prefix: DEFAULT_MIN_SHARED_PREFIX,
+        }
+    }
+
+    /// Sequences of one batch whose first `tokens` tokens are equal share
+    /// their common prefix in the forward (computed once, returned to each);
+    /// 0 turns sharing off. Default [`DEFAULT_MIN_SHARED_PREFIX`].
+    pub fn set_min_shared_prefix(&mut self, tokens: usize) {
+        self.min_shared_prefix = tokens;
     }
 
     /// Testing only: batches (1-based, counted from the next one) that fail as
@@ -148,7 +175,11 @@ impl<B: ScoringBackend> Engine<B> {
             return Err(EngineError::InjectedFault(self.batches));
         }
         let sequences: Vec<&[u32]> = items.iter().map(|i| i.tokens.as_slice()).collect();
-        let batch = PackedBatch::new(&sequences)?;
+        let share = if self.backend.shares_prefixes() { self.min_shared_prefix } else { 0 };
+        let batch = PackedBatch::sharing_prefixes(&sequences, share)?;
+        if batch.tokens_shared() > 0 {
+            metrics::counter!(m::SHARED_PREFIX_TOKENS).increment(batch.tokens_shared() as u64);
+        }
         let started = Instant::now();
         let hidden = self.backend.forward(&batch)?;
         metrics::histogram!(m::FORWARD_DURATION).record(started.elapsed().as_secs_f64());
@@ -183,10 +214,9 @@ impl<B: ScoringBackend> Engine<B> {
         let (mut q_realised, mut q_offsets, mut q_ids) = (vec![], vec![0u32], vec![]);
         for s in run.clone() {
             let item = &items[s];
-            let start = batch.sequence(s).start as u32;
             let len = item.tokens.len() as u32;
             for p in item.first_position..len {
-                rows.push(start + p);
+                rows.push(batch.row(s, p as usize) as u32);
                 keys.push(RowKey { seed: item.seed, sequence: item.key_sequence, position: p });
                 if realised {
                     let next =
@@ -388,13 +418,21 @@ mod tests {
         calls: Vec<(SamplingParams, usize)>,
         fail_sample_with_k: Option<u32>,
         settled: std::cell::Cell<usize>,
+        /// Whether it claims to share prefixes; the tokens it forwards.
+        share: bool,
+        forwarded: usize,
     }
 
     impl ScoringBackend for Fake {
         type Hidden = Vec<u32>;
 
         fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<u32>, ModelError> {
+            self.forwarded += batch.num_tokens();
             Ok(batch.tokens().to_vec())
+        }
+
+        fn shares_prefixes(&self) -> bool {
+            self.share
         }
 
         fn sample(
@@ -444,6 +482,34 @@ mod tests {
     fn item(tokens: Vec<u32>, first: u32, k: u32, seed: u64) -> WorkItem {
         let key = RowKey { seed, sequence: 0, position: 0 };
         WorkItem::new(tokens, first, params(k), key, None, Instant::now()).0
+    }
+
+    #[test]
+    fn shared_prefixes_reach_every_sequence_at_its_positions() {
+        let prompt: Vec<u32> = (100..140).collect();
+        let with = |tail: &[u32]| prompt.iter().chain(tail).copied().collect::<Vec<u32>>();
+        let items = vec![
+            item(with(&[1, 2]), 38, 4, 1),
+            item(vec![7, 8, 9], 0, 4, 2),
+            item(with(&[3]), 0, 4, 3),
+            item(prompt.clone(), 39, 4, 4),
+        ];
+        for share in [false, true] {
+            let mut engine = Engine::with_backend(Fake { share, ..Fake::default() });
+            let results = engine.score(&items).unwrap();
+            for (item, rows) in items.iter().zip(&results) {
+                // The fake's row is its token: every position of every item.
+                assert_eq!(rows.token_ids, item.tokens[item.first_position as usize..]);
+            }
+            // 3 × 40 + 3 + 2 + 1 tokens, the prompt run once when shared.
+            let want = if share { 40 + 3 + 2 + 1 } else { 3 * 40 + 3 + 2 + 1 };
+            assert_eq!(engine.backend.forwarded, want, "share {share}");
+            // A minimum above the prompt shares nothing.
+            engine.set_min_shared_prefix(41);
+            engine.backend.forwarded = 0;
+            engine.score(&items).unwrap();
+            assert_eq!(engine.backend.forwarded, 3 * 40 + 3 + 2 + 1);
+        }
     }
 
     #[test]

@@ -28,8 +28,12 @@ pub const BATCH_SEQUENCES: &str = "logitd_batch_sequences";
 pub const FORWARD_DURATION: &str = "logitd_forward_duration_seconds";
 /// LM head + sampling time per batch.
 pub const SAMPLE_DURATION: &str = "logitd_sample_duration_seconds";
-/// Tokens run through the teacher.
+/// Tokens of the sequences scored (a shared prefix counted per sequence; the
+/// forward ran this less [`SHARED_PREFIX_TOKENS`]).
 pub const TOKENS: &str = "logitd_tokens_total";
+/// Tokens of the sequences scored that the forward did not run because they
+/// were a prefix shared with another sequence of the batch (computed once).
+pub const SHARED_PREFIX_TOKENS: &str = "logitd_shared_prefix_tokens_total";
 /// Encoded response bytes sent.
 pub const RESPONSE_BYTES: &str = "logitd_response_bytes_total";
 /// Distinct sampled ids per position.
@@ -93,7 +97,14 @@ fn describe() {
     describe_histogram!(BATCH_SEQUENCES, "Sequences per packed batch");
     describe_histogram!(FORWARD_DURATION, Unit::Seconds, "Teacher forward time per batch");
     describe_histogram!(SAMPLE_DURATION, Unit::Seconds, "LM head and sampling time per batch");
-    describe_counter!(TOKENS, "Tokens run through the teacher");
+    describe_counter!(
+        TOKENS,
+        "Tokens of the sequences scored (a shared prefix counted once per sequence)"
+    );
+    describe_counter!(
+        SHARED_PREFIX_TOKENS,
+        "Tokens not run through the teacher because sequences of a batch shared their prefix"
+    );
     describe_counter!(RESPONSE_BYTES, Unit::Bytes, "Encoded response bytes");
     describe_histogram!(SAMPLED_UNIQUE_IDS, "Distinct sampled ids per position");
     describe_histogram!(

@@ -419,8 +419,10 @@ async fn load_and_warm_up(args: &ServeArgs) -> Result<(ModelInfo, Engine), Serve
     metrics::gauge!(m::QUEUE_CAPACITY_TOKENS).set(args.max_queue_tokens as f64);
 
     let head_chunk_rows = args.model.head_chunk_rows;
+    let min_shared_prefix = args.min_shared_prefix;
     let mut engine = tokio::task::spawn_blocking(move || {
         let mut engine = Engine::new(loaded.teacher, head_chunk_rows)?;
+        engine.set_min_shared_prefix(min_shared_prefix);
         engine.warm_up()?;
         Ok::<_, ServeError>(engine)
     })

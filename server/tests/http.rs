@@ -891,3 +891,75 @@ async fn tls_on_the_http_port() {
     assert!(!buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Rollouts of one prompt (a 20-token prompt, four continuations), as a
+/// trainer sends them: each answer equals, bit for bit, that of a server that
+/// shares nothing (`--min-shared-prefix 0`), by gRPC, by the stream and by
+/// vLLM's HTTP endpoint, and the shared-prefix counter shows the prompt run
+/// once per batch: 3 × 20 tokens saved by a batch holding all four rollouts
+/// (two requests of two rollouts landing in one batch included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollouts_of_one_prompt_share_it_by_every_route() {
+    use futures::StreamExt;
+    let flags = |min: &'static str| {
+        ["--http-listen", "127.0.0.1:0", "--max-wait-ms", "300", "--min-shared-prefix", min]
+    };
+    let shared = Server::start(&tiny("llama"), &flags("8"));
+    let plain = Server::start(&tiny("llama"), &flags("0"));
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 13 + 5) % 96).collect();
+    let rollouts: Vec<Vec<u32>> = (0..4u32)
+        .map(|r| prompt.iter().copied().chain((0..3 + r).map(|i| (r * 17 + i * 5) % 96)).collect())
+        .collect();
+    assert!(rollouts.windows(2).all(|w| w[0][20] != w[1][20]), "they part after the prompt");
+    let ask = |seqs: &[Vec<u32>], seed: u64| SampleLogitsRequest {
+        sequences: seqs
+            .iter()
+            .map(|t| Sequence { token_ids: t.clone(), first_position: 20, ..Default::default() })
+            .collect(),
+        num_samples: 16,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let saved =
+        || async { shared.metric("logitd_shared_prefix_tokens_total").await.unwrap_or(0.0) };
+    let batches = || async { shared.metric_value("logitd_batch_sequences_count").await };
+
+    // gRPC: one request of four rollouts.
+    assert_eq!(grpc(&shared, ask(&rollouts, 1)).await, grpc(&plain, ask(&rollouts, 1)).await);
+    assert_eq!(saved().await, 60.0, "{}", shared.metrics_text().await);
+
+    // Two requests of two rollouts each, sent together.
+    let before = (saved().await, batches().await);
+    let (a, b) =
+        tokio::join!(grpc(&shared, ask(&rollouts[..2], 2)), grpc(&shared, ask(&rollouts[2..], 3)));
+    assert_eq!(a, grpc(&plain, ask(&rollouts[..2], 2)).await);
+    assert_eq!(b, grpc(&plain, ask(&rollouts[2..], 3)).await);
+    let (now_saved, now_batches) = (saved().await, batches().await);
+    let one_batch = now_batches - before.1 == 1.0;
+    let want = if one_batch { 60.0 } else { 40.0 };
+    assert_eq!(now_saved - before.0, want, "one batch: {one_batch}");
+    println!("two requests of two rollouts: one batch {one_batch}, {} tokens saved", want);
+
+    // The stream.
+    let requests = vec![ask(&rollouts, 4), ask(&rollouts[1..], 5)];
+    let mut client = shared.client().await;
+    let mut inbound = client
+        .sample_logits_stream(futures::stream::iter(requests.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    for req in requests {
+        let reply = inbound.next().await.expect("a reply per request").unwrap();
+        assert_eq!(reply, grpc(&plain, req).await);
+    }
+
+    // vLLM's /v1/completions with prompt_logprobs.
+    let body = json!({"prompt": rollouts, "max_tokens": 1, "prompt_logprobs": 5, "seed": 9});
+    let before = saved().await;
+    let (status, got) = post(&ready(&shared).await, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{got}");
+    let (_, want) = post(&ready(&plain).await, "/v1/completions", &body).await;
+    assert_eq!(got["choices"], want["choices"]);
+    assert_eq!(saved().await - before, 60.0);
+    assert_eq!(plain.metric("logitd_shared_prefix_tokens_total").await, None);
+}

@@ -22,6 +22,19 @@
 //!
 //! Queries, keys and values are read in the layout the projections produce
 //! ([tokens, heads, head_dim]), so nothing is transposed or copied.
+//!
+//! A packed batch is cut into [`Segment`]s. A segment may have a *context*: the
+//! tokens of a prefix it shares with other segments, packed once elsewhere in
+//! the batch. Its queries then see the context's keys first (positions
+//! 0..context.len()) and its own keys after them, as if the prefix were
+//! repeated in front of it. For each such segment the keys and values of the
+//! context and its own tokens are first copied, per layer, into one buffer
+//! laid out as the packed operands are, and its query blocks are cut at the
+//! same positions as a sequence's (multiples of the block from position 0):
+//! every work item then runs the same matmuls on the same numbers as for the
+//! prefix and the segment packed whole, so the result is the same, bit for bit.
+//! The copies cost (context + own) × 2 × kv_heads × head_dim floats per segment
+//! and layer, far less than the prefix's forward they save.
 
 use std::ops::Range;
 
@@ -34,14 +47,38 @@ use crate::sampler::cpu::exps_below_max;
 /// probabilities are 2 × 256 KiB, within a core's L2 cache.
 pub const DEFAULT_QUERY_BLOCK: usize = 64;
 
+/// A run of packed tokens that attend causally among themselves, after their
+/// `context` (the tokens of a shared prefix packed elsewhere in the batch;
+/// empty when there is none): token `tokens.start + t` is at position
+/// `context.len() + t` and sees every context token and its own tokens up to
+/// itself (within a window, counted in positions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub tokens: Range<usize>,
+    pub context: Range<usize>,
+}
+
+impl Segment {
+    /// A segment with no context.
+    pub fn alone(tokens: Range<usize>) -> Self {
+        let at = tokens.start;
+        Self { tokens, context: at..at }
+    }
+
+    /// The position of its first token (the context's length).
+    pub fn first_position(&self) -> usize {
+        self.context.len()
+    }
+}
+
 /// Causal (optionally sliding-window) attention of packed sequences; see the
 /// module documentation. Inputs q [tokens, heads, head_dim], k and v [tokens,
 /// kv_heads, head_dim], all contiguous f32 on the CPU; output [tokens, heads ×
 /// head_dim] f32. Query head h reads key/value head h / (heads / kv_heads).
 #[derive(Debug, Clone)]
 pub struct PackedCausalAttention {
-    /// Token ranges of the sequences, in order, covering all tokens.
-    pub sequences: Vec<Range<usize>>,
+    /// The segments, in order, their tokens covering all tokens.
+    pub segments: Vec<Segment>,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -55,12 +92,43 @@ pub struct PackedCausalAttention {
     pub query_block: usize,
 }
 
-/// One work item: a block of one sequence's queries for one head.
+/// One work item: a block of one segment's queries for one head. Its keys are
+/// the positions `first_key..` up to its last query, read from `source`.
 #[derive(Debug, Clone, Copy)]
 struct Item {
     head: usize,
+    /// The packed rows it writes.
     queries: (usize, usize),
-    keys_start: usize,
+    /// Rows of the context it computes before them and throws away, so that
+    /// the block is the one a sequence packed whole has: the first block of a
+    /// segment whose context ends inside a block. They are the `pad` tokens
+    /// before packed token `context_end`.
+    pad: usize,
+    context_end: usize,
+    /// The position of its first row (a padding row, if any).
+    first_query: usize,
+    /// The position of the first key any row of the block sees.
+    first_key: usize,
+    /// Keys and values of positions 0.. of the segment: the packed operands
+    /// from the segment's first token, or the gathered buffer `n` of a
+    /// segment with context.
+    source: Source,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Packed(usize),
+    Gathered(usize),
+}
+
+impl Item {
+    fn rows(&self) -> usize {
+        self.pad + self.queries.1 - self.queries.0
+    }
+
+    fn keys(&self) -> usize {
+        self.first_query + self.rows() - self.first_key
+    }
 }
 
 /// The output pointer shared by the items, which write disjoint rows × columns.
@@ -81,23 +149,68 @@ pub(super) fn first_visible_key(i: usize, window: Option<usize>, start: usize) -
 }
 
 impl PackedCausalAttention {
+    /// The work items; segments with context take their keys from gathered
+    /// buffers, numbered in segment order.
     fn items(&self) -> Vec<Item> {
         let block = self.query_block.max(1);
         let mut items = Vec::new();
-        for seq in &self.sequences {
-            let mut q0 = seq.start;
-            while q0 < seq.end {
-                let q1 = (q0 + block).min(seq.end);
-                let keys_start = first_visible_key(q0, self.window, seq.start);
+        let mut gathered = 0;
+        for seg in &self.segments {
+            let (tokens, context) = (&seg.tokens, &seg.context);
+            let source = if context.is_empty() {
+                Source::Packed(tokens.start)
+            } else {
+                gathered += 1;
+                Source::Gathered(gathered - 1)
+            };
+            // Blocks end at multiples of `block` in positions, as a sequence
+            // packed whole would have them.
+            let mut q0 = tokens.start;
+            while q0 < tokens.end {
+                let at = context.len() + (q0 - tokens.start);
+                let pad = at % block;
+                let q1 = (q0 + block - pad).min(tokens.end);
+                // Only a first block with context can start inside a block.
+                let pad = if q0 == tokens.start { pad } else { 0 };
+                let first_query = at - pad;
+                let first_key = first_visible_key(first_query, self.window, 0);
                 for head in 0..self.heads {
-                    items.push(Item { head, queries: (q0, q1), keys_start });
+                    items.push(Item {
+                        head,
+                        queries: (q0, q1),
+                        pad,
+                        context_end: context.end,
+                        first_query,
+                        first_key,
+                        source,
+                    });
                 }
                 q0 = q1;
             }
         }
         // The largest items first, so that the last ones to run are short.
-        items.sort_by_key(|it| std::cmp::Reverse(it.queries.1 - it.keys_start));
+        items.sort_by_key(|it| std::cmp::Reverse(it.keys()));
         items
+    }
+
+    /// For every segment with context, its keys and values from position 0
+    /// (the context's, then its own) in one buffer each, laid out as k and v.
+    fn gather(&self, k: &[f32], v: &[f32]) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let row = self.kv_heads * self.head_dim;
+        let with_context: Vec<&Segment> =
+            self.segments.iter().filter(|s| !s.context.is_empty()).collect();
+        with_context
+            .par_iter()
+            .map(|seg| {
+                let copy = |x: &[f32]| {
+                    let mut buf = Vec::with_capacity((seg.context.len() + seg.tokens.len()) * row);
+                    buf.extend_from_slice(&x[seg.context.start * row..seg.context.end * row]);
+                    buf.extend_from_slice(&x[seg.tokens.start * row..seg.tokens.end * row]);
+                    buf
+                };
+                (copy(k), copy(v))
+            })
+            .collect()
     }
 
     fn check(&self, tokens: usize) -> candle_core::Result<()> {
@@ -105,14 +218,18 @@ impl PackedCausalAttention {
             bail!("attention: {} heads do not share {} kv heads evenly", self.heads, self.kv_heads);
         }
         let mut next = 0;
-        for s in &self.sequences {
+        for Segment { tokens: s, context: c } in &self.segments {
             if s.start != next || s.end <= s.start {
-                bail!("attention: sequence {s:?} does not follow token {next} or is empty");
+                bail!("attention: segment {s:?} does not follow token {next} or is empty");
             }
             next = s.end;
+            let overlaps = c.start < s.end && s.start < c.end;
+            if !c.is_empty() && (c.end > tokens || overlaps) {
+                bail!("attention: segment {s:?} has context {c:?}, outside the batch or over it");
+            }
         }
         if next != tokens {
-            bail!("attention: the sequences cover {next} tokens, the batch has {tokens}");
+            bail!("attention: the segments cover {next} tokens, the batch has {tokens}");
         }
         if self.window == Some(0) {
             bail!("attention: a window of 0 keys");
@@ -127,53 +244,96 @@ impl PackedCausalAttention {
         let out_ptr = OutPtr(out.as_mut_ptr());
         let softcap = self.softcap.map(|c| ((1.0 / c) as f32, c as f32));
         let items = self.items();
+        let gathered = self.gather(k, v);
+        let block = self.query_block.max(1);
         items.par_iter().for_each_init(
-            || (Vec::<f32>::new(), Vec::<f32>::new()),
-            |(scores, probs), item| {
+            || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
+            |(scores, probs, padded_q, padded_out), item| {
                 let (q0, q1) = item.queries;
-                let (rows, keys) = (q1 - q0, q1 - item.keys_start);
+                let (rows, keys) = (item.rows(), item.keys());
+                // A block of fewer rows runs as a whole block (zero queries
+                // after its rows, their results dropped): the matmuls then
+                // have the same shape wherever a position's block ends, and
+                // give the same bits (gemm picks other kernels for few rows).
+                let m = rows.max(block);
+                let scratch = item.pad > 0 || m > rows;
                 let kvh = item.head / groups;
                 // The matmul writes every score; the probabilities of keys a
                 // row cannot see must be 0.
-                scores.resize(rows * keys, 0.0);
+                scores.resize(m * keys, 0.0);
                 probs.clear();
-                probs.resize(rows * keys, 0.0);
-                let kv_offset = (item.keys_start * nkv + kvh) * hd;
-                let q_offset = (q0 * nh + item.head) * hd;
+                probs.resize(m * keys, 0.0);
+                // Position 0 of the segment's keys and values.
+                let (k0, v0) = match item.source {
+                    Source::Packed(t) => (&k[t * nkv * hd..], &v[t * nkv * hd..]),
+                    Source::Gathered(g) => (&gathered[g].0[..], &gathered[g].1[..]),
+                };
+                let kv_offset = (item.first_key * nkv + kvh) * hd;
+                // The query rows (pointer, row stride): in q, or this head's
+                // columns of the padding rows, its own and zero rows.
+                let (q_rows, q_stride) = if scratch {
+                    padded_q.clear();
+                    let pad_rows = item.context_end - item.pad..item.context_end;
+                    for t in pad_rows.chain(q0..q1) {
+                        let at = (t * nh + item.head) * hd;
+                        padded_q.extend_from_slice(&q[at..at + hd]);
+                    }
+                    padded_q.resize(m * hd, 0.0);
+                    padded_out.clear();
+                    padded_out.resize(m * hd, 0.0);
+                    (padded_q.as_ptr(), hd)
+                } else {
+                    (q[(q0 * nh + item.head) * hd..].as_ptr(), nh * hd)
+                };
                 // 1. scores = Q K^T: Q rows of stride nh·hd; K^T (hd × keys)
                 // has column j at key j (stride nkv·hd) and row d at dim d.
-                // SAFETY: every index read is within q and k (query rows
-                // q0..q1 and keys keys_start..q1 of this head's columns), and
-                // `scores` holds rows × keys.
+                // SAFETY: every index read is within the query rows and k0
+                // (key positions first_key.. up to the last query, of this
+                // head's columns), and `scores` holds rows × keys.
                 unsafe {
                     matmul(
-                        (rows, keys, hd),
+                        (m, keys, hd),
                         (scores.as_mut_ptr(), keys),
-                        (q.as_ptr().add(q_offset), nh * hd),
-                        (k.as_ptr().add(kv_offset), 1, nkv * hd),
+                        (q_rows, q_stride),
+                        (k0.as_ptr().add(kv_offset), 1, nkv * hd),
                     );
                 }
-                // 2. the softmax of each row over its visible keys.
-                for (r, (srow, prow)) in
-                    scores.chunks_exact_mut(keys).zip(probs.chunks_exact_mut(keys)).enumerate()
+                // 2. the softmax of each row over its visible keys (column c
+                // is the key at position first_key + c).
+                for (r, (srow, prow)) in scores
+                    .chunks_exact_mut(keys)
+                    .zip(probs.chunks_exact_mut(keys))
+                    .take(rows)
+                    .enumerate()
                 {
-                    let i = q0 + r;
-                    let first = first_visible_key(i, self.window, item.keys_start);
-                    let (lo, hi) = (first - item.keys_start, i + 1 - item.keys_start);
+                    let i = item.first_query + r;
+                    let first = first_visible_key(i, self.window, item.first_key);
+                    let (lo, hi) = (first - item.first_key, i + 1 - item.first_key);
                     softmax_row(&mut srow[lo..hi], &mut prow[lo..hi], self.scale, softcap);
                 }
-                // 3. out rows q0..q1, this head's columns = P V.
-                // SAFETY: V rows keys_start..q1 of this kv head are within v;
-                // the output rows q0..q1 × columns head·hd..(head+1)·hd are
-                // within `out` and written by this item only.
+                // 3. out rows q0..q1, this head's columns = P V (with
+                // padding rows into a scratch buffer, then its own rows out).
+                // SAFETY: the V rows read are the item's key positions of this
+                // kv head, within v0; the output rows q0..q1 × columns
+                // head·hd..(head+1)·hd are within `out` and written by this
+                // item only; `padded_out` holds rows × hd.
                 unsafe {
-                    let out = out_ptr;
+                    let base = out_ptr;
+                    let out = base.0.add(q0 * nh * hd + item.head * hd);
+                    let (dst, dst_stride) =
+                        if scratch { (padded_out.as_mut_ptr(), hd) } else { (out, nh * hd) };
                     matmul(
-                        (rows, hd, keys),
-                        (out.0.add(q0 * nh * hd + item.head * hd), nh * hd),
+                        (m, hd, keys),
+                        (dst, dst_stride),
                         (probs.as_ptr(), keys),
-                        (v.as_ptr().add(kv_offset), nkv * hd, 1),
+                        (v0.as_ptr().add(kv_offset), nkv * hd, 1),
                     );
+                    if scratch {
+                        let own = padded_out.chunks_exact(hd).take(rows).skip(item.pad);
+                        for (r, row) in own.enumerate() {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * nh * hd), hd);
+                        }
+                    }
                 }
             },
         );
@@ -307,18 +467,24 @@ mod tests {
     use candle_core::{Device, Tensor};
     use rand::{RngExt, SeedableRng, rngs::StdRng};
 
-    /// The attention in f64 from its definition, one query at a time.
+    /// The attention in f64 from its definition, one query at a time: the keys
+    /// of a segment's token are its context's, then its own up to itself, the
+    /// key at list index j being at position j.
     fn reference(q: &[f32], k: &[f32], v: &[f32], op: &PackedCausalAttention) -> Vec<f64> {
         let (nh, nkv, hd) = (op.heads, op.kv_heads, op.head_dim);
         let n = q.len() / (nh * hd);
         let mut out = vec![0f64; n * nh * hd];
-        for seq in &op.sequences {
-            for i in seq.clone() {
+        for seg in &op.segments {
+            for i in seg.tokens.clone() {
+                let keys: Vec<usize> = seg.context.clone().chain(seg.tokens.start..=i).collect();
+                let pos = keys.len() - 1; // the query's position
                 for h in 0..nh {
                     let kvh = h / (nh / nkv);
-                    let visible: Vec<usize> = seq
-                        .clone()
-                        .filter(|&j| j <= i && op.window.is_none_or(|w| i - j < w))
+                    let visible: Vec<usize> = keys
+                        .iter()
+                        .enumerate()
+                        .filter(|&(p, _)| op.window.is_none_or(|w| pos - p < w))
+                        .map(|(_, &j)| j)
                         .collect();
                     let scores: Vec<f64> = visible
                         .iter()
@@ -366,17 +532,33 @@ mod tests {
         out.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// Several sequences (1 token to a few blocks), grouped heads, every query
-    /// block size from one row up, with and without a window and a soft-cap:
-    /// within 2e-6 of the f64 attention (relative to the largest |value|).
+    /// Segments (1 token to a few blocks), grouped heads, every query block
+    /// size from one row up, with and without a window and a soft-cap, and
+    /// segments that continue a shared prefix packed elsewhere (a long one, a
+    /// one-token one, one whose window reaches into the prefix for some rows
+    /// only): within 2e-6 of the f64 attention (relative to the largest
+    /// |value|).
     #[test]
     fn matches_the_attention_computed_in_f64() {
         let mut rng = StdRng::seed_from_u64(7);
-        let lens = [1usize, 37, 130, 64, 5];
-        let mut sequences = vec![];
+        // (length, index of the earlier segment whose tokens are the context)
+        let shape: [(usize, Option<usize>); 9] = [
+            (1, None),
+            (37, None),
+            (130, None),
+            (64, None),
+            (5, None),
+            (70, Some(1)),
+            (1, Some(1)),
+            (3, Some(4)),
+            (66, Some(2)),
+        ];
+        let mut segments: Vec<Segment> = vec![];
         let mut next = 0;
-        for l in lens {
-            sequences.push(next..next + l);
+        for (l, ctx) in shape {
+            let tokens = next..next + l;
+            let context = ctx.map_or(next..next, |c| segments[c].tokens.clone());
+            segments.push(Segment { tokens, context });
             next += l;
         }
         let n = next;
@@ -387,7 +569,7 @@ mod tests {
             for window in [None, Some(1), Some(4), Some(50)] {
                 for softcap in [None, Some(3.0)] {
                     let mut op = PackedCausalAttention {
-                        sequences: sequences.clone(),
+                        segments: segments.clone(),
                         heads,
                         kv_heads,
                         head_dim: hd,
@@ -415,6 +597,74 @@ mod tests {
         }
     }
 
+    /// Continuations of a shared prefix get what the prefix followed by each
+    /// continuation gets packed whole, bit for bit, with a window that reaches
+    /// into the prefix and without, and a prefix that ends inside a query
+    /// block; a segment that saw a sibling's keys would not.
+    #[test]
+    fn a_continuation_equals_its_prefix_and_itself_packed_whole() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (heads, kv_heads, hd) = (2, 1, 8);
+        let (p, a, b) = (21, 9, 7);
+        // One token's q, k and v.
+        let mut token = || {
+            (
+                random(heads * hd, &mut rng, 1.5),
+                random(kv_heads * hd, &mut rng, 1.5),
+                random(kv_heads * hd, &mut rng, 1.0),
+            )
+        };
+        let pre: Vec<_> = (0..p).map(|_| token()).collect();
+        let ca: Vec<_> = (0..a).map(|_| token()).collect();
+        let cb: Vec<_> = (0..b).map(|_| token()).collect();
+        let flat = |parts: &[&[(Vec<f32>, Vec<f32>, Vec<f32>)]]| {
+            let (mut q, mut k, mut v) = (vec![], vec![], vec![]);
+            for t in parts.iter().flat_map(|p| p.iter()) {
+                q.extend_from_slice(&t.0);
+                k.extend_from_slice(&t.1);
+                v.extend_from_slice(&t.2);
+            }
+            (q, k, v)
+        };
+        let shared = flat(&[&pre, &ca, &cb]);
+        let whole = flat(&[&pre, &ca, &pre, &cb]);
+        for window in [None, Some(5), Some(12)] {
+            let op = |segments| PackedCausalAttention {
+                segments,
+                heads,
+                kv_heads,
+                head_dim: hd,
+                window,
+                scale: 0.5,
+                softcap: Some(4.0),
+                query_block: 4,
+            };
+            let got = run_op(
+                &op(vec![
+                    Segment::alone(0..p),
+                    Segment { tokens: p..p + a, context: 0..p },
+                    Segment { tokens: p + a..p + a + b, context: 0..p },
+                ]),
+                &shared.0,
+                &shared.1,
+                &shared.2,
+            );
+            let want = run_op(
+                &op(vec![Segment::alone(0..p + a), Segment::alone(p + a..2 * p + a + b)]),
+                &whole.0,
+                &whole.1,
+                &whole.2,
+            );
+            let w = heads * hd;
+            // Shared rows: prefix, a, b; whole rows: prefix, a, (prefix), b.
+            let want_rows: Vec<&[f32]> =
+                want[..(p + a) * w].chunks(w).chain(want[(2 * p + a) * w..].chunks(w)).collect();
+            for (r, (g, wr)) in got.chunks(w).zip(want_rows).enumerate() {
+                assert_eq!(g, wr, "window {window:?} row {r}: shared vs packed whole");
+            }
+        }
+    }
+
     /// Scores far apart (a row whose max is 80 above the rest) still give a
     /// softmax of 1 on the max and 0 elsewhere, and nothing is NaN.
     #[test]
@@ -427,7 +677,7 @@ mod tests {
         k[hd..2 * hd].fill(80.0);
         let v: Vec<f32> = (0..n * hd).map(|x| x as f32).collect();
         let op = PackedCausalAttention {
-            sequences: std::iter::once(0..n).collect(),
+            segments: vec![Segment::alone(0..n)],
             heads,
             kv_heads: 1,
             head_dim: hd,
@@ -445,7 +695,7 @@ mod tests {
     fn bad_shapes_are_errors_not_panics() {
         let dev = Device::Cpu;
         let op = PackedCausalAttention {
-            sequences: vec![0..2, 2..4],
+            segments: vec![Segment::alone(0..2), Segment::alone(2..4)],
             heads: 2,
             kv_heads: 1,
             head_dim: 4,
@@ -461,7 +711,7 @@ mod tests {
         let e = q.apply_op3_no_bwd(&short, &kv, &op).unwrap_err().to_string();
         assert!(e.contains("not [4, 1, 4]"), "{e}");
         let mut gaps = op.clone();
-        gaps.sequences = vec![0..2, 3..4];
+        gaps.segments = vec![Segment::alone(0..2), Segment::alone(3..4)];
         let e = q.apply_op3_no_bwd(&kv, &kv, &gaps).unwrap_err().to_string();
         assert!(e.contains("does not follow"), "{e}");
         let f64q = q.to_dtype(candle_core::DType::F64).unwrap();

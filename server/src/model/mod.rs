@@ -20,7 +20,7 @@ mod weights;
 
 use std::path::PathBuf;
 
-pub use attention_cpu::DEFAULT_QUERY_BLOCK;
+pub use attention_cpu::{DEFAULT_QUERY_BLOCK, Segment};
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
 pub use teacher::{DEFAULT_ATTENTION_TILE_ELEMENTS, PackedBatch, Teacher};
 pub use tokenizer::{load_tokenizer, tokenizer_sha256};

@@ -97,6 +97,17 @@ fuzz_target!(|data: &[u8]| {
         for (s, item) in batch.iter().enumerate() {
             assert_eq!(&p.tokens()[p.sequence(s)], item.tokens.as_slice());
         }
+        // Shared prefixes (any minimum): every position where `row` says,
+        // the stream shorter by exactly what was shared.
+        for min in [1, 2, 4] {
+            let shared = PackedBatch::sharing_prefixes(&sequences, min).expect("packs");
+            assert_eq!(shared.num_tokens() + shared.tokens_shared(), tokens);
+            for (s, item) in batch.iter().enumerate() {
+                for (pos, &t) in item.tokens.iter().enumerate() {
+                    assert_eq!(shared.tokens()[shared.row(s, pos)], t);
+                }
+            }
+        }
         packed.extend(batch.into_iter().map(|i| i.tokens));
     }
     assert_eq!(packed, expected, "every sequence once, in order");

@@ -607,7 +607,8 @@ mod tests {
         let (heads, kv_heads, hd) = (2, 1, 8);
         let (p, a, b) = (21, 9, 7);
         // One token's q, k and v.
-        let mut token = || {
+        type Token = (Vec<f32>, Vec<f32>, Vec<f32>);
+        let mut token = || -> Token {
             (
                 random(heads * hd, &mut rng, 1.5),
                 random(kv_heads * hd, &mut rng, 1.5),
@@ -617,7 +618,7 @@ mod tests {
         let pre: Vec<_> = (0..p).map(|_| token()).collect();
         let ca: Vec<_> = (0..a).map(|_| token()).collect();
         let cb: Vec<_> = (0..b).map(|_| token()).collect();
-        let flat = |parts: &[&[(Vec<f32>, Vec<f32>, Vec<f32>)]]| {
+        let flat = |parts: &[&[Token]]| {
             let (mut q, mut k, mut v) = (vec![], vec![], vec![]);
             for t in parts.iter().flat_map(|p| p.iter()) {
                 q.extend_from_slice(&t.0);

@@ -35,10 +35,11 @@
 //! `shared` measures shared-prefix packing: G rollouts of one PROMPT-token
 //! prompt, each COMPLETION tokens long, scored (completions only) with and
 //! without sharing, alternating, one batch each per round; one JSON line per
-//! round with both rates, their ratio and each one's peak RSS.
+//! round with both rates, their ratio and each one's peak RSS (a last argument
+//! `whole` or `shared` runs one batch of that variant alone, for a clean peak).
 //!
 //! ```text
-//! engine_bench shared MODEL CORPUS.jsonl|TEXT G PROMPT COMPLETION K ROUNDS
+//! engine_bench shared MODEL CORPUS.jsonl|TEXT G PROMPT COMPLETION K ROUNDS [whole|shared]
 //! ```
 //!
 //! Each prints JSON lines.
@@ -234,7 +235,10 @@ fn text_pool(model: &Path, text: &Path, length: usize) -> anyhow::Result<Vec<Vec
 /// rollout g continues it with the last COMPLETION tokens of line r + 1 + g.
 /// Only the completions' positions are returned (first_position = PROMPT).
 /// One JSON line per round: both rates (returned positions per second), their
-/// ratio and each variant's peak RSS during its batch.
+/// ratio and each variant's peak RSS during its batch (which includes what the
+/// allocator kept from earlier batches). With a last argument `whole` or
+/// `shared`: one batch of that variant only, in this fresh process, and the
+/// process's peak RSS.
 fn shared(args: &[String]) -> anyhow::Result<()> {
     let [model, corpus, g, prompt, completion, k, rounds] = &args[..7] else {
         bail!("usage: shared MODEL CORPUS G PROMPT COMPLETION K ROUNDS");
@@ -263,6 +267,32 @@ fn shared(args: &[String]) -> anyhow::Result<()> {
             })
             .collect()
     };
+    if let Some(only) = args.get(7) {
+        // One batch of one variant in a fresh process, no warm-up: the
+        // process's peak RSS (model included) is this batch's.
+        let sharing = match only.as_str() {
+            "shared" => true,
+            "whole" => false,
+            other => bail!("expected `shared` or `whole`, not {other:?}"),
+        };
+        engine.set_min_shared_prefix(if sharing { 32 } else { 0 });
+        let started = Instant::now();
+        let results = engine.score(&batch(0))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let positions: usize = results.iter().map(SampledRows::num_rows).sum();
+        println!(
+            "{}",
+            serde_json::json!({
+                "only": only,
+                "g": g,
+                "prompt": prompt,
+                "completion": completion,
+                "positions_per_s": positions as f64 / seconds,
+                "process_peak_rss_mib": peak_rss_mib()?,
+            })
+        );
+        return Ok(());
+    }
     engine.score(&batch(0))?; // warm-up
     for round in 0..rounds {
         let mut rate = [0f64; 2];
@@ -507,7 +537,7 @@ fn main() -> anyhow::Result<()> {
             "usage: engine_bench engine MODEL CORPUS SEQUENCES LENGTH K DURATION_S [WARMUP]\n       \
              engine_bench sampler LOGITS.f32 VOCAB K MIN_TIME_S\n       \
              engine_bench scores MODEL CORPUS SEQUENCES LENGTH K CANDIDATES ROUNDS SECONDS\n       \
-             engine_bench shared MODEL CORPUS G PROMPT COMPLETION K ROUNDS"
+             engine_bench shared MODEL CORPUS G PROMPT COMPLETION K ROUNDS [whole|shared]"
         ),
     }
 }

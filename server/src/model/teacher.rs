@@ -179,6 +179,10 @@ impl PackedBatch {
     }
 }
 
+/// Most sequences in one shared-prefix group (a larger group is split, its
+/// prefix packed once per part).
+const MAX_GROUP: usize = 1024;
+
 /// The groups of [`PackedBatch::sharing_prefixes`]: (shared length, members),
 /// each of two members or more, every length at least `min_prefix` (> 0).
 ///
@@ -188,8 +192,9 @@ impl PackedBatch {
 /// are then chosen to save the most tokens ((members − 1) × shared length),
 /// by dynamic programming over the sorted order: rollouts of two prompts that
 /// begin with the same system prompt form two groups, one per prompt, rather
-/// than one group sharing the system prompt only. O(n²) in the sequences of
-/// at least `min_prefix` tokens (a few hundred in a batch).
+/// than one group sharing the system prompt only. A group holds at most
+/// [`MAX_GROUP`] sequences, so the work is O(n · MAX_GROUP) in the sequences
+/// of at least `min_prefix` tokens, whatever the batch limits.
 fn share_groups(sequences: &[&[u32]], min_prefix: usize) -> Vec<(usize, Vec<usize>)> {
     if min_prefix == 0 {
         return vec![];
@@ -216,7 +221,7 @@ fn share_groups(sequences: &[&[u32]], min_prefix: usize) -> Vec<(usize, Vec<usiz
         // Runs i..j of two sequences or more, their shared length falling
         // as the run grows to the left.
         let mut len = usize::MAX;
-        for i in (0..j - 1).rev() {
+        for i in (j.saturating_sub(MAX_GROUP)..j - 1).rev() {
             len = len.min(lcp[i]);
             if len < min_prefix {
                 break;
@@ -1053,6 +1058,13 @@ mod tests {
         let b = PackedBatch::sharing_prefixes(&seqs, 32).unwrap();
         assert_packs(&seqs, &b);
         assert_eq!(b.tokens_shared(), 99);
+
+        // A group larger than MAX_GROUP is split (in sorted order), its prefix
+        // packed once per part.
+        let many: Vec<Vec<u32>> = (0..1100u32).map(|i| vec![7, 8, 1000 + i]).collect();
+        let b2 = PackedBatch::sharing_prefixes(&many, 2).unwrap();
+        assert_packs(&many, &b2);
+        assert_eq!(b2.tokens_shared(), (1023 + 75) * 2);
 
         // The unshared batch holds every sequence whole; its rows map back.
         let (flat, rows) = b.unshared().unwrap();

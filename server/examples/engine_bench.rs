@@ -49,7 +49,7 @@ use std::{io::BufRead, path::Path, time::Instant};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use logitd::{
-    engine::Engine,
+    engine::{DEFAULT_MIN_SHARED_PREFIX, Engine},
     model::{PackedBatch, Teacher},
     queue::{Scores, WorkItem},
     response::{Asked, sampled_sequence},
@@ -227,8 +227,18 @@ fn text_pool(model: &Path, text: &Path, length: usize) -> anyhow::Result<Vec<Vec
     Ok(pool)
 }
 
+/// Scores `work` once, sharing prefixes (the server's default minimum) or
+/// not: returned positions per second.
+fn score_timed(engine: &mut Engine, sharing: bool, work: &[WorkItem]) -> anyhow::Result<f64> {
+    engine.set_min_shared_prefix(if sharing { DEFAULT_MIN_SHARED_PREFIX } else { 0 });
+    let started = Instant::now();
+    let results = engine.score(work)?;
+    let positions: usize = results.iter().map(SampledRows::num_rows).sum();
+    Ok(positions as f64 / started.elapsed().as_secs_f64())
+}
+
 /// `shared`: G rollouts of one prompt, scored with and without shared-prefix
-/// packing (`Engine::set_min_shared_prefix` 32 and 0), in alternating order,
+/// packing (`Engine::set_min_shared_prefix` at its default, 32, and 0), in alternating order,
 /// one batch each per round. The corpus is a token JSONL file or a text file
 /// (tokenised with the model's tokenizer, cut into lines of max(PROMPT,
 /// COMPLETION) tokens). Prompt r is corpus line r cut to PROMPT tokens;
@@ -275,11 +285,7 @@ fn shared(args: &[String]) -> anyhow::Result<()> {
             "whole" => false,
             other => bail!("expected `shared` or `whole`, not {other:?}"),
         };
-        engine.set_min_shared_prefix(if sharing { 32 } else { 0 });
-        let started = Instant::now();
-        let results = engine.score(&batch(0))?;
-        let seconds = started.elapsed().as_secs_f64();
-        let positions: usize = results.iter().map(SampledRows::num_rows).sum();
+        let rate = score_timed(&mut engine, sharing, &batch(0))?;
         println!(
             "{}",
             serde_json::json!({
@@ -287,7 +293,7 @@ fn shared(args: &[String]) -> anyhow::Result<()> {
                 "g": g,
                 "prompt": prompt,
                 "completion": completion,
-                "positions_per_s": positions as f64 / seconds,
+                "positions_per_s": rate,
                 "process_peak_rss_mib": peak_rss_mib()?,
             })
         );
@@ -299,15 +305,10 @@ fn shared(args: &[String]) -> anyhow::Result<()> {
         let mut peak = [0f64; 2];
         let order = if round % 2 == 0 { [false, true] } else { [true, false] };
         for sharing in order {
-            engine.set_min_shared_prefix(if sharing { 32 } else { 0 });
             let work = batch(round);
             reset_peak_rss()?;
-            let started = Instant::now();
-            let results = engine.score(&work)?;
-            let seconds = started.elapsed().as_secs_f64();
+            rate[usize::from(sharing)] = score_timed(&mut engine, sharing, &work)?;
             peak[usize::from(sharing)] = peak_rss_mib()?;
-            let positions: usize = results.iter().map(SampledRows::num_rows).sum();
-            rate[usize::from(sharing)] = positions as f64 / seconds;
         }
         println!(
             "{}",

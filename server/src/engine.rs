@@ -177,8 +177,9 @@ impl<B: ScoringBackend> Engine<B> {
         let sequences: Vec<&[u32]> = items.iter().map(|i| i.tokens.as_slice()).collect();
         let share = if self.backend.shares_prefixes() { self.min_shared_prefix } else { 0 };
         let batch = PackedBatch::sharing_prefixes(&sequences, share)?;
-        if batch.tokens_shared() > 0 {
-            metrics::counter!(m::SHARED_PREFIX_TOKENS).increment(batch.tokens_shared() as u64);
+        let shared = batch.tokens_shared();
+        if shared > 0 {
+            metrics::counter!(m::SHARED_PREFIX_TOKENS).increment(shared as u64);
         }
         let started = Instant::now();
         let hidden = self.backend.forward(&batch)?;

@@ -287,9 +287,9 @@ impl PackedCausalAttention {
                 };
                 // 1. scores = Q K^T: Q rows of stride nh·hd; K^T (hd × keys)
                 // has column j at key j (stride nkv·hd) and row d at dim d.
-                // SAFETY: every index read is within the query rows and k0
+                // SAFETY: every index read is within the m query rows and k0
                 // (key positions first_key.. up to the last query, of this
-                // head's columns), and `scores` holds rows × keys.
+                // head's columns), and `scores` holds m × keys.
                 unsafe {
                     matmul(
                         (m, keys, hd),
@@ -316,7 +316,7 @@ impl PackedCausalAttention {
                 // SAFETY: the V rows read are the item's key positions of this
                 // kv head, within v0; the output rows q0..q1 × columns
                 // head·hd..(head+1)·hd are within `out` and written by this
-                // item only; `padded_out` holds rows × hd.
+                // item only; `padded_out` holds m × hd.
                 unsafe {
                     let base = out_ptr;
                     let out = base.0.add(q0 * nh * hd + item.head * hd);

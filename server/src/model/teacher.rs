@@ -212,12 +212,12 @@ fn share_groups(sequences: &[&[u32]], min_prefix: usize) -> Vec<(usize, Vec<usiz
         })
         .collect();
     // best[j]: most tokens saved by the first j sorted sequences; from[j]:
-    // where the last run of that choice starts.
+    // where the last run of that choice starts, and its shared length.
     let mut best = vec![0usize; n + 1];
-    let mut from = vec![0usize; n + 1];
+    let mut from = vec![(0usize, 0usize); n + 1];
     for j in 1..=n {
         best[j] = best[j - 1];
-        from[j] = j - 1;
+        from[j] = (j - 1, 0);
         // Runs i..j of two sequences or more, their shared length falling
         // as the run grows to the left.
         let mut len = usize::MAX;
@@ -229,16 +229,15 @@ fn share_groups(sequences: &[&[u32]], min_prefix: usize) -> Vec<(usize, Vec<usiz
             let saved = best[i] + (j - 1 - i) * len;
             if saved > best[j] {
                 best[j] = saved;
-                from[j] = i;
+                from[j] = (i, len);
             }
         }
     }
     let mut groups = vec![];
     let mut j = n;
     while j > 0 {
-        let i = from[j];
+        let (i, len) = from[j];
         if j - i >= 2 {
-            let len = lcp[i..j - 1].iter().copied().min().expect("two members");
             groups.push((len, order[i..j].to_vec()));
         }
         j = i;

@@ -14,6 +14,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod kernels;
 pub mod malloc;
 pub mod metrics;
 pub mod model;

@@ -3,7 +3,7 @@
 //! even on a CPU with AVX-512 (its own test binary: the setting is read once
 //! per process).
 
-use logitd::sampler::cpu::{AVX512_OFF_ENV, simd_build};
+use logitd::kernels::{AVX512_OFF_ENV, simd_build};
 
 #[test]
 fn avx2_setting_keeps_the_exponentials_off_avx512() {
@@ -16,8 +16,8 @@ fn avx2_setting_keeps_the_exponentials_off_avx512() {
     // And the exponentials still agree with the scalar reference there.
     let z: Vec<f32> = (0..1000).map(|i| -(i as f32) * 0.1).collect();
     let mut e = vec![0f32; z.len()];
-    logitd::sampler::cpu::exps_below_max(&z, 0.0, &mut e);
+    logitd::kernels::exps_below_max(&z, 0.0, &mut e);
     for (x, e) in z.iter().zip(&e) {
-        assert_eq!(e.to_bits(), logitd::sampler::cpu::exp_f32(*x).to_bits(), "exp({x})");
+        assert_eq!(e.to_bits(), logitd::kernels::exp_f32(*x).to_bits(), "exp({x})");
     }
 }

@@ -6,7 +6,7 @@
 //! kernel includes that file; this test compiles the same file for the host
 //! with the system C compiler (contraction off, as nvcc compiles the kernel
 //! with `--fmad=false`) and compares it, bit for bit, with the Rust reference
-//! (`cpu::exp_f32`, `philox4x32_10`, the contract's formulas). It does not run the
+//! (`kernels::exp_f32`, `philox4x32_10`, the contract's formulas). It does not run the
 //! kernel; `server/tests/gpu_sampler.rs` does that on a GPU.
 //!
 //! The exponential is the part that decides whether CPU and GPU draw the same
@@ -22,7 +22,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use logitd::sampler::{cpu::exp_f32, philox::philox4x32_10};
+use logitd::{kernels::exp_f32, sampler::philox::philox4x32_10};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 /// The harness, compiled once per test run.

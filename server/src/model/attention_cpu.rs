@@ -41,7 +41,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, backend::BackendStorage, bail};
 use rayon::prelude::*;
 
-use crate::sampler::cpu::exps_below_max;
+use crate::kernels::exps_below_max;
 
 /// Query rows per work item: at 1,024 keys the item's scores and
 /// probabilities are 2 × 256 KiB, within a core's L2 cache.

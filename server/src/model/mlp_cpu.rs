@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, backend::BackendStorage, bail};
 use rayon::prelude::*;
 
-use crate::sampler::cpu::exps_below_max;
+use crate::kernels::exps_below_max;
 
 /// Values per parallel chunk.
 const CHUNK: usize = 4096;

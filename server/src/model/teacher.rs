@@ -595,7 +595,7 @@ impl Teacher {
             hidden = config.hidden_size,
             vocab = config.vocab_size,
             dtype = ?dtype,
-            cpu_simd = crate::sampler::cpu::simd_build(),
+            cpu_simd = crate::kernels::simd_build(),
             "loading teacher"
         );
         let digest = source.digest()?;

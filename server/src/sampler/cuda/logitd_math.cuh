@@ -57,7 +57,7 @@ LOGITD_HD uint32_t logitd_f32_bits(float f) {
 // ---------------------------------------------------------------------------
 // expf, bit for bit as the CPU reference computes it.
 //
-// The reference's e_i is server/src/sampler/cpu.rs's exp_f32: x86-64 glibc's
+// The reference's e_i is server/src/kernels/exp.rs's exp_f32: x86-64 glibc's
 // expf (2.28 and later; Szabolcs Nagy's table-driven algorithm from ARM
 // optimized-routines) as glibc's FMA build computes it, the compiler having
 // fused the reduction r = InvLn2N * x - kd and the polynomial. Written out

@@ -53,7 +53,8 @@ use logitd::{
     model::{PackedBatch, Teacher},
     queue::{Scores, WorkItem},
     response::{Asked, sampled_sequence},
-    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams},
+    scoring::SamplerBackend,
 };
 use logitd_proto::v1::{SampleLogitsResponse, ValueEncoding};
 use prost::Message;

@@ -39,9 +39,8 @@ use logitd::{
     engine::Engine,
     model::{PackedBatch, Teacher},
     queue::WorkItem,
-    sampler::{
-        CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplingParams, gpu::CudaSampler,
-    },
+    sampler::{CpuSampler, Method, RowKey, SampledRows, SamplingParams, gpu::CudaSampler},
+    scoring::SamplerBackend,
 };
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 

@@ -14,7 +14,8 @@ use std::{path::PathBuf, time::Instant};
 use candle_core::{DType, Device};
 use logitd::{
     model::{PackedBatch, Teacher},
-    sampler::{Method, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, RowKey, RowQueries, SampledRows, SamplingParams},
+    scoring::SamplerBackend,
 };
 
 fn peak_rss_mib() -> f64 {

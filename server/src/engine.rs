@@ -17,90 +17,12 @@ use std::{
 };
 
 use crate::{
-    device, metrics as m,
-    model::{ModelError, PackedBatch, Teacher},
+    metrics as m,
+    model::{PackedBatch, Teacher},
     queue::{BatchQueue, SubmitError, WorkItem},
-    sampler::{Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplingParams},
+    scoring::{EngineError, ScoringBackend, ScoringError, TeacherBackend},
 };
-
-/// Why a batch failed. Every item of the batch gets the same error; the next
-/// batch is served as usual.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// A test asked for this batch to fail (`--inject-engine-fault`).
-    #[error("injected device fault on batch {0}")]
-    InjectedFault(u64),
-    /// The model, the LM head or the sampler failed.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-}
-
-/// What the engine runs a batch on: the model's forward over a packed batch,
-/// then the LM head and the sampler for chosen rows of its result.
-/// [`TeacherBackend`] is the real one; tests use fakes with no model.
-pub trait ScoringBackend: Send + 'static {
-    /// The forward's result for one packed batch (hidden states).
-    type Hidden;
-
-    /// Runs the model over `batch`.
-    fn forward(&mut self, batch: &PackedBatch) -> Result<Self::Hidden, ModelError>;
-
-    /// Whether [`Self::forward`] computes a shared prefix once; when not, the
-    /// engine packs batches unshared (the result is the same either way).
-    fn shares_prefixes(&self) -> bool {
-        false
-    }
-
-    /// Appends one sampled row per entry of `rows` (token indices of the
-    /// batch, keyed by `keys`, scored as `queries` ask) to `out`.
-    fn sample(
-        &mut self,
-        hidden: &Self::Hidden,
-        rows: &[u32],
-        keys: &[RowKey],
-        queries: RowQueries<'_>,
-        params: &SamplingParams,
-        out: &mut SampledRows,
-    ) -> Result<(), ModelError>;
-
-    /// Waits until the device work queued from this thread has finished, so
-    /// that another thread may use its results.
-    fn settle(&self) -> Result<(), ModelError>;
-}
-
-/// The teacher model and the sampler backend of its device.
-pub struct TeacherBackend {
-    teacher: Teacher,
-    sampler: SamplerBackend,
-}
-
-impl ScoringBackend for TeacherBackend {
-    type Hidden = candle_core::Tensor;
-
-    fn forward(&mut self, batch: &PackedBatch) -> Result<Self::Hidden, ModelError> {
-        self.teacher.hidden_states(batch)
-    }
-
-    fn shares_prefixes(&self) -> bool {
-        self.teacher.shares_prefixes()
-    }
-
-    fn sample(
-        &mut self,
-        hidden: &Self::Hidden,
-        rows: &[u32],
-        keys: &[RowKey],
-        queries: RowQueries<'_>,
-        params: &SamplingParams,
-        out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
-        self.sampler.sample(&self.teacher, hidden, rows, keys, queries, params, out)
-    }
-
-    fn settle(&self) -> Result<(), ModelError> {
-        device::settle(self.teacher.device())
-    }
-}
 
 /// Runs batches on a scoring backend (by default the teacher).
 pub struct Engine<B: ScoringBackend = TeacherBackend> {
@@ -117,15 +39,13 @@ pub const DEFAULT_MIN_SHARED_PREFIX: usize = 32;
 impl Engine<TeacherBackend> {
     /// An engine for `teacher`, sampling `head_chunk_rows` rows per LM-head
     /// chunk (by default the sampler backend's choice for the device).
-    pub fn new(teacher: Teacher, head_chunk_rows: Option<usize>) -> Result<Self, ModelError> {
-        let sampler =
-            SamplerBackend::new(teacher.device(), teacher.config().vocab_size, head_chunk_rows)?;
-        Ok(Self::with_backend(TeacherBackend { teacher, sampler }))
+    pub fn new(teacher: Teacher, head_chunk_rows: Option<usize>) -> Result<Self, ScoringError> {
+        Ok(Self::with_backend(TeacherBackend::new(teacher, head_chunk_rows)?))
     }
 
     /// The teacher.
     pub fn teacher(&self) -> &Teacher {
-        &self.backend.teacher
+        self.backend.teacher()
     }
 }
 
@@ -427,7 +347,7 @@ mod tests {
     impl ScoringBackend for Fake {
         type Hidden = Vec<u32>;
 
-        fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<u32>, ModelError> {
+        fn forward(&mut self, batch: &PackedBatch) -> Result<Vec<u32>, ScoringError> {
             self.forwarded += batch.num_tokens();
             Ok(batch.tokens().to_vec())
         }
@@ -444,7 +364,7 @@ mod tests {
             queries: RowQueries<'_>,
             params: &SamplingParams,
             out: &mut SampledRows,
-        ) -> Result<(), ModelError> {
+        ) -> Result<(), ScoringError> {
             self.calls.push((*params, rows.len()));
             queries.check(rows.len(), 1000)?;
             if self.fail_sample_with_k == Some(params.num_samples()) {
@@ -470,7 +390,7 @@ mod tests {
             Ok(())
         }
 
-        fn settle(&self) -> Result<(), ModelError> {
+        fn settle(&self) -> Result<(), ScoringError> {
             self.settled.set(self.settled.get() + 1);
             Ok(())
         }
@@ -592,7 +512,7 @@ mod tests {
         // A sampler error (non-finite logits) fails its batch, not the next.
         engine.backend.fail_sample_with_k = Some(8);
         let e = engine.score(&[item(vec![1], 0, 4, 0), item(vec![2], 0, 8, 0)]).unwrap_err();
-        assert!(matches!(e, EngineError::Model(ModelError::Sampler(_))), "{e}");
+        assert!(matches!(e, EngineError::Scoring(ScoringError::Sampler(_))), "{e}");
         assert_eq!(engine.score(&[item(vec![3], 0, 4, 0)]).unwrap()[0].token_ids, [3]);
     }
 

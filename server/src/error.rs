@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tonic::{Code, Status};
 
-use crate::{engine::EngineError, model::ModelError, queue::SubmitError};
+use crate::{queue::SubmitError, scoring::EngineError};
 
 /// Why a request is invalid; each message names the offending value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -223,22 +223,13 @@ impl ServiceError {
             ServiceError::Submit(SubmitError::Closed) => "shutting_down",
             ServiceError::DeadlineExceeded { .. } => "deadline_exceeded",
             ServiceError::EngineStopped => "engine_stopped",
-            ServiceError::Engine(e) => engine_error_type(e),
+            ServiceError::Engine(e) => e.kind(),
             ServiceError::NotReady => "not_ready",
             ServiceError::TooManyCalls { .. } => "too_many_calls",
             ServiceError::Unauthenticated(_) => "unauthenticated",
             ServiceError::Inbound(_) => "stream_read",
             ServiceError::InStream { source, .. } => source.error_type(),
         }
-    }
-}
-
-fn engine_error_type(e: &EngineError) -> &'static str {
-    match e {
-        EngineError::InjectedFault(_) => "injected_fault",
-        EngineError::Model(ModelError::Sampler(_)) => "sampler",
-        EngineError::Model(ModelError::Candle(_)) => "device",
-        EngineError::Model(_) => "model",
     }
 }
 
@@ -251,7 +242,7 @@ impl From<ServiceError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::SamplerError;
+    use crate::{model::ModelError, sampler::SamplerError};
 
     #[test]
     fn internal_failures_keep_one_code_but_get_their_own_type() {
@@ -259,14 +250,14 @@ mod tests {
         let cases = [
             (engine(EngineError::InjectedFault(2)), "injected_fault"),
             (
-                engine(EngineError::Model(ModelError::Sampler(SamplerError::NonFiniteLogit {
+                engine(EngineError::from(SamplerError::NonFiniteLogit {
                     index: 3,
                     value: f32::NAN,
-                }))),
+                })),
                 "sampler",
             ),
             (
-                engine(EngineError::Model(ModelError::Candle(candle_core::Error::Msg(
+                engine(EngineError::from(ModelError::Candle(candle_core::Error::Msg(
                     "out of memory".into(),
                 )))),
                 "device",

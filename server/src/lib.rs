@@ -21,5 +21,6 @@ pub mod model;
 pub mod queue;
 pub mod response;
 pub mod sampler;
+pub mod scoring;
 pub mod server;
 pub mod service;

@@ -7,7 +7,8 @@ use clap::Parser;
 use logitd::{
     config::{Cli, Command, SampleArgs},
     model::{PackedBatch, load_tokenizer},
-    sampler::{Method, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, RowKey, RowQueries, SampledRows, SamplingParams},
+    scoring::SamplerBackend,
     server,
 };
 use tracing_subscriber::EnvFilter;

@@ -15,8 +15,8 @@ use std::{
 use tokio::sync::oneshot;
 
 use crate::{
-    engine::EngineError,
     sampler::{RowKey, SampledRows, SamplingParams},
+    scoring::EngineError,
 };
 
 /// What the engine answers for one work item (a failed batch's error is

@@ -34,9 +34,9 @@ pub enum ServeError {
     /// The model could not be loaded.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// The warm-up batch failed.
+    /// The sampler backend could not be set up, or the warm-up batch failed.
     #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
+    Engine(#[from] crate::scoring::EngineError),
     /// A listener could not be bound or a TLS file read.
     #[error("{0}")]
     Io(String),
@@ -421,7 +421,8 @@ async fn load_and_warm_up(args: &ServeArgs) -> Result<(ModelInfo, Engine), Serve
     let head_chunk_rows = args.model.head_chunk_rows;
     let min_shared_prefix = args.min_shared_prefix;
     let mut engine = tokio::task::spawn_blocking(move || {
-        let mut engine = Engine::new(loaded.teacher, head_chunk_rows)?;
+        let mut engine = Engine::new(loaded.teacher, head_chunk_rows)
+            .map_err(crate::scoring::EngineError::from)?;
         engine.set_min_shared_prefix(min_shared_prefix);
         engine.warm_up()?;
         Ok::<_, ServeError>(engine)

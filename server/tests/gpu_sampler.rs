@@ -36,9 +36,10 @@ use gpu_common::{
 use logitd::{
     model::{PackedBatch, Teacher},
     sampler::{
-        CpuSampler, Method, RowKey, SampledRows, SamplerBackend, SamplerError, SamplingParams,
+        CpuSampler, Method, RowKey, SampledRows, SamplerError, SamplingParams,
         gpu::{CudaSampler, GpuSampleError},
     },
+    scoring::SamplerBackend,
 };
 
 fn cuda() -> Device {

@@ -163,8 +163,9 @@ fn load_fixture(name: &str) -> Fixture {
 /// fixture's sentences, the realised next token's log p and rank, the 32
 /// candidates' log p, and the top-20 order, against transformers.
 fn check_scores(fixture: &str, model: &Path, bound: f64) {
-    use logitd::sampler::{
-        Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams,
+    use logitd::{
+        sampler::{Method, NO_TOKEN, RowKey, RowQueries, SampledRows, SamplingParams},
+        scoring::SamplerBackend,
     };
     let fx = load_fixture(fixture);
     let teacher = Teacher::load(model, &Device::Cpu, DType::F32).unwrap();

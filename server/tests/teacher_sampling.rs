@@ -6,7 +6,8 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use logitd::{
     model::{PackedBatch, Teacher},
-    sampler::{Method, RowKey, RowQueries, SampledRows, SamplerBackend, SamplingParams},
+    sampler::{Method, RowKey, RowQueries, SampledRows, SamplingParams},
+    scoring::SamplerBackend,
 };
 
 fn teacher(name: &str) -> Teacher {

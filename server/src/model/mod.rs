@@ -66,9 +66,6 @@ pub enum ModelError {
     /// A batch is malformed (a bug in the caller).
     #[error("invalid batch: {0}")]
     Batch(String),
-    /// Sampling failed (non-finite logits).
-    #[error(transparent)]
-    Sampler(#[from] crate::sampler::SamplerError),
     /// A tensor operation failed (device error, out of memory, ...).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

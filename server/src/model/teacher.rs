@@ -10,7 +10,6 @@ use super::{
     mlp_cpu::SiluMul,
     weights::{Loader, SafetensorsSource, WeightSource},
 };
-use crate::sampler::LmHead;
 
 /// Scores per attention tile, at most (heads × query rows × keys), unless a
 /// test sets another bound with [`Teacher::set_attention_tile_elements`]:
@@ -958,16 +957,6 @@ impl Teacher {
     fn head_matmul(&self, hidden_rows: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         hidden_rows.matmul(&head.t()?)
-    }
-}
-
-impl LmHead for Teacher {
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError> {
-        Teacher::head_logits(self, hidden_rows)
     }
 }
 

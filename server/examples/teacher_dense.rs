@@ -32,6 +32,8 @@ use candle_core::{D, DType, Device, Tensor};
 use logitd::model::{PackedBatch, Teacher};
 
 fn main() -> anyhow::Result<()> {
+    // As the `logitd` binary: freed tensor memory reused (`logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: teacher_dense MODEL (--tokens IN.safetensors --out OUT.safetensors \
                  [--dense f16|f32] [--batch N] | --tokenizer OUT.json)";

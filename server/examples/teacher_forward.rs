@@ -28,6 +28,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `logitd` binary: freed tensor memory reused (`logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = PathBuf::from(
         args.first()

@@ -14,6 +14,9 @@ use logitd::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // The forward's large, short-lived tensors: reuse freed memory instead of
+    // a fresh mmap per tensor (process-wide; see `logitd::malloc`).
+    logitd::malloc::keep_tensor_memory();
     let cli = Cli::parse();
     let filter = match EnvFilter::try_new(&cli.log) {
         Ok(f) => f,
@@ -70,7 +73,7 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn sample(args: &SampleArgs) -> anyhow::Result<()> {
     let loaded = server::load_model(&args.model)?;
     let teacher = &loaded.teacher;
-    let model_path = args.model.model.clone().unwrap_or_else(server::demo_teacher);
+    let model_path = args.model.model.clone().unwrap_or_else(logitd::model::demo_teacher);
     let tokenizer = match (&args.text, &args.tokenizer) {
         (Some(_), _) | (None, Some(_)) => {
             Some(load_tokenizer(&model_path, args.tokenizer.as_deref())?)

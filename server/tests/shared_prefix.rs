@@ -160,7 +160,7 @@ fixture_tests! {
 /// k = 256.
 #[test]
 fn smollm2_shares_prefixes() {
-    let path = logitd::server::demo_teacher();
+    let path = logitd::model::demo_teacher();
     assert!(path.exists(), "{} is missing: run tests/fetch-teachers.sh", path.display());
     let teacher = Teacher::load(&path, &Device::Cpu, DType::F32).unwrap();
     check("SmolLM2", teacher, 64, 256);

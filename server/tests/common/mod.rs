@@ -249,7 +249,7 @@ fn rand_u64() -> u128 {
 /// The cached demo teacher (SmolLM2-135M, vocabulary 49,152), fetched by
 /// tests/fetch-teachers.sh.
 pub fn demo_teacher() -> PathBuf {
-    let p = logitd::server::demo_teacher();
+    let p = logitd::model::demo_teacher();
     assert!(p.exists(), "{} is missing: run tests/fetch-teachers.sh", p.display());
     p
 }

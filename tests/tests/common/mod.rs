@@ -23,7 +23,7 @@ pub fn tiny(name: &str) -> PathBuf {
 }
 
 pub fn cached(file: &str) -> PathBuf {
-    let p = logitd::server::cache_dir().join("teachers").join(file);
+    let p = logitd::model::cache_dir().join("teachers").join(file);
     assert!(p.exists(), "{} missing: run tests/fetch-teachers.sh all", p.display());
     p
 }

@@ -28,11 +28,11 @@ def load_all(path):
 
 
 def cli_default(env):
-    """The clap default of the flag read from `env` in server/src/config.rs."""
-    src = (ROOT / "server/src/config.rs").read_text()
+    """The clap default of the flag read from `env` in server/src/cli.rs."""
+    src = (ROOT / "server/src/cli.rs").read_text()
     m = re.search(r'env = "%s"[^)]*default_value(?:_t)? = "?([^",)]+)"?' % env, src)
     if not m:
-        sys.exit(f"lint.py: no default for {env} in server/src/config.rs")
+        sys.exit(f"lint.py: no default for {env} in server/src/cli.rs")
     return m.group(1).strip()
 
 

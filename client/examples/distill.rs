@@ -201,8 +201,8 @@ async fn teacher_targets(
                 "--max-num-samples",
                 "4096",
             ]);
-            let logitd::config::Command::Serve(serve) =
-                logitd::config::Cli::try_parse_from(argv)?.command
+            let logitd::cli::Command::Serve(serve) =
+                logitd::cli::Cli::try_parse_from(argv)?.command
             else {
                 unreachable!()
             };

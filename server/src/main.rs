@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use logitd::{
-    config::{Cli, Command, SampleArgs},
+    cli::{Cli, Command, SampleArgs},
     model::{PackedBatch, load_tokenizer},
     sampler::{Method, RowKey, RowQueries, SampledRows, SamplingParams},
     scoring::SamplerBackend,

@@ -5,21 +5,18 @@ use std::time::Duration;
 
 use candle_core::DType;
 use logitd_proto::v1::{ModelInfo, teacher_server::TeacherServer};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tonic::{
-    Request, Status,
     service::interceptor::InterceptedService,
     transport::{Certificate, Identity, Server, ServerTlsConfig},
 };
 use tonic_health::ServingStatus;
 
 use crate::{
-    config::{DtypeArg, ModelArgs, ServeArgs},
+    auth::BearerAuth,
+    cli::{DtypeArg, ModelArgs, ServeArgs},
     device,
     engine::{Engine, SchedulerHandle, WorkerThreads},
-    error::{AuthError, ServiceError},
     http, metrics as m,
     model::{ModelError, Teacher, demo_teacher, load_tokenizer, resolve_model, tokenizer_sha256},
     service::{Limits, LoadedService, TeacherService},
@@ -111,35 +108,6 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
         max_candidates: args.max_candidates,
     };
     Ok(Loaded { teacher, info })
-}
-
-/// Checks `authorization: Bearer <token>` in constant time: the SHA-256 of
-/// what was sent is compared with that of the token, so neither the token's
-/// bytes nor its length show in the time taken.
-#[derive(Clone)]
-pub struct BearerAuth(Option<[u8; 32]>);
-
-impl BearerAuth {
-    /// Checks against `token` (none: every call passes).
-    pub fn new(token: Option<&str>) -> Self {
-        Self(token.map(|t| Sha256::digest(t.as_bytes()).into()))
-    }
-
-    /// Checks the `authorization` value sent (gRPC metadata or HTTP header).
-    pub fn check(&self, value: Option<&[u8]>) -> Result<(), AuthError> {
-        let Some(expected) = &self.0 else { return Ok(()) };
-        let Some(value) = value else { return Err(AuthError::Missing) };
-        let token = value.strip_prefix(b"Bearer ").unwrap_or(b"");
-        let sent: [u8; 32] = Sha256::digest(token).into();
-        if bool::from(sent.ct_eq(expected)) { Ok(()) } else { Err(AuthError::Invalid) }
-    }
-}
-
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let value = req.metadata().get("authorization").map(|v| v.as_bytes());
-        self.check(value).map_err(|e| ServiceError::from(e).into()).map(|()| req)
-    }
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {

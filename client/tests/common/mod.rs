@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use logitd::config::{Cli, Command as ServerCommand};
+use logitd::cli::{Cli, Command as ServerCommand};
 use logitd_client::{ClientConfig, TeacherClient, TeacherTargets};
 
 /// The server task; abort it to stop the server.

@@ -44,9 +44,9 @@ use tokenizers::Tokenizer;
 use tonic::Code;
 
 use crate::{
+    auth::BearerAuth,
     error::{AuthError, ServiceError},
     metrics as m,
-    server::BearerAuth,
     service::{LoadedService, TeacherService},
 };
 

@@ -26,16 +26,26 @@ use super::{
     score::{self, Scored, ToScore},
 };
 
-/// `POST /get_sequence_logprobs/`.
-pub async fn get_sequence_logprobs(ctx: Ctx, body: Bytes) -> Result<Response, HttpError> {
-    let o = json::object(&body)?;
+/// A `/get_sequence_logprobs/` request, checked.
+struct Parsed {
+    /// Each sequence, scored from its prompt length on.
+    to_score: Vec<ToScore>,
+    /// Entries per position (`top_logprobs`, default 100).
+    top_k: usize,
+    temperature: f64,
+    /// `response_format: "binary"` (base64 numpy arrays) rather than JSON.
+    binary: bool,
+}
+
+/// Reads and checks the request's fields; `max` is `--max-num-samples`.
+fn parse(o: &json::Object, max: i64) -> Result<Parsed, HttpError> {
     let missing =
         |name: &str| HttpError::schema("missing", format!("`{name}` is required"), Some(name));
     let sequences = json::id_lists(
-        json::get(&o, "sequences").ok_or_else(|| missing("sequences"))?,
+        json::get(o, "sequences").ok_or_else(|| missing("sequences"))?,
         "sequences",
     )?;
-    let prompt_lengths: Vec<i64> = match json::get(&o, "prompt_lengths")
+    let prompt_lengths: Vec<i64> = match json::get(o, "prompt_lengths")
         .ok_or_else(|| missing("prompt_lengths"))?
     {
         serde_json::Value::Array(items) => {
@@ -49,9 +59,9 @@ pub async fn get_sequence_logprobs(ctx: Ctx, body: Bytes) -> Result<Response, Ht
             ));
         }
     };
-    let top_k = json::opt_int(&o, "top_logprobs")?.unwrap_or(100);
-    let temperature = json::opt_float(&o, "temperature")?.unwrap_or(1.0);
-    let binary = match json::opt_str(&o, "response_format")?.unwrap_or("json") {
+    let top_k = json::opt_int(o, "top_logprobs")?.unwrap_or(100);
+    let temperature = json::opt_float(o, "temperature")?.unwrap_or(1.0);
+    let binary = match json::opt_str(o, "response_format")?.unwrap_or("json") {
         "json" => false,
         "binary" => true,
         other => {
@@ -84,7 +94,6 @@ pub async fn get_sequence_logprobs(ctx: Ctx, body: Bytes) -> Result<Response, Ht
         }
         to_score.push(ToScore { tokens: seq, first_token: pl as usize, candidates: Vec::new() });
     }
-    let max = ctx.service.info().max_num_samples as i64;
     if !(0..=max).contains(&top_k) {
         return Err(HttpError::bad_request(
             format!(
@@ -99,7 +108,14 @@ pub async fn get_sequence_logprobs(ctx: Ctx, body: Bytes) -> Result<Response, Ht
             Some("temperature"),
         ));
     }
-    let top_k = top_k as usize;
+    Ok(Parsed { to_score, top_k: top_k as usize, temperature, binary })
+}
+
+/// `POST /get_sequence_logprobs/`.
+pub async fn get_sequence_logprobs(ctx: Ctx, body: Bytes) -> Result<Response, HttpError> {
+    let o = json::object(&body)?;
+    let max = ctx.service.info().max_num_samples as i64;
+    let Parsed { to_score, top_k, temperature, binary } = parse(&o, max)?;
     let k = top_k.max(1) as u32;
     let reply =
         ctx.service.sample(score::request(&to_score, k, temperature as f32, None), None).await?;

@@ -13,7 +13,7 @@ use std::{
 
 use clap::Parser;
 use logitd::{
-    config::{Cli, Command},
+    cli::{Cli, Command},
     server::{Bound, ServeError, serve_until},
 };
 use tokio::sync::oneshot;

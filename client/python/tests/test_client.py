@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, Server, free_port, sequences, teacher_path
+from conftest import REPO, Server, _binary, free_port, sequences, teacher_path
 from safetensors.numpy import load_file
 
 import logitd
@@ -76,7 +76,7 @@ def assert_same(t: logitd.Targets, ref: dict):
 
 def test_model_info_is_what_the_server_reports(client):
     info = subprocess.run(
-        [str(REPO / "target/debug/logitd"), "info", "--model", str(teacher_path())],
+        [str(_binary("logitd", "LOGITD_BIN")), "info", "--model", str(teacher_path())],
         capture_output=True, text=True, timeout=300, check=True,
     )
     want = json.loads(info.stdout)

@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, sequences, teacher_path
+from conftest import _binary, sequences, teacher_path
 from safetensors.numpy import load_file, save_file
 from test_client import assert_same, dump
 
@@ -81,7 +81,7 @@ def scored(client, seqs, first):
 
 def test_model_info_has_max_candidates(client):
     info = subprocess.run(
-        [str(REPO / "target/debug/logitd"), "info", "--model", str(teacher_path())],
+        [str(_binary("logitd", "LOGITD_BIN")), "info", "--model", str(teacher_path())],
         capture_output=True, text=True, timeout=300, check=True,
     )
     want = json.loads(info.stdout)["max_candidates"]

@@ -144,7 +144,7 @@ def main() -> None:
 
         pb = stubs()
         client = logitd.TeacherClient(uri, timeout_s=600)
-        vocab = client.model_info()["vocab_size"]
+        vocab = client.model_info().vocab_size
         rng = np.random.default_rng(0)
         seqs = [rng.integers(0, vocab, args.length).tolist() for _ in range(args.sequences)]
 

@@ -178,9 +178,9 @@ def main() -> None:
         teacher = Server(binary, args.teacher)
         tc = logitd.TeacherClient(tiny.uri, timeout_s=600)
         sc = logitd.TeacherClient(teacher.uri, timeout_s=600)
-        vocab = tc.model_info()["vocab_size"]
+        vocab = tc.model_info().vocab_size
         meta["tiny_vocab_size"] = vocab
-        meta["teacher_vocab_size"] = sc.model_info()["vocab_size"]
+        meta["teacher_vocab_size"] = sc.model_info().vocab_size
         rng = np.random.default_rng(0)
         arr = rng.integers(0, vocab, (args.sequences, args.length), dtype=np.int64)
         lst = arr.tolist()

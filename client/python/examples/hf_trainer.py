@@ -177,7 +177,7 @@ def main(argv=None):
 
     client = logitd.TeacherClient([args.endpoint], expect_vocab_size=len(tokenizer))
     info = client.model_info()
-    print(f"teacher {info['model_id']}: vocabulary {info['vocab_size']}", flush=True)
+    print(f"teacher {info.model_id}: vocabulary {info.vocab_size}", flush=True)
 
     batches = token_batches(tokenizer, args.corpus, args.steps, args.batch, args.seq_len, args.seed)
     dataset = TeacherTargetsDataset(

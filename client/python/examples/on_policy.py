@@ -333,7 +333,7 @@ def main(argv=None) -> list[dict]:
     tok = load_tokenizer(args.teacher)
     client = logitd.TeacherClient([args.endpoint], expect_vocab_size=len(tok), timeout_s=120.0)
     info = client.model_info()
-    print(f"teacher {info['model_id']}: vocabulary {info['vocab_size']}", flush=True)
+    print(f"teacher {info.model_id}: vocabulary {info.vocab_size}", flush=True)
     student = build_student(len(tok), args.hidden, args.seed)
     print(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters", flush=True)
     rng = np.random.default_rng(args.seed)
@@ -370,7 +370,7 @@ def main(argv=None) -> list[dict]:
     k = min(10, len(rows))
     summary = {
         "argv": sys.argv if argv is None else ["on_policy.py", *argv],
-        "teacher": info["model_id"],
+        "teacher": info.model_id,
         "steps": args.steps, "batch": args.batch, "new_tokens": args.new_tokens, "lr": args.lr,
         "hidden": args.hidden, "seed": args.seed, "warmup_steps": args.warmup_steps,
         "baseline": not args.no_baseline, "wall_s": round(wall, 1), **before,

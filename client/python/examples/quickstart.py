@@ -46,7 +46,7 @@ def main(argv=None) -> None:
 
     teacher = logitd.TeacherClient(args.endpoint)
     info = teacher.model_info()
-    print(f"teacher {info['model_id']} ({info['architecture']}), vocabulary {info['vocab_size']}")
+    print(f"teacher {info.model_id} ({info.architecture}), vocabulary {info.vocab_size}")
 
     if not args.teacher.is_file():
         raise SystemExit(f"{args.teacher} is missing: run tests/fetch-teachers.sh")
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
           f"after {tok.decode(ids[b][t])!r}: {n} distinct ids of 64 draws, most drawn {drawn}")
 
     torch.manual_seed(0)
-    vocab = info["vocab_size"]
+    vocab = info.vocab_size
     student = torch.nn.Sequential(torch.nn.Embedding(vocab, 32), torch.nn.Linear(32, vocab))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
     inputs = torch.zeros(padded.token_ids.shape[:2], dtype=torch.long)

@@ -188,7 +188,7 @@ def main(argv=None):
                     continue
                 for enc in own.encodings:
                     r = measure(client, server.metrics, inputs, method, k, enc)
-                    r.update(server=label, arm=arm, model_id_bytes=len(str(info.get("model_id", "")).encode()))
+                    r.update(server=label, arm=arm, model_id_bytes=len(str(info.model_id).encode()))
                     results.append(r)
                     print(f"[{label}] {arm:>9} {enc}: {r['bytes']:>10,} B over {r['positions']:,} positions "
                           f"({r['sequences']} sequences, {r['ids']:,} ids): {r['bytes_per_position']:8.2f} B/pos "

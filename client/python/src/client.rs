@@ -250,7 +250,7 @@ impl Client {
         d.set_item("model_id", &i.model_id)?;
         d.set_item("architecture", &i.architecture)?;
         d.set_item("vocab_size", i.vocab_size)?;
-        d.set_item("max_seq_len", i.max_sequence_length)?;
+        d.set_item("max_sequence_length", i.max_sequence_length)?;
         d.set_item("dtype", &i.dtype)?;
         d.set_item("device", &i.device)?;
         d.set_item("tokenizer_sha256", &i.tokenizer_sha256)?;

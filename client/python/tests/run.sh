@@ -30,8 +30,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" --version
 
-step "requirements (client/python/requirements-test.txt)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r client/python/requirements-test.txt
+step "requirements (client/python/requirements-test.txt, requirements-lint.txt)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r client/python/requirements-test.txt \
+  -r client/python/requirements-lint.txt
 
 step "TRL 1.1 apart ($VENV/trl-1.1; its client calls /get_sequence_logprobs/)"
 # One TRL per environment: 1.16 is in the requirements; 1.1 goes to its own

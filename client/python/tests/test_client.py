@@ -8,7 +8,9 @@ rounding of f32 values; never from the package under test.
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, Server, free_port, sequences, teacher_path
+from conftest import REPO, Server, _binary, free_port, sequences, teacher_path
 from safetensors.numpy import load_file
 
 import logitd
@@ -74,17 +76,23 @@ def assert_same(t: logitd.Targets, ref: dict):
 
 def test_model_info_is_what_the_server_reports(client):
     info = subprocess.run(
-        [str(REPO / "target/debug/logitd"), "info", "--model", str(teacher_path())],
+        [str(_binary("logitd", "LOGITD_BIN")), "info", "--model", str(teacher_path())],
         capture_output=True, text=True, timeout=300, check=True,
     )
     want = json.loads(info.stdout)
     got = client.model_info()
-    assert got["model_id"] == want["model_id"]
-    assert got["vocab_size"] == want["vocab_size"] == 49152
-    assert got["max_seq_len"] == want["max_sequence_length"]
-    assert got["tokenizer_sha256"] == want["tokenizer_sha256"]
-    assert got["default_num_samples"] == want["default_num_samples"]
-    assert got["max_num_samples"] == want["max_num_samples"]
+    assert isinstance(got, logitd.ModelInfo)
+    # Every field of the proto's ModelInfo, under its proto name.
+    proto = (REPO / "proto/logitd/v1/teacher.proto").read_text()
+    message = re.search(r"message ModelInfo \{(.*?)\n\}", proto, re.S).group(1)
+    proto_fields = re.findall(r"^\s*(?:string|uint32|uint64|bool|float)\s+(\w+)\s*=", message, re.M)
+    assert [f.name for f in dataclasses.fields(got)] == proto_fields
+    assert got.vocab_size == want["vocab_size"] == 49152
+    for name in ("model_id", "max_sequence_length", "tokenizer_sha256", "default_num_samples", "max_num_samples"):
+        assert getattr(got, name) == want[name], name
+    assert got.max_candidates > 0 and got.architecture and got.dtype and got.device
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.vocab_size = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("num_samples,seed", [(64, 7), (256, 12345)])
@@ -178,8 +186,8 @@ def test_client_side_checks_name_the_value(client):
 
 
 def test_tokenizer_and_vocab_mismatch_are_refused(server, client):
-    sha = client.model_info()["tokenizer_sha256"]
-    assert logitd.TeacherClient(server.uri, expect_tokenizer_sha256=sha.upper()).model_info()["vocab_size"] == 49152
+    sha = client.model_info().tokenizer_sha256
+    assert logitd.TeacherClient(server.uri, expect_tokenizer_sha256=sha.upper()).model_info().vocab_size == 49152
     with pytest.raises(logitd.TokenizerMismatch) as e:
         logitd.TeacherClient(server.uri, expect_tokenizer_sha256="ab" * 32)
     assert sha in str(e.value) and "ab" * 32 in str(e.value)
@@ -338,7 +346,7 @@ def test_tls_with_a_ca_and_a_domain(client, tmp_path):
         np.testing.assert_array_equal(got.token_ids, want.token_ids)
         np.testing.assert_array_equal(got.logprobs.view(np.uint32), want.logprobs.view(np.uint32))
         # host:port without a scheme means https with tls
-        assert logitd.TeacherClient(f"127.0.0.1:{s.port}", tls=tls).model_info()["vocab_size"] == 49152
+        assert logitd.TeacherClient(f"127.0.0.1:{s.port}", tls=tls).model_info().vocab_size == 49152
         # Another CA, or the right CA without the certificate's name: refused, not retried.
         for bad in ({"ca": other_ca, "domain": "logitd.test"}, str(ca)):
             with pytest.raises(logitd.Unavailable, match="invalid peer certificate") as e:
@@ -381,3 +389,70 @@ def test_out_of_range_options_name_the_value(client, options, message):
         client.sample([[1, 2, 3]], **options)
     with pytest.raises(logitd.InvalidArgument, match=message):
         logitd.Prefetcher(client, [[[1, 2, 3]]], **options)
+
+
+def test_text_arrays_and_lists_of_words_say_to_tokenize(client):
+    for bad in ([["It", "is", "a", "truth"]], np.array([["It", "is"], ["a", "truth"]]), [np.array(["truth"])]):
+        with pytest.raises(logitd.InvalidArgument, match="tokenize first") as e:
+            client.sample(bad)
+        assert "truth" not in str(e.value), "the text is echoed back"
+
+
+def test_an_empty_batch_is_refused_by_the_prefetcher_too(client):
+    with logitd.Prefetcher(client, [[[1, 2, 3]], []]) as p:
+        batch, t = next(p)
+        assert batch == [[1, 2, 3]] and len(t) == 1
+        with pytest.raises(logitd.InvalidArgument, match="batch 1 has no sequences"):
+            next(p)
+
+
+def test_num_samples_minus_one_says_none_means_the_default(client):
+    with pytest.raises(logitd.InvalidArgument, match=r"num_samples = -1 .*None for the server's default"):
+        client.sample([[1, 2, 3]], num_samples=-1)
+
+
+def test_num_samples_none_is_the_servers_default():
+    """num_samples=None (the default) sends 0, and the server's --default-num-samples
+    applies: a server started with 8 (not the built-in default, not the old
+    Python default of 256) draws 8 per position, in sample() and the Prefetcher."""
+    s = Server(extra=("--default-num-samples", "8"))
+    try:
+        c = logitd.TeacherClient(s.uri, timeout_s=120.0)
+        assert c.model_info().default_num_samples == 8
+        seqs = sequences(3, salt=5)
+        for t in (c.sample(seqs), c.sample(seqs, num_samples=None), next(logitd.Prefetcher(c, [seqs]))[1]):
+            assert t.num_samples == 8
+            per_position = np.add.reduceat(t.counts, t.offsets[:-1].astype(np.intp))
+            assert (per_position == 8).all(), per_position
+        assert c.sample(seqs, num_samples=5).num_samples == 5  # an explicit k still wins
+    finally:
+        s.stop()
+
+
+def test_close_and_the_context_manager(server):
+    with logitd.TeacherClient(server.uri, timeout_s=120.0) as c:
+        assert not c.closed
+        assert len(c.sample([[1, 2, 3]], num_samples=4)) == 1
+    assert c.closed
+    for call in (
+        lambda: c.sample([[1, 2, 3]]),
+        c.model_info,
+        lambda: logitd.Prefetcher(c, [[[1, 2, 3]]]),
+        lambda: c.__enter__(),
+    ):
+        with pytest.raises(logitd.ClientClosed, match="closed.*create a new TeacherClient"):
+            call()
+    assert issubclass(logitd.ClientClosed, logitd.LogitdError)
+    c.close()  # twice is fine
+    c2 = logitd.TeacherClient(server.uri, timeout_s=120.0)
+    c2.close()
+    with pytest.raises(logitd.ClientClosed):
+        c2.sample([[1, 2, 3]])
+
+
+def test_all_is_the_old_public_names_plus_the_additions():
+    before = ["TeacherClient", "Targets", "PaddedTargets", "Prefetcher", "sequence_seed", "shards", "errors"]
+    before += [e for e in logitd.errors.__all__ if e != "ClientClosed"]
+    assert logitd.__all__ == before + ["ClientClosed", "ModelInfo", "SamplingMethod", "ValueEncoding"]
+    for name in logitd.__all__:
+        assert getattr(logitd, name) is not None, name

@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, sequences, teacher_path
+from conftest import _binary, sequences, teacher_path
 from safetensors.numpy import load_file, save_file
 from test_client import assert_same, dump
 
@@ -81,11 +81,11 @@ def scored(client, seqs, first):
 
 def test_model_info_has_max_candidates(client):
     info = subprocess.run(
-        [str(REPO / "target/debug/logitd"), "info", "--model", str(teacher_path())],
+        [str(_binary("logitd", "LOGITD_BIN")), "info", "--model", str(teacher_path())],
         capture_output=True, text=True, timeout=300, check=True,
     )
     want = json.loads(info.stdout)["max_candidates"]
-    assert client.model_info()["max_candidates"] == want > 0
+    assert client.model_info().max_candidates == want > 0
 
 
 def test_token_logprobs_equal_the_rust_clients_bit_for_bit(client, server, logitd_client_bin, tmp_path):
@@ -360,7 +360,7 @@ def test_a_candidate_outside_the_vocabulary_is_named(client):
 
 
 def test_too_many_candidates_are_refused(client):
-    limit = client.model_info()["max_candidates"]
+    limit = client.model_info().max_candidates
     seqs = [[1, 2, 3]]
     ok = [[[], list(range(limit)), []]]
     assert len(client.sample(seqs, candidates=ok, method="none").candidate_logprobs) == limit
@@ -469,7 +469,7 @@ def test_a_format_2_shard_with_candidates_reads_back(client, scored, seqs, first
         "candidate_logprobs": t.candidate_logprobs,
     }
     meta = {
-        "logitd.format": "2", "model_id": info["model_id"], "tokenizer_sha256": info["tokenizer_sha256"],
+        "logitd.format": "2", "model_id": info.model_id, "tokenizer_sha256": info.tokenizer_sha256,
         "num_samples": "64", "temperature": "1", "seed": "5", "method": "1", "value_encoding": "1",
     }
     save_file(tensors, str(tmp_path / "targets-000000000000.safetensors"), metadata=meta)

@@ -131,4 +131,4 @@ def test_the_pytorch_guides_tokenizer_digest_is_the_demo_teachers(client):
     guide = (REPO / "docs" / "guides" / "pytorch.md").read_text()
     m = re.search(r'^TOKENIZER_SHA256 = "([0-9a-f]{64})"', guide, flags=re.M)
     assert m, "docs/guides/pytorch.md: no TOKENIZER_SHA256 line"
-    assert m.group(1) == client.model_info()["tokenizer_sha256"]
+    assert m.group(1) == client.model_info().tokenizer_sha256

@@ -22,7 +22,7 @@ def test_shards_read_back_bit_identical_to_live_targets(client, server, logitd_c
     reader = logitd.shards.read(out, batch_size=5)
     assert len(reader.files) > 1
     assert reader.meta["num_samples"] == 32 and reader.meta["seed"] == 77
-    assert reader.meta["model_id"] == client.model_info()["model_id"]
+    assert reader.meta["model_id"] == client.model_info().model_id
     parts = list(reader)
     assert [len(p) for p in parts] == [5, 5, 3]
     whole = logitd.Targets.concat(parts)

@@ -1,18 +1,31 @@
 """Type stubs of the extension module ``logitd._native`` (Rust, PyO3).
 
-Use the public API in ``logitd`` (typed inline in ``__init__.py``); this
-module is its core. ``Columns`` is the tuple ``logitd.Targets`` is built from.
+Use the public API in ``logitd`` (typed inline in its modules); this
+module is its core. ``_Columns`` is the tuple ``logitd.Targets`` is built from.
 """
 
+from collections.abc import Iterator
 from os import PathLike
-from typing import Any, Iterator
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "Client",
+    "NativePrefetcher",
+    "ShardIter",
+    "distill_loss_reference",
+    "pad",
+    "sequence_seed",
+    "decode_response",
+    "rust_prefetch",
+    "__version__",
+]
+
 __version__: str
 
-Columns = tuple[
+_Columns = tuple[
     npt.NDArray[np.int64],  # offsets [P + 1]
     npt.NDArray[np.int64],  # token_ids [N]
     npt.NDArray[np.int32],  # counts [N]
@@ -28,12 +41,13 @@ Columns = tuple[
     npt.NDArray[np.float32] | None,  # candidate_logprobs [C]
 ]
 
+@final
 class Client:
     """The Rust ``logitd_client::TeacherClient``; connecting fetches ModelInfo
     (with retries) and runs the tokenizer / vocabulary checks."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         endpoints: list[str],
         *,
         bearer_token: str | None = None,
@@ -47,7 +61,7 @@ class Client:
         max_attempts: int = 8,
         max_sequences_per_request: int = 64,
         max_concurrent_requests: int = 8,
-    ) -> None: ...
+    ) -> Client: ...
     def model_info(self) -> dict[str, Any]: ...
     def sample(
         self,
@@ -63,18 +77,19 @@ class Client:
         token_logprobs: bool = False,
         candidate_offsets: npt.NDArray[np.int64] | None = None,
         candidate_ids: npt.NDArray[np.uint32] | None = None,
-    ) -> Columns:
+    ) -> _Columns:
         """``method``: "sample", "top_k" or "none". ``candidate_offsets`` /
         ``candidate_ids``: candidate ids CSR over every returned position of the
         batch (sequence by sequence), checked against the server's vocabulary
         and max_candidates (InvalidArgument naming sequence and position)."""
 
+@final
 class NativePrefetcher:
     """The Rust ``logitd_client::Prefetcher`` over ``source``, an iterator of
     ``(flat uint32 ids, int64 lengths, int64 first_positions, seed)``."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         client: Client,
         source: Iterator[tuple[Any, Any, Any, int]],
         depth: int,
@@ -84,20 +99,21 @@ class NativePrefetcher:
         method: str,
         value_encoding: str,
         token_logprobs: bool = False,
-    ) -> None: ...
-    def next_targets(self) -> Columns: ...
+    ) -> NativePrefetcher: ...
+    def next_targets(self) -> _Columns: ...
     def close(self) -> None: ...
 
+@final
 class ShardIter:
     """The Rust ``logitd_client::shard::ShardReader`` over ``dirs``, ``batch_size``
     sequences per ``next_targets()`` (StopIteration at the end)."""
 
-    def __init__(self, dirs: list[str | PathLike[str]], batch_size: int = 64) -> None: ...
+    def __new__(cls, dirs: list[str | PathLike[str]], batch_size: int = 64) -> ShardIter: ...
     @property
     def meta(self) -> dict[str, Any]: ...
     @property
     def files(self) -> list[str]: ...
-    def next_targets(self) -> Columns: ...
+    def next_targets(self) -> _Columns: ...
 
 def pad(
     offsets: npt.NDArray[np.int64],
@@ -143,7 +159,7 @@ def distill_loss_reference(
     """
 
 # Benchmark helpers (client/python/bench), not part of the public API.
-def decode_response(data: bytes) -> Columns:
+def decode_response(data: bytes) -> _Columns:
     """A serialized SampleLogitsResponse decoded into the Targets columns."""
 
 def rust_prefetch(

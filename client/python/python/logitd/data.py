@@ -22,10 +22,14 @@ and the DataLoader should use ``multiprocessing_context="spawn"``.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from .client import TeacherClient
 
 __all__ = ["TeacherTargetsDataset", "shard_of"]
 
@@ -33,9 +37,12 @@ __all__ = ["TeacherTargetsDataset", "shard_of"]
 _ORIGINAL = "_logitd_batch"
 
 
-def shard_of(rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
-    """(rank, world_size): the explicit values, else torch.distributed's when it is
-    initialised, else (0, 1)."""
+def shard_of(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Returns this process's (rank, world_size).
+
+    (rank, world_size): the explicit values, else torch.distributed's when it is
+    initialised, else (0, 1).
+    """
     if (rank is None) != (world_size is None):
         raise ValueError(f"give both rank and world_size or neither (rank={rank}, world_size={world_size})")
     if rank is None:
@@ -44,13 +51,16 @@ def shard_of(rank: Optional[int] = None, world_size: Optional[int] = None) -> Tu
             rank, world_size = dist.get_rank(), dist.get_world_size()
         else:
             rank, world_size = 0, 1
+    assert rank is not None and world_size is not None
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size) for world_size {world_size}")
     return rank, world_size
 
 
-class TeacherTargetsDataset(IterableDataset):
-    """An ``IterableDataset`` of ``(batch, targets)``: each batch of ``batches`` (in
+class TeacherTargetsDataset(IterableDataset[Any]):
+    """Batches with their teacher targets, prefetched, for a DataLoader.
+
+    An ``IterableDataset`` of ``(batch, targets)``: each batch of ``batches`` (in
     any form ``TeacherClient.sample`` takes: a list of token-id lists, a list of
     numpy arrays, a padded 2-D array...) with its teacher targets, prefetched
     ``depth`` batches ahead with ``logitd.Prefetcher``.
@@ -75,14 +85,14 @@ class TeacherTargetsDataset(IterableDataset):
 
     def __init__(
         self,
-        client: Any,
+        client: TeacherClient | Callable[[], TeacherClient],
         batches: Iterable[Any],
         depth: int = 4,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        transform: Optional[Callable[[Any, Any], Any]] = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        transform: Callable[[Any, Any], Any] | None = None,
         **sample_options: Any,
-    ):
+    ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -102,7 +112,7 @@ class TeacherTargetsDataset(IterableDataset):
                 "TeacherClient.sample(..., candidates=...)"
             )
 
-    def shard(self) -> Tuple[int, int]:
+    def shard(self) -> tuple[int, int]:
         """(index, count): this iterator takes the batches ``i`` with ``i % count == index``."""
         rank, world_size = shard_of(self.rank, self.world_size)
         info = get_worker_info()
@@ -115,9 +125,9 @@ class TeacherTargetsDataset(IterableDataset):
         c = self.client
         return callable(c) and (isinstance(c, type) or not hasattr(c, "sample"))
 
-    def _client(self):
+    def _client(self) -> TeacherClient:
         if self._is_factory():
-            return self.client()
+            return self.client()  # type: ignore[operator]
         if get_worker_info() is not None:
             raise RuntimeError(
                 "TeacherTargetsDataset in a DataLoader worker needs client to be a zero-argument "
@@ -128,11 +138,14 @@ class TeacherTargetsDataset(IterableDataset):
             raise TypeError(
                 f"client must be a logitd.TeacherClient or a callable returning one, got {type(self.client)!r}"
             )
-        return self.client
+        return self.client  # type: ignore[return-value]
 
-    def _numbered(self, index: int, count: int) -> Iterator[Mapping]:
-        """This shard's batches, each as a request Mapping that carries its seed
-        (``seed + i``, i the batch's index in ``batches``) and the batch itself."""
+    def _numbered(self, index: int, count: int) -> Iterator[Mapping[str, Any]]:
+        """Yields this shard's batches as request Mappings.
+
+        This shard's batches, each as a request Mapping that carries its seed
+        (``seed + i``, i the batch's index in ``batches``) and the batch itself.
+        """
         base = int(self.sample_options.get("seed", 0))
         for i, batch in enumerate(itertools.islice(self.batches, index, None, count)):
             g = index + i * count  # the index in `batches`, the same for every world size

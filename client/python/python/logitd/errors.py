@@ -9,6 +9,8 @@ client itself (bad arguments, the tokenizer check) have ``code = None``.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "LogitdError",
     "InvalidArgument",
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigError",
     "MalformedTargets",
     "ShardError",
+    "ClientClosed",
 ]
 
 
@@ -41,13 +44,13 @@ class LogitdError(Exception):
         #: Attempts made (retries included), for server errors.
         self.attempts = attempts
         #: For errors raised by :class:`logitd.Prefetcher`: the batch they belong to.
-        self.batch = None
+        self.batch: Any = None
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.message, self.code, self.attempts))
 
 
-def _rebuild(cls, message, code, attempts):
+def _rebuild(cls: type[LogitdError], message: str, code: str | None, attempts: int | None) -> LogitdError:
     return cls(message, code=code, attempts=attempts)
 
 
@@ -109,3 +112,7 @@ class MalformedTargets(LogitdError):
 
 class ShardError(LogitdError):
     """A target shard could not be read (missing, damaged, another run's)."""
+
+
+class ClientClosed(LogitdError, RuntimeError):
+    """A call on a TeacherClient after its ``close()`` (or the end of its ``with`` block)."""

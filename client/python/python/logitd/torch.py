@@ -34,8 +34,8 @@ ids) and give exactly 0 with zero gradients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -50,12 +50,19 @@ __all__ = [
     "topk_forward_kl",
 ]
 
+Target = Literal["renormalized", "counts"]
+"""The target weights: the teacher's probabilities renormalised over the sampled ids, or the draw counts."""
+Normalization = Literal["full", "sampled"]
+"""The student's log q: log-softmax over the whole vocabulary, or over the sampled ids."""
+Reduction = Literal["mean", "sum", "none"]
+"""A weighted mean over positions, their sum, or the per-position values."""
+
 _TARGETS = ("renormalized", "counts")
 _NORMALIZATIONS = ("full", "sampled")
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _field(targets: Any, name: str, required: bool = True):
+def _field(targets: Any, name: str, required: bool = True) -> torch.Tensor | None:
     if isinstance(targets, Mapping):
         value = targets.get(name)
     else:
@@ -70,9 +77,12 @@ def _field(targets: Any, name: str, required: bool = True):
     return value
 
 
-def _unpack(targets: Any, device: torch.device):
+def _unpack(
+    targets: Any, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     ids = _field(targets, "token_ids")
     mask = _field(targets, "mask")
+    assert ids is not None and mask is not None  # required fields
     logprobs = _field(targets, "logprobs", required=False)
     counts = _field(targets, "counts", required=False)
     position_mask = _field(targets, "position_mask", required=False)
@@ -89,12 +99,14 @@ def _unpack(targets: Any, device: torch.device):
         raise ValueError(
             f"targets.position_mask has shape {tuple(position_mask.shape)}, expected {tuple(ids.shape[:2])}"
         )
-    to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def to(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
     return (
         to(ids).long(),
         to(mask).bool(),
-        to(logprobs),
-        to(counts),
+        None if logprobs is None else to(logprobs),
+        None if counts is None else to(counts),
         to(position_mask).bool(),
     )
 
@@ -102,15 +114,18 @@ def _unpack(targets: Any, device: torch.device):
 def target_weights(
     mask: torch.Tensor,
     *,
-    target: str = "renormalized",
-    logprobs: Optional[torch.Tensor] = None,
-    counts: Optional[torch.Tensor] = None,
+    target: Target = "renormalized",
+    logprobs: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The target weights ``w`` ``[..., K]`` of each position (they sum to 1 over the
+    """Returns the target weights of each position.
+
+    The target weights ``w`` ``[..., K]`` of each position (they sum to 1 over the
     real entries of a position, and are exactly 0 at padded entries and at
     positions without entries), computed in ``dtype`` (float64 by default, as the
-    Rust client does) without ``-inf`` fills."""
+    Rust client does) without ``-inf`` fills.
+    """
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     zero = torch.zeros((), dtype=dtype, device=mask.device)
@@ -143,8 +158,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _position_losses(
     logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, normalization: str
 ) -> torch.Tensor:
-    """Per-position ``log Z - sum_i w_i x_i`` for logits ``[N, V]``, ids/w/mask ``[N, K]``
-    (``w`` already 0 at padding, summing to 1 or 0 per position). Composed ops only."""
+    """Returns the per-position losses of a block of logits.
+
+    Per-position ``log Z - sum_i w_i x_i`` for logits ``[N, V]``, ids/w/mask ``[N, K]``
+    (``w`` already 0 at padding, summing to 1 or 0 per position). Composed ops only.
+    """
     x = logits.to(_compute_dtype(logits.dtype))
     w = w.to(x.dtype)
     gathered = x.gather(-1, ids)  # padded entries gather a valid id (0) with weight 0
@@ -172,7 +190,7 @@ def _weight_dtype(device: torch.device) -> torch.dtype:
 
 
 def _position_weights(
-    position_mask: torch.Tensor, mask: Optional[torch.Tensor], shape, device
+    position_mask: torch.Tensor, mask: torch.Tensor | None, shape: Sequence[int], device: torch.device
 ) -> torch.Tensor:
     pw = position_mask.to(_weight_dtype(device))
     if mask is not None:
@@ -188,7 +206,16 @@ def _position_weights(
     return pw
 
 
-def _prepare(targets, shape_bt, vocab, device, target, normalization, reduction, mask):
+def _prepare(
+    targets: Any,
+    shape_bt: Sequence[int],
+    vocab: int,
+    device: torch.device,
+    target: Target,
+    normalization: str,
+    reduction: str,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     if normalization not in _NORMALIZATIONS:
@@ -229,10 +256,10 @@ def distill_loss(
     student_logits: torch.Tensor,
     targets: Any,
     *,
-    target: str = "renormalized",
-    normalization: str = "full",
-    mask: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
+    target: Target = "renormalized",
+    normalization: Normalization = "full",
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """The distillation loss of ``student_logits`` ``[B, T, V]`` against padded targets.
 
@@ -264,12 +291,25 @@ def distill_loss(
 
 
 class _ChunkedLosses(torch.autograd.Function):
-    """Per-position losses of ``hidden @ weight.T (+ bias)`` over row chunks; the
+    """Per-position losses computed in row chunks, recomputed in backward.
+
+    Per-position losses of ``hidden @ weight.T (+ bias)`` over row chunks; the
     logits of a chunk are recomputed in backward, so at most ``chunk_size`` rows of
-    logits exist at any time."""
+    logits exist at any time.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, w, emask, normalization, chunk_size):
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        ids: torch.Tensor,
+        w: torch.Tensor,
+        emask: torch.Tensor,
+        normalization: str,
+        chunk_size: int,
+    ) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=_compute_dtype(hidden.dtype), device=hidden.device)
         for lo in range(0, hidden.shape[0], chunk_size):
             hi = min(lo + chunk_size, hidden.shape[0])
@@ -281,7 +321,7 @@ class _ChunkedLosses(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, ids, w, emask = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = _compute_dtype(weight.dtype)
@@ -301,11 +341,11 @@ class _ChunkedLosses(torch.autograd.Function):
                 losses = _position_losses(logits, ids[lo:hi], w[lo:hi], emask[lo:hi], ctx.normalization)
                 inputs = [x for x, need in ((h, need_h), (wt, need_w), (b, need_b)) if need and x is not None]
                 grads = list(torch.autograd.grad(losses, inputs, g.to(losses.dtype)))
-            if need_h:
+            if grad_h is not None:
                 grad_h[lo:hi] = grads.pop(0)
-            if need_w:
+            if grad_w is not None:
                 grad_w += grads.pop(0)
-            if need_b and bias is not None:
+            if grad_b is not None:
                 grad_b += grads.pop(0)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
@@ -319,14 +359,16 @@ def distill_loss_chunked(
     lm_head_weight: torch.Tensor,
     targets: Any,
     *,
-    lm_head_bias: Optional[torch.Tensor] = None,
-    target: str = "renormalized",
-    normalization: str = "full",
-    mask: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
+    lm_head_bias: torch.Tensor | None = None,
+    target: Target = "renormalized",
+    normalization: Normalization = "full",
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """:func:`distill_loss` of the logits ``hidden @ lm_head_weight.T (+ lm_head_bias)``
+    """The distillation loss of ``hidden @ lm_head_weight.T`` without the full logits.
+
+    :func:`distill_loss` of the logits ``hidden @ lm_head_weight.T (+ lm_head_bias)``
     without materialising them: ``hidden`` ``[B, T, H]`` (the student's last hidden
     states, after the final norm), ``lm_head_weight`` ``[V, H]``. Positions with no
     loss (padding, mask 0) are skipped; the others are processed ``chunk_size`` rows
@@ -372,9 +414,12 @@ def distill_loss_chunked(
 # On-policy distillation: per-token losses on the student's own samples.
 
 
-def _token_weights(mask: Optional[torch.Tensor], shape, device) -> torch.Tensor:
-    """``[B, T]`` position weights (all 1 without a mask), validated finite and
-    ``>= 0``, in the weight dtype (float64 except on MPS)."""
+def _token_weights(mask: torch.Tensor | None, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Returns the validated ``[B, T]`` position weights.
+
+    ``[B, T]`` position weights (all 1 without a mask), validated finite and
+    ``>= 0``, in the weight dtype (float64 except on MPS).
+    """
     dtype = _weight_dtype(device)
     if mask is None:
         return torch.ones(tuple(shape), dtype=dtype, device=device)
@@ -395,15 +440,23 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _real_only(real: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` where ``real``, else 0: whatever a masked entry holds (-inf, NaN)
-    never reaches an op, so it can't make a NaN value or gradient."""
+    """Returns ``t`` with masked entries set to 0.
+
+    ``t`` where ``real``, else 0: whatever a masked entry holds (-inf, NaN)
+    never reaches an op, so it can't make a NaN value or gradient.
+    """
     return torch.where(real, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-def _token_pair(a: torch.Tensor, b: torch.Tensor, names, mask):
-    """Checks two per-token tensors of one shape; returns them in the compute
+def _token_pair(
+    a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks and converts two per-token tensors.
+
+    Checks two per-token tensors of one shape; returns them in the compute
     dtype (half precision upcast to float32) with masked entries set to 0, the
-    position weights and the bool mask of the real positions."""
+    position weights and the bool mask of the real positions.
+    """
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(
             f"{names[0]} has shape {tuple(a.shape)} but {names[1]} has {tuple(b.shape)}"
@@ -417,9 +470,11 @@ def _token_pair(a: torch.Tensor, b: torch.Tensor, names, mask):
 def reverse_kl_advantage(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The per-token advantage of on-policy distillation: minus the reverse-KL
+    """The per-token advantage of on-policy distillation.
+
+    The per-token advantage of on-policy distillation: minus the reverse-KL
     estimate of each sampled token, ``A_t = -(log q(x_t) - log p(x_t))
     = log p(x_t) - log q(x_t)``, detached.
 
@@ -436,20 +491,16 @@ def reverse_kl_advantage(
     over future tokens (``kl_discount_factor``, default 0, i.e. off); multiply
     or discount the result yourself for those.
 
-    Parameters
-    ----------
-    student_logprobs, teacher_logprobs
-        ``[B, T]``: ``log q(x_t)`` and ``log p(x_t)`` of the sampled token ``x_t``
-        (teacher log-probabilities over its full vocabulary). Tinker uses the
-        sampler's log-probabilities of the rollout as ``log q``.
-    mask
-        Optional ``[B, T]`` mask (bool, or weights ``>= 0``) of the real tokens;
-        where it is 0 the advantage is exactly 0, whatever the inputs hold there.
-        Weights are not applied to ``A`` (apply them in the loss).
+    Args:
+        student_logprobs: ``[B, T]``: ``log q(x_t)`` of the sampled token ``x_t``.
+            Tinker uses the sampler's log-probabilities of the rollout.
+        teacher_logprobs: ``[B, T]``: ``log p(x_t)`` of the same token (teacher
+            log-probabilities over its full vocabulary).
+        mask: Optional ``[B, T]`` mask (bool, or weights ``>= 0``) of the real tokens;
+            where it is 0 the advantage is exactly 0, whatever the inputs hold there.
+            Weights are not applied to ``A`` (apply them in the loss).
 
-    Returns
-    -------
-    torch.Tensor
+    Returns:
         ``[B, T]``, without gradient; half-precision inputs give float32.
     """
     s, t, _, _ = _token_pair(
@@ -462,11 +513,13 @@ def reverse_kl_advantage(
 def on_policy_distill_loss(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    sampling_logprobs: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
+    mask: torch.Tensor | None,
+    sampling_logprobs: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """The policy-gradient surrogate of on-policy distillation, whose gradient is
+    """The policy-gradient surrogate loss of on-policy distillation.
+
+    The policy-gradient surrogate of on-policy distillation, whose gradient is
     the REINFORCE gradient of the reverse KL ``KL(q || p)``.
 
     With ``A = reverse_kl_advantage(student_logprobs, teacher_logprobs, mask)``
@@ -495,28 +548,20 @@ def on_policy_distill_loss(
     compute ``A = reverse_kl_advantage(sampling_logprobs, teacher_logprobs, mask)``
     and form ``-(exp(log q - log mu) * A)`` yourself.
 
-    Parameters
-    ----------
-    student_logprobs
-        ``[B, T]`` log-probabilities of the sampled tokens under the student
-        being trained (they carry the gradient).
-    teacher_logprobs
-        ``[B, T]`` teacher log-probabilities of the same tokens (constant).
-    mask
-        ``[B, T]`` mask of the real (completion) tokens, bool or weights
-        ``>= 0``, or ``None`` for all. Masked entries may hold anything.
-    sampling_logprobs
-        Optional ``[B, T]`` log-probabilities the sampler gave the tokens when
-        it drew them (constant).
-    reduction
-        ``"mean"``: ``sum_t m_t l_t / sum_t m_t`` (0, with zero gradients, if
-        every weight is 0), Tinker's per-token mean; ``"sum"``: ``sum_t m_t l_t``
-        (Tinker's ``importance_sampling`` sums over a datum's tokens);
-        ``"none"``: ``m_t l_t`` as ``[B, T]``.
+    Args:
+        student_logprobs: ``[B, T]`` log-probabilities of the sampled tokens under the student
+            being trained (they carry the gradient).
+        teacher_logprobs: ``[B, T]`` teacher log-probabilities of the same tokens (constant).
+        mask: ``[B, T]`` mask of the real (completion) tokens, bool or weights
+            ``>= 0``, or ``None`` for all. Masked entries may hold anything.
+        sampling_logprobs: Optional ``[B, T]`` log-probabilities the sampler gave the tokens when
+            it drew them (constant).
+        reduction: ``"mean"``: ``sum_t m_t l_t / sum_t m_t`` (0, with zero gradients, if
+            every weight is 0), Tinker's per-token mean; ``"sum"``: ``sum_t m_t l_t``
+            (Tinker's ``importance_sampling`` sums over a datum's tokens);
+            ``"none"``: ``m_t l_t`` as ``[B, T]``.
 
-    Returns
-    -------
-    torch.Tensor
+    Returns:
         A scalar, or ``[B, T]`` with ``reduction="none"``.
     """
     _check_reduction(reduction)
@@ -541,10 +586,12 @@ def kl_k1(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     *,
-    mask: Optional[torch.Tensor] = None,
-    reduction: str = "none",
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "none",
 ) -> torch.Tensor:
-    """The k1 estimate of ``KL(pi || ref)`` at tokens sampled from ``pi``:
+    """The k1 estimate of ``KL(pi || ref)``.
+
+    The k1 estimate of ``KL(pi || ref)`` at tokens sampled from ``pi``:
     ``log pi(x) - log ref(x)``.
 
     As verl defines ``"kl"``/``"k1"`` (volcengine/verl,
@@ -552,18 +599,14 @@ def kl_k1(
     J. Schulman, "Approximating KL divergence", 2020). Unbiased for the KL, but
     its expected gradient is not the KL's gradient.
 
-    Parameters
-    ----------
-    logprobs, ref_logprobs
-        ``[B, T]`` log-probabilities of the sampled tokens under the policy and
-        under the reference.
-    mask
-        Optional ``[B, T]`` mask (bool, or weights ``>= 0``); masked entries may
-        hold anything and give 0.
-    reduction
-        ``"none"`` (the default, like verl's per-token ``kl_penalty``):
-        ``m_t k_t`` as ``[B, T]``; ``"mean"``: ``sum_t m_t k_t / sum_t m_t``
-        (verl's ``agg_loss`` ``"token-mean"`` on one rank); ``"sum"``.
+    Args:
+        logprobs: ``[B, T]`` log-probabilities of the sampled tokens under the policy.
+        ref_logprobs: ``[B, T]`` log-probabilities of the same tokens under the reference.
+        mask: Optional ``[B, T]`` mask (bool, or weights ``>= 0``); masked entries may
+            hold anything and give 0.
+        reduction: ``"none"`` (the default, like verl's per-token ``kl_penalty``):
+            ``m_t k_t`` as ``[B, T]``; ``"mean"``: ``sum_t m_t k_t / sum_t m_t``
+            (verl's ``agg_loss`` ``"token-mean"`` on one rank); ``"sum"``.
     """
     _check_reduction(reduction)
     lp, ref, pw, _ = _token_pair(logprobs, ref_logprobs, ("logprobs", "ref_logprobs"), mask)
@@ -574,10 +617,12 @@ def kl_k3(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     *,
-    mask: Optional[torch.Tensor] = None,
-    reduction: str = "none",
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "none",
 ) -> torch.Tensor:
-    """The k3 ("low_var_kl") estimate of ``KL(pi || ref)`` at tokens sampled from
+    """The k3 ("low_var_kl") estimate of ``KL(pi || ref)``.
+
+    The k3 ("low_var_kl") estimate of ``KL(pi || ref)`` at tokens sampled from
     ``pi``, with verl's clamps: ``d = clamp(log ref(x) - log pi(x), -20, 20)``,
     ``k3 = clamp(exp(d) - d - 1, -10, 10)``.
 
@@ -601,13 +646,15 @@ def topk_forward_kl(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
+    mask: torch.Tensor | None = None,
     tail: bool = True,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     *,
     tail_mass_eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Forward KL ``KL(p || q)`` of the teacher ``p`` to the student ``q`` over a
+    """Forward KL of the teacher to the student over a top-k support.
+
+    Forward KL ``KL(p || q)`` of the teacher ``p`` to the student ``q`` over a
     top-k support ``S`` (the student's own top-k ids, in on-policy distillation).
 
     With ``log q_i = log_softmax(student_logits)_i`` over the whole vocabulary and
@@ -644,29 +691,21 @@ def topk_forward_kl(
     formulas here don't depend on who chose ``S``. The choice of ``S`` is not
     differentiated (ids are constants).
 
-    Parameters
-    ----------
-    student_logits
-        ``[B, T, V]``.
-    topk_ids
-        ``[B, T, K]`` distinct ids of the support per position (e.g.
-        ``student_logits.topk(K).indices``); with repeated ids the tail mass is
-        wrong.
-    teacher_logprobs
-        ``[B, T, K]`` the teacher's full-vocabulary log-probabilities at
-        ``topk_ids`` (constants: no gradient flows to them). ``-inf`` (p = 0)
-        is allowed; NaN and ``+inf`` are not at real positions, and with
-        ``tail=False`` a real position needs one finite entry.
-    mask
-        Optional ``[B, T]`` position mask (bool, or weights ``>= 0``); masked
-        positions may hold any ids and log-probabilities.
-    tail
-        Add the tail bucket (verl) or renormalise over the support (NeMo-RL).
-    reduction
-        ``"mean"``: ``sum_p m_p l_p / sum_p m_p`` (0, with zero gradients, if
-        every weight is 0); ``"sum"``; ``"none"``: ``m_p l_p`` as ``[B, T]``.
-    tail_mass_eps
-        The floor of ``q_tail`` inside its logarithm (``tail=True``).
+    Args:
+        student_logits: ``[B, T, V]``.
+        topk_ids: ``[B, T, K]`` distinct ids of the support per position (e.g.
+            ``student_logits.topk(K).indices``); with repeated ids the tail mass is
+            wrong.
+        teacher_logprobs: ``[B, T, K]`` the teacher's full-vocabulary log-probabilities at
+            ``topk_ids`` (constants: no gradient flows to them). ``-inf`` (p = 0)
+            is allowed; NaN and ``+inf`` are not at real positions, and with
+            ``tail=False`` a real position needs one finite entry.
+        mask: Optional ``[B, T]`` position mask (bool, or weights ``>= 0``); masked
+            positions may hold any ids and log-probabilities.
+        tail: Add the tail bucket (verl) or renormalise over the support (NeMo-RL).
+        reduction: ``"mean"``: ``sum_p m_p l_p / sum_p m_p`` (0, with zero gradients, if
+            every weight is 0); ``"sum"``; ``"none"``: ``m_p l_p`` as ``[B, T]``.
+        tail_mass_eps: The floor of ``q_tail`` inside its logarithm (``tail=True``).
 
     Half-precision logits are computed in float32; the result has the compute dtype.
     """

@@ -32,7 +32,7 @@ mod targets;
 
 pub use client::{
     Candidates, ClientConfig, ClientError, RawTeacherClient, RetryPolicy, SampleOptions,
-    TeacherClient, seeded_sequences, sequence_seed,
+    TeacherClient, explain_status, seeded_sequences, sequence_seed,
 };
 /// The enums of [`SampleOptions`], from the wire protocol.
 pub use logitd_proto::v1::{SamplingMethod, ValueEncoding};

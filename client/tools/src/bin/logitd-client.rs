@@ -17,7 +17,13 @@ use logitd_client_tools::{
 
 /// Tools for student trainers that use a logitd teacher.
 #[derive(Parser)]
-#[command(name = "logitd-client", version, about)]
+// The about line is the client's, not this package's description (the
+// command-line reference shows it).
+#[command(
+    name = "logitd-client",
+    version,
+    about = "logitd client for student trainers: sparse teacher targets and the distillation loss"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -60,11 +60,109 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// An [`Rpc`](ClientError::Rpc) error whose status is
+    /// [`explain_status`]d for `endpoints`.
+    pub(crate) fn rpc(status: Status, attempts: u32, endpoints: &[String]) -> Self {
+        ClientError::Rpc { status: explain_status(status, endpoints), attempts }
+    }
+
     /// The gRPC code, for an [`Rpc`](ClientError::Rpc) error.
     pub fn code(&self) -> Option<Code> {
         match self {
             ClientError::Rpc { status, .. } => Some(status.code()),
             _ => None,
+        }
+    }
+}
+
+/// The prefix of tonic's message for a reply without `grpc-status` (an HTTP
+/// server that is not gRPC), followed by the HTTP status code.
+const NOT_GRPC: &str = "grpc-status header missing, mapped from HTTP status code ";
+
+/// A status that says what went wrong with the connection, where the failure
+/// is the connection's rather than the server's; any other is returned as it
+/// is. The code, details and metadata are kept (callers and the Python
+/// package map errors by code); the message is rewritten:
+///
+/// - The connection could not be made (UNAVAILABLE from the transport): the
+///   message names the address(es) tried and the cause (connection refused,
+///   timed out, the DNS error, ...), then tonic's own message.
+/// - The address answered HTTP without `grpc-status` (tonic maps the HTTP
+///   status to a code, e.g. 404 to UNIMPLEMENTED), or answered in HTTP/1
+///   (its reply is no HTTP/2 frame: the client's HTTP/2 layer closes the
+///   connection with FRAME_SIZE_ERROR, INTERNAL here): the message names the
+///   address, says that it answers HTTP but not gRPC and that it may be
+///   logitd's metrics port or HTTP front rather than its gRPC `--listen` port.
+///
+/// `endpoints` are the client's URIs; with several, the balanced channel does
+/// not say which one failed, so all are named.
+pub fn explain_status(status: Status, endpoints: &[String]) -> Status {
+    let at = match endpoints {
+        [one] => one.clone(),
+        many => format!("any of {}", many.join(", ")),
+    };
+    const HINT: &str = "is it logitd's metrics port (--metrics-listen) or its HTTP front \
+                        (--http-listen) instead of the gRPC --listen port?";
+    let message = if let Some(http) = status.message().strip_prefix(NOT_GRPC) {
+        format!("{at} answers HTTP (status {http}) but not gRPC: {HINT} ({})", status.message())
+    } else if answered_http1(&status) {
+        format!(
+            "{at} answers HTTP/1, not HTTP/2, so not gRPC: {HINT} (its reply was no HTTP/2 \
+             frame: {})",
+            status.message()
+        )
+    } else if status.code() == Code::Unavailable
+        && let Some(cause) = transport_cause(&status)
+    {
+        format!("could not connect to {at} ({cause}): {}", status.message())
+    } else {
+        return status;
+    };
+    let details = tonic::codegen::Bytes::copy_from_slice(status.details());
+    Status::with_details_and_metadata(status.code(), message, details, status.metadata().clone())
+}
+
+/// Whether the connection failed because the peer's bytes were no HTTP/2
+/// frame: the client's HTTP/2 layer sent GOAWAY with FRAME_SIZE_ERROR (an
+/// HTTP/1 reply, `HTTP/1.1 …`, read as a frame header gives a length of
+/// 4.7 MB, over any frame size a client allows).
+fn answered_http1(status: &Status) -> bool {
+    use std::error::Error as _;
+    let mut e = status.source();
+    while let Some(err) = e {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && h2.is_library()
+                && h2.reason() == Some(h2::Reason::FRAME_SIZE_ERROR);
+        }
+        e = err.source();
+    }
+    false
+}
+
+/// Why a transport failure happened, from its source chain: the I/O error's
+/// kind in words where it has a common one, else the innermost error's text.
+/// None for a status that did not come from the transport (no source).
+fn transport_cause(status: &Status) -> Option<String> {
+    use std::{error::Error as _, io::ErrorKind};
+    let mut e: &(dyn std::error::Error + 'static) = status.source()?;
+    loop {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            let kind = match io.kind() {
+                ErrorKind::ConnectionRefused => "connection refused",
+                ErrorKind::TimedOut => "timed out",
+                ErrorKind::ConnectionReset => "connection reset",
+                ErrorKind::ConnectionAborted => "connection aborted",
+                ErrorKind::HostUnreachable => "host unreachable",
+                ErrorKind::NetworkUnreachable => "network unreachable",
+                ErrorKind::AddrNotAvailable => "address not available",
+                _ => return Some(io.to_string()),
+            };
+            return Some(kind.into());
+        }
+        match e.source() {
+            Some(next) => e = next,
+            None => return Some(e.to_string()),
         }
     }
 }
@@ -372,7 +470,9 @@ impl TeacherClient {
                 {
                     tracing::debug!(code = ?status.code(), attempt, "retrying teacher call");
                 }
-                Ok(Err(status)) => return Err(ClientError::Rpc { status, attempts: attempt }),
+                Ok(Err(status)) => {
+                    return Err(ClientError::rpc(status, attempt, &self.config.endpoints));
+                }
                 Err(_) => {
                     let status = Status::deadline_exceeded(format!(
                         "no answer within {:?}",

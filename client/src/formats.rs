@@ -69,7 +69,7 @@ use crate::{
 };
 
 /// The layout `logitd-client dump` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TargetFormat {
     /// logitd's safetensors shards (CSR columns; the Python package and the
     /// Rust client read them).
@@ -92,7 +92,8 @@ impl TargetFormat {
         }
     }
 
-    fn from_name(name: &str) -> Option<Self> {
+    /// The format of a [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
         [TargetFormat::Logitd, TargetFormat::Axolotl, TargetFormat::Distillkit]
             .into_iter()
             .find(|f| f.name() == name)
@@ -120,7 +121,7 @@ pub fn parquet_file_name(start: u64) -> String {
 
 /// Whether `path` is a Parquet target shard (by its name).
 pub fn is_parquet_shard(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "parquet")
+    crate::shard::is_parquet(path)
 }
 
 /// Writes sequences with their targets into Parquet shards of at most

@@ -11,15 +11,18 @@
 //!   those targets, as a differentiable candle scalar.
 //! - [`shard`]: targets on disk (safetensors shards), written once and read by
 //!   several training runs.
-//! - [`corpus`]: token corpora as JSON lines or Parquet, streamed (the input of
-//!   `logitd-client dump` and `logitd-bench`).
-//! - [`dump`]: the targets of a whole corpus to shards, resumable and split
-//!   across workers (`logitd-client dump`).
+//! - [`formats`] (feature `parquet`, on by default): target shards as Parquet
+//!   in Axolotl's and DistillKit's layouts, which [`shard::ShardReader`] reads
+//!   back.
 //! - [`student`]: a small Llama-style student (composed ops) for examples and tests.
+//!
+//! The command-line tools (`logitd-client dump`, `logitd-bench`) and the
+//! corpus readers are the `logitd-client-tools` crate (client/tools): this
+//! library has no command-line dependencies. Its errors are typed
+//! ([`ClientError`], [`shard::ShardError`], [`TargetsError`], [`LossError`]).
 
 mod client;
-pub mod corpus;
-pub mod dump;
+#[cfg(feature = "parquet")]
 pub mod formats;
 mod loss;
 mod prefetch;
@@ -29,7 +32,7 @@ mod targets;
 
 pub use client::{
     Candidates, ClientConfig, ClientError, RawTeacherClient, RetryPolicy, SampleOptions,
-    TeacherClient, seeded_sequences, sequence_seed,
+    TeacherClient, explain_status, seeded_sequences, sequence_seed,
 };
 /// The enums of [`SampleOptions`], from the wire protocol.
 pub use logitd_proto::v1::{SamplingMethod, ValueEncoding};

@@ -173,7 +173,7 @@ async fn run<I: Iterator<Item = TrainingBatch>>(
             head.attempts += 1;
         } else {
             let p = pending.pop_front().expect("head exists");
-            let error = ClientError::Rpc { status: failure, attempts: p.attempts };
+            let error = ClientError::rpc(failure, p.attempts, &client.config().endpoints);
             if out.send(Prefetched { batch: p.batch, targets: Err(error) }).await.is_err() {
                 return;
             }

@@ -1,8 +1,9 @@
 //! Teacher targets on disk: write the replies for a corpus once, train several
 //! students from them.
 //!
-//! (The Parquet layouts for Axolotl and DistillKit are in [`crate::formats`];
-//! [`ShardReader`] reads those folders too.)
+//! (The Parquet layouts for Axolotl and DistillKit are in `crate::formats`,
+//! the `parquet` feature, on by default; [`ShardReader`] reads those folders
+//! too, and without the feature names it in the error.)
 //!
 //! A target set is a directory of safetensors shards `targets-00000.safetensors`,
 //! `targets-00001.safetensors`, … each holding whole sequences, columnar:
@@ -620,15 +621,36 @@ fn order_by_range(
     Ok(start.zip(end).map(|(s, e)| s..e))
 }
 
+/// Whether `path` is a Parquet target shard (by its name).
+pub(crate) fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "parquet")
+}
+
+/// A Parquet shard met by a build without the `parquet` feature.
+#[cfg(not(feature = "parquet"))]
+fn without_parquet(path: &Path) -> ShardError {
+    ShardError::Invalid {
+        path: path.to_path_buf(),
+        message: "a Parquet shard (Axolotl or DistillKit layout); reading it needs \
+                  logitd-client's `parquet` feature, which this build leaves out"
+            .into(),
+    }
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>, ShardError> {
     std::fs::read(path).map_err(|source| ShardError::Io { path: path.to_path_buf(), source })
 }
 
 /// The metadata of a shard and its sequence range, from its header only.
 pub fn read_header(path: &Path) -> Result<(ShardMeta, Option<std::ops::Range<u64>>), ShardError> {
-    if crate::formats::is_parquet_shard(path) {
-        let (meta, range, _) = crate::formats::read_parquet_header(path)?;
-        return Ok((meta, range));
+    if is_parquet(path) {
+        #[cfg(feature = "parquet")]
+        {
+            let (meta, range, _) = crate::formats::read_parquet_header(path)?;
+            return Ok((meta, range));
+        }
+        #[cfg(not(feature = "parquet"))]
+        return Err(without_parquet(path));
     }
     use std::io::Read as _;
     let io = |source| ShardError::Io { path: path.to_path_buf(), source };
@@ -672,8 +694,11 @@ pub(crate) fn meta_and_range(
 }
 
 fn read_shard(path: &Path, num_samples: u32) -> Result<Vec<TeacherTargets>, ShardError> {
-    if crate::formats::is_parquet_shard(path) {
+    if is_parquet(path) {
+        #[cfg(feature = "parquet")]
         return crate::formats::read_parquet_shard(path, num_samples);
+        #[cfg(not(feature = "parquet"))]
+        return Err(without_parquet(path));
     }
     let invalid = |message: String| ShardError::Invalid { path: path.to_path_buf(), message };
     let bytes = read_file(path)?;

@@ -580,10 +580,10 @@ fn fixture_expected() -> Vec<(Vec<u32>, u32)> {
 
 fn read_range(
     paths: &[PathBuf],
-    columns: logitd_client::corpus::Columns,
+    columns: logitd_client_tools::corpus::Columns,
     range: std::ops::Range<u64>,
 ) -> Vec<(Vec<u32>, u32)> {
-    let c = logitd_client::corpus::Corpus::open(paths, columns).unwrap();
+    let c = logitd_client_tools::corpus::Corpus::open(paths, columns).unwrap();
     c.records(range, Some(96), Default::default())
         .map(|r| r.map(|r| (r.tokens, r.first_position)).unwrap())
         .collect()
@@ -591,7 +591,7 @@ fn read_range(
 
 #[test]
 fn parquet_written_by_pyarrow_reads_as_written() {
-    use logitd_client::corpus::Columns;
+    use logitd_client_tools::corpus::Columns;
     let fx = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"));
     let want = fixture_expected();
     assert_eq!(want.len(), 55);
@@ -611,7 +611,7 @@ fn jsonl_ranges_start_anywhere() {
     let c = corpus(40_000, 7);
     let path = s.path("c.jsonl");
     write_jsonl(&path, &c);
-    let cols = logitd_client::corpus::Columns::default();
+    let cols = logitd_client_tools::corpus::Columns::default();
     for range in [0..3, 16_383..16_386, 20_000..20_010, 39_990..40_000, 32_768..32_769] {
         let (a, b) = (range.start as usize, range.end as usize);
         assert_eq!(

@@ -7,7 +7,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, bail};
 use parquet::{
     basic::Repetition,
     column::reader::{ColumnReader, ColumnReaderImpl},
@@ -16,15 +15,20 @@ use parquet::{
     schema::types::SchemaDescriptor,
 };
 
-use super::{Columns, Raw};
+use super::{Columns, CorpusError, Raw};
 
 /// Rows decoded per read.
 const CHUNK: usize = 256;
 
-fn open(path: &Path) -> anyhow::Result<SerializedFileReader<File>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+fn open(path: &Path) -> Result<SerializedFileReader<File>, CorpusError> {
+    let file = File::open(path).map_err(CorpusError::io("opening", path))?;
     SerializedFileReader::new(file)
-        .map_err(|e| anyhow::anyhow!("{}: not a Parquet file ({e})", path.display()))
+        .map_err(|source| CorpusError::NotParquet { path: path.to_path_buf(), source })
+}
+
+/// What is wrong with the file's columns or row groups.
+fn invalid(path: &Path, message: String) -> CorpusError {
+    CorpusError::Parquet { path: path.to_path_buf(), message }
 }
 
 /// A column to read: its leaf index and levels.
@@ -39,11 +43,19 @@ struct Leaf {
 
 /// Finds the leaf column of top-level field `name`: a list of integers
 /// (`list`) or a plain integer.
-fn leaf(schema: &SchemaDescriptor, path: &Path, name: &str, list: bool) -> anyhow::Result<Leaf> {
+fn leaf(
+    schema: &SchemaDescriptor,
+    path: &Path,
+    name: &str,
+    list: bool,
+) -> Result<Leaf, CorpusError> {
     let found = (0..schema.num_columns()).find(|&i| schema.column(i).path().parts()[0] == name);
     let Some(index) = found else {
         let names: Vec<&str> = schema.root_schema().get_fields().iter().map(|f| f.name()).collect();
-        bail!("{}: no column `{name}` (the file has: {})", path.display(), names.join(", "));
+        return Err(invalid(
+            path,
+            format!("no column `{name}` (the file has: {})", names.join(", ")),
+        ));
     };
     let col = schema.column(index);
     let integer = matches!(
@@ -55,13 +67,15 @@ fn leaf(schema: &SchemaDescriptor, path: &Path, name: &str, list: bool) -> anyho
         || col.max_rep_level() as usize != want
         || (want == 0 && col.path().parts().len() > 1)
     {
-        bail!(
-            "{}: column `{name}` is not {} (its values are {}, in {} nested list(s))",
-            path.display(),
-            if list { "a list of integers" } else { "an integer column" },
-            col.physical_type(),
-            col.max_rep_level()
-        );
+        return Err(invalid(
+            path,
+            format!(
+                "column `{name}` is not {} (its values are {}, in {} nested list(s))",
+                if list { "a list of integers" } else { "an integer column" },
+                col.physical_type(),
+                col.max_rep_level()
+            ),
+        ));
     }
     // Walk the path from the top-level field to find the repeated node's level.
     let mut node = schema.get_column_root(index);
@@ -73,7 +87,7 @@ fn leaf(schema: &SchemaDescriptor, path: &Path, name: &str, list: bool) -> anyho
                 .get_fields()
                 .iter()
                 .find(|f| f.name() == part)
-                .with_context(|| format!("{}: bad schema at `{part}`", path.display()))?;
+                .ok_or_else(|| invalid(path, format!("bad schema at `{part}`")))?;
         }
         let info = node.get_basic_info();
         if info.has_repetition() && info.repetition() != Repetition::REQUIRED {
@@ -93,7 +107,11 @@ struct Layout {
     loss_mask: Option<Leaf>,
 }
 
-fn layout(reader: &SerializedFileReader<File>, path: &Path, c: &Columns) -> anyhow::Result<Layout> {
+fn layout(
+    reader: &SerializedFileReader<File>,
+    path: &Path,
+    c: &Columns,
+) -> Result<Layout, CorpusError> {
     let schema = reader.metadata().file_metadata().schema_descr();
     Ok(Layout {
         ids: leaf(schema, path, &c.ids, true)?,
@@ -107,7 +125,7 @@ fn layout(reader: &SerializedFileReader<File>, path: &Path, c: &Columns) -> anyh
 }
 
 /// Checks the columns of `path` and returns its row count (from the metadata).
-pub(crate) fn count(path: &Path, columns: &Columns) -> anyhow::Result<u64> {
+pub(crate) fn count(path: &Path, columns: &Columns) -> Result<u64, CorpusError> {
     let reader = open(path)?;
     layout(&reader, path, columns)?;
     Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
@@ -215,7 +233,7 @@ pub(crate) struct Reader {
 
 impl Reader {
     /// A reader whose next row is the file's `local`-th.
-    pub(crate) fn at(path: &Path, columns: &Columns, local: u64) -> anyhow::Result<Self> {
+    pub(crate) fn at(path: &Path, columns: &Columns, local: u64) -> Result<Self, CorpusError> {
         let file = open(path)?;
         let layout = layout(&file, path, columns)?;
         let mut r = Reader {
@@ -240,19 +258,16 @@ impl Reader {
             r.open_group()?;
             for c in &mut r.columns {
                 let skipped = c.reader.skip(skip as usize).map_err(|e| r_err(path, r.group, e))?;
-                anyhow::ensure!(
-                    skipped as u64 == skip,
-                    "{}: row group {} is short",
-                    path.display(),
-                    r.group
-                );
+                if skipped as u64 != skip {
+                    return Err(invalid(path, format!("row group {} is short", r.group)));
+                }
             }
             r.row = skip;
         }
         Ok(r)
     }
 
-    fn open_group(&mut self) -> anyhow::Result<()> {
+    fn open_group(&mut self) -> Result<(), CorpusError> {
         let g =
             self.file.get_row_group(self.group).map_err(|e| r_err(&self.path, self.group, e))?;
         let leaves = [Some(self.layout.ids), self.layout.first_position, self.layout.loss_mask];
@@ -271,13 +286,13 @@ impl Reader {
                     values: vec![],
                 })
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<Result<_, CorpusError>>()?;
         self.row = 0;
         Ok(())
     }
 
     /// Decodes the next rows of the current row group into `pending`.
-    fn fill(&mut self) -> anyhow::Result<bool> {
+    fn fill(&mut self) -> Result<bool, CorpusError> {
         let rows_in_group = loop {
             if self.group >= self.file.num_row_groups() {
                 return Ok(false);
@@ -300,12 +315,12 @@ impl Reader {
                 .reader
                 .read(n, &mut c.def, &mut c.rep, &mut c.values)
                 .map_err(|e| r_err(&path, group, e))?;
-            anyhow::ensure!(
-                got == n,
-                "{}: row group {group} ended after {} of its rows",
-                path.display(),
-                self.row + got as u64
-            );
+            if got != n {
+                return Err(invalid(
+                    &path,
+                    format!("row group {group} ended after {} of its rows", self.row + got as u64),
+                ));
+            }
             decoded.push(rows(c, i != 1 || self.layout.first_position.is_none()));
         }
         self.assemble(decoded, n);
@@ -349,7 +364,7 @@ impl Reader {
     }
 
     /// The next row, or None at the end of the file.
-    pub(crate) fn next(&mut self) -> anyhow::Result<Option<Raw>> {
+    pub(crate) fn next(&mut self) -> Result<Option<Raw>, CorpusError> {
         if self.pending.is_empty() && !self.fill()? {
             return Ok(None);
         }
@@ -357,6 +372,6 @@ impl Reader {
     }
 }
 
-fn r_err(path: &Path, group: usize, e: parquet::errors::ParquetError) -> anyhow::Error {
-    anyhow::anyhow!("{}: row group {group}: {e}", path.display())
+fn r_err(path: &Path, group: usize, e: parquet::errors::ParquetError) -> CorpusError {
+    invalid(path, format!("row group {group}: {e}"))
 }

@@ -2,22 +2,28 @@
 //!
 //! `logitd-client dump --server URI --input corpus.jsonl --out DIR` asks a logitd
 //! server for the teacher targets of every sequence of a corpus and writes them
-//! as safetensors shards (see `logitd_client::dump` and `logitd_client::shard`),
+//! as safetensors shards (see `logitd_client_tools::dump` and `logitd_client::shard`),
 //! or with `--format axolotl|distillkit` as Parquet those trainers load (see
 //! `logitd_client::formats`), with a progress bar.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use logitd_client::{
+use logitd_client::formats::TargetFormat;
+use logitd_client_tools::{
     corpus::Columns,
     dump::{DumpOptions, run},
-    formats::TargetFormat,
 };
 
 /// Tools for student trainers that use a logitd teacher.
 #[derive(Parser)]
-#[command(name = "logitd-client", version, about)]
+// The about line is the client's, not this package's description (the
+// command-line reference shows it).
+#[command(
+    name = "logitd-client",
+    version,
+    about = "logitd client for student trainers: sparse teacher targets and the distillation loss"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,8 +104,31 @@ struct Dump {
     /// (`token_ids`, `top_values`; needs --temperature 1 and sequences of one
     /// length). Ids by descending log p; counts in an extra column. The
     /// Python package and the Rust client read all three.
-    #[arg(long, value_enum, default_value_t = TargetFormat::Logitd)]
-    format: TargetFormat,
+    #[arg(long, value_enum, default_value_t = Format::Logitd)]
+    format: Format,
+}
+
+/// `--format`: [`TargetFormat`] on the command line (the library has no clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// logitd's safetensors shards (CSR columns; the Python package and the
+    /// Rust client read them).
+    Logitd,
+    /// Parquet with Axolotl's pre-tokenized KD columns.
+    Axolotl,
+    /// Parquet with DistillKit's raw offline columns (temperature 1, one
+    /// sequence length).
+    Distillkit,
+}
+
+impl From<Format> for TargetFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Logitd => TargetFormat::Logitd,
+            Format::Axolotl => TargetFormat::Axolotl,
+            Format::Distillkit => TargetFormat::Distillkit,
+        }
+    }
 }
 
 #[tokio::main]
@@ -128,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
         expect_tokenizer_sha256: a.expect_tokenizer_sha256,
         worker: a.worker,
         workers: a.workers,
-        format: a.format,
+        format: a.format.into(),
     })
     .await?;
     println!("{}", summary.line(&out));

@@ -11,10 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, bail};
+use logitd_client::shard::{WrittenShard, shard_files, write_file_atomically};
 use serde::{Deserialize, Serialize};
 
-use crate::shard::{WrittenShard, hex, shard_files, write_file_atomically};
+use super::DumpError;
 
 /// Version of the manifest format.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -176,10 +176,10 @@ pub fn manifest_name(worker: u32, workers: u32) -> String {
     format!("manifest-{worker:05}-of-{workers:05}.json")
 }
 
-fn manifest_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, DumpError> {
     let mut out = vec![];
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = e?.path();
+    for e in std::fs::read_dir(dir).map_err(DumpError::io("reading", dir))? {
+        let p = e.map_err(DumpError::io("reading", dir))?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with("manifest-") && name.ends_with(".json") {
             out.push(p);
@@ -191,23 +191,28 @@ fn manifest_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 impl Manifest {
     /// Reads a manifest file.
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let m: Manifest = serde_json::from_slice(&text)
-            .with_context(|| format!("{} is not a dump manifest", path.display()))?;
-        anyhow::ensure!(
-            m.format == MANIFEST_FORMAT,
-            "{}: manifest format {}, this dump knows {MANIFEST_FORMAT}",
-            path.display(),
-            m.format
-        );
+    pub fn read(path: &Path) -> Result<Self, DumpError> {
+        let text = std::fs::read(path).map_err(DumpError::io("reading", path))?;
+        let m: Manifest = serde_json::from_slice(&text).map_err(|e| DumpError::Manifest {
+            path: path.to_path_buf(),
+            message: format!("not a dump manifest ({e})"),
+        })?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(DumpError::Manifest {
+                path: path.to_path_buf(),
+                message: format!("manifest format {}, this dump knows {MANIFEST_FORMAT}", m.format),
+            });
+        }
         Ok(m)
     }
 
     /// Writes it atomically into `dir`.
-    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn write(&self, dir: &Path) -> Result<(), DumpError> {
         let path = dir.join(manifest_name(self.worker, self.settings.workers));
-        let mut text = serde_json::to_vec_pretty(self)?;
+        let mut text = serde_json::to_vec_pretty(self).map_err(|e| DumpError::Manifest {
+            path: path.clone(),
+            message: format!("encoding it: {e}"),
+        })?;
         text.push(b'\n');
         write_file_atomically(&path, &text)?;
         Ok(())
@@ -220,14 +225,15 @@ impl Manifest {
 }
 
 /// SHA-256 of a file, hex.
-pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+pub fn file_sha256(path: &Path) -> Result<String, DumpError> {
+    let mut f = std::fs::File::open(path).map_err(DumpError::io("opening", path))?;
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f.read(&mut buf).map_err(DumpError::io("reading", path))?;
         if n == 0 {
-            return Ok(hex(&sha2::Digest::finalize(hasher)));
+            let digest = sha2::Digest::finalize(hasher);
+            return Ok(digest.iter().map(|b| format!("{b:02x}")).collect());
         }
         sha2::Digest::update(&mut hasher, &buf[..n]);
     }
@@ -244,35 +250,37 @@ pub fn prepare(
     settings: &Settings,
     worker: u32,
     range: Range<u64>,
-) -> anyhow::Result<(Manifest, Vec<String>)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+) -> Result<(Manifest, Vec<String>), DumpError> {
+    std::fs::create_dir_all(dir).map_err(DumpError::io("creating", dir))?;
     let manifests = manifest_files(dir)?;
     if manifests.is_empty() && !shard_files(dir)?.is_empty() {
-        bail!(
-            "{} holds target shards but no dump manifest (not written by a resumable dump); use an empty folder",
-            dir.display()
-        );
+        return Err(DumpError::Refused {
+            dir: dir.to_path_buf(),
+            reason: "holds target shards but no dump manifest (not written by a resumable dump); use an empty folder".into(),
+        });
     }
     let own = dir.join(manifest_name(worker, settings.workers));
     for path in &manifests {
         let m = Manifest::read(path)?;
         if let Some(diff) = m.settings.difference(settings) {
-            bail!(
-                "{} was written with other arguments ({} says: {diff}); rerun with the same arguments to resume, or use another --out",
-                dir.display(),
-                path.file_name().unwrap_or_default().to_string_lossy()
-            );
+            return Err(DumpError::Refused {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "was written with other arguments ({} says: {diff}); rerun with the same arguments to resume, or use another --out",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            });
         }
     }
     let mut notes = vec![];
     let mut manifest = if own.exists() {
         let mut m = Manifest::read(&own)?;
-        anyhow::ensure!(
-            m.sequences == [range.start, range.end],
-            "{}: worker {worker} had sequences {:?}, now {range:?}",
-            own.display(),
-            m.sequences
-        );
+        if m.sequences != [range.start, range.end] {
+            return Err(DumpError::Manifest {
+                path: own,
+                message: format!("worker {worker} had sequences {:?}, now {range:?}", m.sequences),
+            });
+        }
         notes.extend(keep_sound_shards(dir, &mut m)?);
         m
     } else {
@@ -293,7 +301,7 @@ pub fn prepare(
 
 /// Drops the first shard that is missing, of another size, out of order or
 /// (the last one) of another checksum, and every shard after it.
-fn keep_sound_shards(dir: &Path, m: &mut Manifest) -> anyhow::Result<Option<String>> {
+fn keep_sound_shards(dir: &Path, m: &mut Manifest) -> Result<Option<String>, DumpError> {
     let mut expected = m.sequences[0];
     let last = m.shards.len().saturating_sub(1);
     for (i, s) in m.shards.iter().enumerate() {
@@ -327,13 +335,13 @@ fn keep_sound_shards(dir: &Path, m: &mut Manifest) -> anyhow::Result<Option<Stri
 
 /// Removes this worker's files the manifest does not list: shards of its
 /// range (from a killed run, or damaged) and half-written `.partial` files.
-fn remove_unlisted(dir: &Path, m: &Manifest, range: Range<u64>) -> anyhow::Result<()> {
+fn remove_unlisted(dir: &Path, m: &Manifest, range: Range<u64>) -> Result<(), DumpError> {
     let own_partial = format!("{}.partial", manifest_name(m.worker, m.settings.workers));
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
+    for e in std::fs::read_dir(dir).map_err(DumpError::io("reading", dir))? {
+        let p = e.map_err(DumpError::io("reading", dir))?.path();
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else { continue };
         if name == own_partial {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            std::fs::remove_file(&p).map_err(DumpError::io("removing", &p))?;
             continue;
         }
         let Some(rest) = name.strip_prefix("targets-") else { continue };
@@ -341,7 +349,7 @@ fn remove_unlisted(dir: &Path, m: &Manifest, range: Range<u64>) -> anyhow::Resul
         let Ok(start) = digits.parse::<u64>() else { continue };
         let listed = m.shards.iter().any(|s| s.file == name);
         if range.contains(&start) && !listed {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            std::fs::remove_file(&p).map_err(DumpError::io("removing", &p))?;
         }
     }
     Ok(())

@@ -20,10 +20,10 @@
 //! Parquet files) so that any range of sequences can be read without
 //! reading what comes before it.
 //!
-//! Errors name the file and the line, or the row group and row, and say what is
-//! wrong: not an array, a negative id, an id not below the vocabulary size, an
-//! empty sequence, a first position not below the sequence length, a missing
-//! column, a file that is not Parquet.
+//! Errors ([`CorpusError`]) name the file and the line, or the row group and
+//! row, and say what is wrong: not an array, a negative id, an id not below the
+//! vocabulary size, an empty sequence, a first position not below the sequence
+//! length, a missing column, a file that is not Parquet.
 
 mod jsonl;
 mod parquet;
@@ -37,7 +37,93 @@ use std::{
     },
 };
 
-use anyhow::{Context, bail};
+/// Why a corpus could not be opened or read. Every variant names the file
+/// (or the glob pattern) and, for its content, where in it.
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    /// A glob pattern is malformed, or a path it matched cannot be read.
+    #[error("input pattern {pattern:?}: {message}")]
+    Pattern {
+        /// The pattern as given.
+        pattern: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A glob pattern matches no file.
+    #[error("input pattern {pattern:?} matches no file")]
+    NoMatch {
+        /// The pattern as given.
+        pattern: String,
+    },
+    /// The file could not be opened, read or sought.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was done: "opening", "reading", "seeking".
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line of a JSON lines file is not a sequence (not JSON, not an
+    /// array of integers or an object with `token_ids`).
+    #[error("{path}:{line}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The line, 1-based.
+        line: u64,
+        /// serde_json's description.
+        source: serde_json::Error,
+    },
+    /// A `*.parquet` file is not Parquet.
+    #[error("{path}: not a Parquet file ({source})")]
+    NotParquet {
+        /// The file.
+        path: PathBuf,
+        /// The Parquet reader's description.
+        source: ::parquet::errors::ParquetError,
+    },
+    /// A Parquet file lacks a column, has one of the wrong type, or a row
+    /// group could not be decoded.
+    #[error("{path}: {message}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the column or row group.
+        message: String,
+    },
+    /// A sequence is not valid: a negative id, an id not below the
+    /// vocabulary size, an empty sequence, a first position outside it, a
+    /// null value, a loss mask that does not fit.
+    #[error("{path}: {location} (sequence {index}): {problem}")]
+    Sequence {
+        /// The file.
+        path: PathBuf,
+        /// Where in the file: `line N`, or `row group G, row R`.
+        location: String,
+        /// The sequence's index in the corpus.
+        index: u64,
+        /// What is wrong, naming the value.
+        problem: String,
+    },
+    /// The file holds fewer sequences than when the corpus was opened: it
+    /// changed under the reader.
+    #[error("{path}: {message}")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// What was expected.
+        message: String,
+    },
+}
+
+impl CorpusError {
+    pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| CorpusError::Io { action, path, source }
+    }
+}
 
 /// How a file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,19 +208,22 @@ pub struct Corpus {
 
 /// Expands each pattern (a path, or a glob with `*`, `?` or `[`) in name
 /// order; a pattern that matches nothing is an error.
-pub fn expand_inputs(patterns: &[String]) -> anyhow::Result<Vec<PathBuf>> {
+pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, CorpusError> {
     let mut out = vec![];
     for p in patterns {
         if !p.contains(['*', '?', '[']) {
             out.push(PathBuf::from(p));
             continue;
         }
+        let pattern = |message: String| CorpusError::Pattern { pattern: p.clone(), message };
         let mut matched: Vec<PathBuf> = glob::glob(p)
-            .with_context(|| format!("input pattern {p:?}"))?
+            .map_err(|e| pattern(e.to_string()))?
             .collect::<Result<_, _>>()
-            .with_context(|| format!("input pattern {p:?}"))?;
+            .map_err(|e| pattern(e.to_string()))?;
         matched.sort();
-        anyhow::ensure!(!matched.is_empty(), "input pattern {p:?} matches no file");
+        if matched.is_empty() {
+            return Err(CorpusError::NoMatch { pattern: p.clone() });
+        }
         out.extend(matched);
     }
     Ok(out)
@@ -143,13 +232,11 @@ pub fn expand_inputs(patterns: &[String]) -> anyhow::Result<Vec<PathBuf>> {
 impl Corpus {
     /// Opens and counts `paths` (see [`expand_inputs`]), each read as
     /// [`Format::of`] its name says.
-    pub fn open(paths: &[PathBuf], columns: Columns) -> anyhow::Result<Self> {
+    pub fn open(paths: &[PathBuf], columns: Columns) -> Result<Self, CorpusError> {
         let mut files = Vec::with_capacity(paths.len());
         for path in paths {
             let format = Format::of(path);
-            let bytes = std::fs::metadata(path)
-                .with_context(|| format!("opening {}", path.display()))?
-                .len();
+            let bytes = std::fs::metadata(path).map_err(CorpusError::io("opening", path))?.len();
             let (sequences, checkpoints) = match format {
                 Format::Jsonl => jsonl::count(path, CHECKPOINT)?,
                 Format::Parquet => (parquet::count(path, &columns)?, vec![]),
@@ -199,7 +286,7 @@ impl Corpus {
 
     /// Progress units (see [`progress_in_bytes`](Self::progress_in_bytes)) from
     /// the start of the corpus to sequence `n`.
-    pub fn units_before(&self, n: u64) -> anyhow::Result<u64> {
+    pub fn units_before(&self, n: u64) -> Result<u64, CorpusError> {
         if !self.progress_in_bytes() {
             return Ok(n.min(self.len()));
         }
@@ -260,7 +347,7 @@ pub struct Records {
 }
 
 impl Records {
-    fn open_source(&mut self) -> anyhow::Result<()> {
+    fn open_source(&mut self) -> Result<(), CorpusError> {
         let f = &self.corpus.files[self.file];
         self.source = Some(match f.format {
             Format::Jsonl => Source::Jsonl(jsonl::Reader::at(f, self.local, CHECKPOINT)?),
@@ -271,7 +358,7 @@ impl Records {
         Ok(())
     }
 
-    fn read(&mut self) -> anyhow::Result<Option<Record>> {
+    fn read(&mut self) -> Result<Option<Record>, CorpusError> {
         if self.next >= self.end {
             return Ok(None);
         }
@@ -297,13 +384,18 @@ impl Records {
         };
         let path = &self.corpus.files[self.file].path;
         let Some(raw) = raw else {
-            bail!("{}: ended before its counted {} sequences", path.display(), self.local)
+            return Err(CorpusError::Changed {
+                path: path.clone(),
+                message: format!("ended before its counted {} sequences", self.local),
+            });
         };
         if !in_bytes {
             self.progress.fetch_add(1, Ordering::Relaxed);
         }
-        let record = check(raw, self.next, self.vocab_size)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let (location, index) = (raw.location.clone(), self.next);
+        let record = check(raw, index, self.vocab_size).map_err(|problem| {
+            CorpusError::Sequence { path: path.clone(), location, index, problem }
+        })?;
         self.next += 1;
         self.local += 1;
         Ok(Some(record))
@@ -311,39 +403,40 @@ impl Records {
 }
 
 /// Checks a raw sequence: ids non-negative and below the vocabulary, not
-/// empty, the first position inside it.
-fn check(raw: Raw, index: u64, vocab_size: Option<u32>) -> anyhow::Result<Record> {
-    let at = format!("{} (sequence {index})", raw.location);
+/// empty, the first position inside it; the error says what is wrong.
+fn check(raw: Raw, index: u64, vocab_size: Option<u32>) -> Result<Record, String> {
     if let Some(problem) = raw.problem {
-        bail!("{at}: {problem}");
+        return Err(problem);
     }
-    anyhow::ensure!(!raw.ids.is_empty(), "{at}: the sequence is empty");
+    if raw.ids.is_empty() {
+        return Err("the sequence is empty".into());
+    }
     let limit = vocab_size.map_or(i64::from(u32::MAX), i64::from);
     let mut tokens = Vec::with_capacity(raw.ids.len());
     for (i, &id) in raw.ids.iter().enumerate() {
         if id < 0 {
-            bail!("{at}: token id {id} (at index {i}) is negative");
+            return Err(format!("token id {id} (at index {i}) is negative"));
         }
         if id >= limit {
-            bail!(
-                "{at}: token id {id} (at index {i}) is not below the vocabulary size {}",
+            return Err(format!(
+                "token id {id} (at index {i}) is not below the vocabulary size {}",
                 vocab_size.map_or(u64::from(u32::MAX), u64::from)
-            );
+            ));
         }
         tokens.push(id as u32);
     }
     let first = raw.first_position;
     if first < 0 || first >= tokens.len() as i64 {
-        bail!(
-            "{at}: first_position {first} is not a position of the sequence (0..{})",
+        return Err(format!(
+            "first_position {first} is not a position of the sequence (0..{})",
             tokens.len()
-        );
+        ));
     }
     Ok(Record { index, tokens, first_position: first as u32 })
 }
 
 impl Iterator for Records {
-    type Item = anyhow::Result<Record>;
+    type Item = Result<Record, CorpusError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.read() {
@@ -359,7 +452,7 @@ impl Iterator for Records {
 /// Reads a whole corpus file into memory: per sequence, the token ids and the
 /// first position to return (for `logitd-bench`'s pool of sequences). Errors
 /// name the file and line.
-pub fn read_corpus(path: &Path) -> anyhow::Result<Vec<(Vec<u32>, u32)>> {
+pub fn read_corpus(path: &Path) -> Result<Vec<(Vec<u32>, u32)>, CorpusError> {
     let corpus = Corpus::open(&[path.to_path_buf()], Columns::default())?;
     corpus
         .records(0..corpus.len(), None, Arc::default())

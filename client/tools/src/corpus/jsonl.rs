@@ -7,10 +7,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, bail};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{InputFile, Raw};
+use super::{CorpusError, InputFile, Raw};
 
 const BUFFER: usize = 256 << 10;
 
@@ -20,17 +19,15 @@ fn is_blank(line: &[u8]) -> bool {
 
 /// Counts the sequences (non-blank lines) of `path`; returns the count and
 /// the (byte offset, line number) of every `step`-th sequence.
-pub(crate) fn count(path: &Path, step: u64) -> anyhow::Result<(u64, Vec<(u64, u64)>)> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+pub(crate) fn count(path: &Path, step: u64) -> Result<(u64, Vec<(u64, u64)>), CorpusError> {
+    let file = File::open(path).map_err(CorpusError::io("opening", path))?;
     let mut reader = BufReader::with_capacity(BUFFER, file);
     let (mut sequences, mut offset, mut line) = (0u64, 0u64, 0u64);
     let mut checkpoints = vec![];
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let n = reader.read_until(b'\n', &mut buf).map_err(CorpusError::io("reading", path))?;
         if n == 0 {
             return Ok((sequences, checkpoints));
         }
@@ -57,8 +54,8 @@ pub(crate) struct Reader {
 
 impl Reader {
     /// A reader whose next sequence is the file's `local`-th.
-    pub(crate) fn at(f: &InputFile, local: u64, step: u64) -> anyhow::Result<Self> {
-        let file = File::open(&f.path).with_context(|| format!("opening {}", f.path.display()))?;
+    pub(crate) fn at(f: &InputFile, local: u64, step: u64) -> Result<Self, CorpusError> {
+        let file = File::open(&f.path).map_err(CorpusError::io("opening", &f.path))?;
         let mut r = Reader {
             path: f.path.clone(),
             inner: BufReader::with_capacity(BUFFER, file),
@@ -68,14 +65,15 @@ impl Reader {
         };
         let mut skip = local;
         if let Some(&(offset, line)) = f.checkpoints.get((local / step) as usize) {
-            r.inner
-                .seek(SeekFrom::Start(offset))
-                .with_context(|| format!("seeking {}", f.path.display()))?;
+            r.inner.seek(SeekFrom::Start(offset)).map_err(CorpusError::io("seeking", &f.path))?;
             (r.offset, r.line, skip) = (offset, line, local % step);
         }
         for _ in 0..skip {
             if !r.next_line()? {
-                bail!("{}: ended before sequence {local}; did it change?", f.path.display());
+                return Err(CorpusError::Changed {
+                    path: f.path.clone(),
+                    message: format!("ended before sequence {local}; did it change?"),
+                });
             }
         }
         Ok(r)
@@ -87,13 +85,13 @@ impl Reader {
     }
 
     /// Reads the next non-blank line into `buf`; false at the end.
-    fn next_line(&mut self) -> anyhow::Result<bool> {
+    fn next_line(&mut self) -> Result<bool, CorpusError> {
         loop {
             self.buf.clear();
             let n = self
                 .inner
                 .read_until(b'\n', &mut self.buf)
-                .with_context(|| format!("reading {}", self.path.display()))?;
+                .map_err(CorpusError::io("reading", &self.path))?;
             if n == 0 {
                 return Ok(false);
             }
@@ -106,12 +104,15 @@ impl Reader {
     }
 
     /// The next sequence, or None at the end of the file.
-    pub(crate) fn next(&mut self) -> anyhow::Result<Option<Raw>> {
+    pub(crate) fn next(&mut self) -> Result<Option<Raw>, CorpusError> {
         if !self.next_line()? {
             return Ok(None);
         }
-        let line: Line = serde_json::from_slice(&self.buf)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", self.path.display(), self.line))?;
+        let line: Line = serde_json::from_slice(&self.buf).map_err(|source| CorpusError::Json {
+            path: self.path.clone(),
+            line: self.line,
+            source,
+        })?;
         Ok(Some(Raw {
             ids: line.ids,
             first_position: line.first_position,

@@ -29,10 +29,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use logitd_client::{
-    ClientConfig, RawTeacherClient, SampleOptions, TeacherClient, corpus::read_corpus,
-    sequence_seed,
-};
+use logitd_client::{ClientConfig, RawTeacherClient, SampleOptions, TeacherClient, sequence_seed};
+use logitd_client_tools::corpus::read_corpus;
 use logitd_proto::v1::{
     ModelInfo, SampleLogitsRequest, SampleLogitsResponse, SamplingMethod, Sequence, ValueEncoding,
 };

@@ -1,14 +1,14 @@
 //! `logitd-client dump`: the teacher targets of a whole corpus, streamed,
 //! resumable and split across workers, written as logitd's safetensors
-//! shards ([`crate::shard`]) or as Parquet in Axolotl's or DistillKit's
-//! columns ([`crate::formats`]).
+//! shards ([`logitd_client::shard`]) or as Parquet in Axolotl's or DistillKit's
+//! columns ([`logitd_client::formats`]).
 //!
 //! - **Samples keyed by sequence index.** Sequence `n` of the corpus is sent
 //!   with its own seed, [`sequence_seed`]`(seed, n)` (the proto's per-sequence
 //!   `seed`), so its samples depend only on the run seed and `n`: not on
 //!   `--batch-sequences`, `--depth`, the worker count, where a run resumed or
 //!   how many servers answer. They equal what
-//!   [`TeacherClient::sample_targets`](crate::TeacherClient::sample_targets)
+//!   [`TeacherClient::sample_targets`](logitd_client::TeacherClient::sample_targets)
 //!   gives for the whole corpus as one batch with that seed.
 //! - **Streaming.** A reader thread parses the corpus (see [`crate::corpus`])
 //!   into requests, at most `--depth` are in flight (unary calls, balanced
@@ -23,8 +23,12 @@
 //! - **Workers.** `--worker i --workers N` takes sequences
 //!   `[⌊i·S/N⌋, ⌊(i+1)·S/N⌋)` of the S in the corpus; N workers may share one
 //!   output folder (shard names are their first sequence index, so they sort
-//!   in corpus order) and [`ShardReader`](crate::shard::ShardReader) reads it
+//!   in corpus order) and [`ShardReader`](logitd_client::shard::ShardReader) reads it
 //!   as one set.
+//!
+//! Errors are [`DumpError`]s: each names the file, the sequence or the
+//! option; a failure after the dump started is [`DumpError::Stopped`], whose
+//! source is the first failure in stream order.
 
 pub mod manifest;
 
@@ -38,7 +42,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use futures::{StreamExt, stream::FuturesUnordered};
 use indicatif::{ProgressBar, ProgressStyle};
 use logitd_proto::v1::{
@@ -46,14 +49,117 @@ use logitd_proto::v1::{
 };
 use tokio::sync::mpsc;
 
-use crate::{
-    ClientConfig, SampleOptions, TeacherClient, TeacherTargets,
-    corpus::{Columns, Corpus, Record, expand_inputs},
+use logitd_client::{
+    ClientConfig, ClientError, SampleOptions, TargetsError, TeacherClient, TeacherTargets,
     formats::{ParquetShardWriter, TargetFormat},
     sequence_seed,
     shard::{ShardError, ShardMeta, ShardWriter, WrittenShard},
 };
 use manifest::{InputEntry, Manifest, Settings, ShardEntry};
+
+use crate::corpus::{Columns, Corpus, CorpusError, Record, expand_inputs};
+
+/// Why a dump failed or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// The options do not fit together (nothing was read or sent); the
+    /// message names the option and its value.
+    #[error("{0}")]
+    Options(String),
+    /// The corpus could not be opened or read.
+    #[error(transparent)]
+    Corpus(#[from] CorpusError),
+    /// No teacher answered, or the one that did was refused (tokenizer).
+    #[error("connecting to the teacher")]
+    Connect(#[source] ClientError),
+    /// A request failed, after the client's retries.
+    #[error("the teacher failed on the batch starting at sequence {first}")]
+    Teacher {
+        /// The first sequence of the batch.
+        first: u64,
+        /// The client's error.
+        #[source]
+        source: ClientError,
+    },
+    /// A request task ended without an answer (it panicked).
+    #[error("a request task failed")]
+    Task(#[source] tokio::task::JoinError),
+    /// The teacher's answer does not fit its request (sequences, positions).
+    #[error("{0}")]
+    Reply(String),
+    /// The targets of a sequence could not be decoded.
+    #[error("sequence {sequence}")]
+    Targets {
+        /// The sequence's index in the corpus.
+        sequence: u64,
+        /// What is wrong with them.
+        #[source]
+        source: TargetsError,
+    },
+    /// The targets of a sequence could not be written.
+    #[error("sequence {sequence}")]
+    Write {
+        /// The sequence's index in the corpus.
+        sequence: u64,
+        /// The writer's error (naming the file).
+        #[source]
+        source: ShardError,
+    },
+    /// A shard could not be written or listed.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// A file of the output folder could not be created, read or removed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was done: "creating", "reading", "removing", ...
+        action: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A dump manifest is not one, is of another format, or gives this
+    /// worker another range.
+    #[error("{path}: {message}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The output folder holds something a resumed dump must not touch
+    /// (shards without a manifest, a dump with other arguments).
+    #[error("{dir} {reason}")]
+    Refused {
+        /// The output folder.
+        dir: PathBuf,
+        /// Why, naming the differing argument.
+        reason: String,
+    },
+    /// The dump stopped after it began writing: the complete shards are
+    /// kept. The source is the first failure in stream order (the input's,
+    /// then the teacher's, then the disk's).
+    #[error(
+        "the dump stopped; the complete shards in {out} are kept, and a rerun with the same arguments resumes after them"
+    )]
+    Stopped {
+        /// The output folder.
+        out: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<DumpError>,
+    },
+}
+
+impl DumpError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| DumpError::Io { action, path, source }
+    }
+}
 
 /// What to dump, and how.
 #[derive(Debug, Clone)]
@@ -92,7 +198,7 @@ pub struct DumpOptions {
     /// Workers in all.
     pub workers: u32,
     /// The layout of the output: logitd's safetensors shards, or Parquet for
-    /// Axolotl or DistillKit (see [`crate::formats`]).
+    /// Axolotl or DistillKit (see [`logitd_client::formats`]).
     pub format: TargetFormat,
 }
 
@@ -241,26 +347,31 @@ enum Fetched {
 }
 
 /// Runs the dump; prints progress to stderr (when it is a terminal).
-pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
-    anyhow::ensure!(o.workers >= 1, "--workers must be at least 1");
-    anyhow::ensure!(
-        o.worker < o.workers,
-        "--worker {} is not below --workers {}",
-        o.worker,
-        o.workers
-    );
-    anyhow::ensure!(
-        o.format != TargetFormat::Distillkit || o.temperature == 1.0,
-        "--format distillkit needs --temperature 1 (DistillKit reads its values as log-probabilities at temperature 1), not {}",
-        o.temperature
-    );
+pub async fn run(o: DumpOptions) -> Result<Summary, DumpError> {
+    if o.workers < 1 {
+        return Err(DumpError::Options("--workers must be at least 1".into()));
+    }
+    if o.worker >= o.workers {
+        return Err(DumpError::Options(format!(
+            "--worker {} is not below --workers {}",
+            o.worker, o.workers
+        )));
+    }
+    if o.format == TargetFormat::Distillkit && o.temperature != 1.0 {
+        return Err(DumpError::Options(format!(
+            "--format distillkit needs --temperature 1 (DistillKit reads its values as log-probabilities at temperature 1), not {}",
+            o.temperature
+        )));
+    }
     let started = Instant::now();
     let corpus = Corpus::open(&expand_inputs(&o.inputs)?, o.columns.clone())?;
-    anyhow::ensure!(!corpus.is_empty(), "the input holds no sequences");
+    if corpus.is_empty() {
+        return Err(DumpError::Options("the input holds no sequences".into()));
+    }
     let mut config = ClientConfig::new(o.servers.clone());
     config.bearer_token = o.auth_token.clone();
     config.expect_tokenizer_sha256 = o.expect_tokenizer_sha256.clone();
-    let client = TeacherClient::connect(config).await.context("connecting to the teacher")?;
+    let client = TeacherClient::connect(config).await.map_err(DumpError::Connect)?;
     let info = client.model_info().clone();
     let k = if o.num_samples == 0 { info.default_num_samples } else { o.num_samples };
     let settings = settings(&o, &corpus, &info, k);
@@ -314,12 +425,10 @@ pub async fn run(o: DumpOptions) -> anyhow::Result<Summary> {
     drop(out_tx);
     let written = writer.join().expect("the writer thread panicked");
     // The first failure in stream order: the input's, then the teacher's, then the disk's.
-    let manifest = read.and(fetched).and(written).map_err(|e| {
-        e.context(format!(
-            "the dump stopped; the complete shards in {} are kept, and a rerun with the same arguments resumes after them",
-            o.out.display()
-        ))
-    })?;
+    let manifest = read
+        .and(fetched)
+        .and(written)
+        .map_err(|e| DumpError::Stopped { out: o.out.clone(), source: Box::new(e) })?;
     let mut summary = Summary::of(&manifest);
     summary.sequences_this_run = summary.sequences.saturating_sub(start - range.start);
     summary.positions_this_run =
@@ -366,7 +475,7 @@ fn settings(
 
 /// The bar: input bytes (JSON lines) or rows (Parquet) of the range; the
 /// message carries tokens/s.
-fn progress_bar(corpus: &Corpus, range: std::ops::Range<u64>) -> anyhow::Result<ProgressBar> {
+fn progress_bar(corpus: &Corpus, range: std::ops::Range<u64>) -> Result<ProgressBar, CorpusError> {
     let (a, b) = (corpus.units_before(range.start)?, corpus.units_before(range.end)?);
     let unit =
         if corpus.progress_in_bytes() { "{bytes}/{total_bytes}" } else { "{pos}/{len} rows" };
@@ -386,7 +495,7 @@ fn spawn_reader(
     batch_sequences: usize,
     progress: Arc<AtomicU64>,
     tx: mpsc::Sender<Batch>,
-) -> std::thread::JoinHandle<anyhow::Result<()>> {
+) -> std::thread::JoinHandle<Result<(), DumpError>> {
     std::thread::spawn(move || {
         let size = batch_sequences.max(1);
         let mut records = Vec::with_capacity(size);
@@ -413,7 +522,7 @@ async fn fetch_all(
     o: &DumpOptions,
     mut batches: mpsc::Receiver<Batch>,
     out: &mpsc::Sender<Fetched>,
-) -> anyhow::Result<()> {
+) -> Result<(), DumpError> {
     let depth = o.depth.max(1);
     let mut in_flight = FuturesUnordered::new();
     let mut ready: BTreeMap<u64, (Batch, SampleLogitsResponse)> = BTreeMap::new();
@@ -430,9 +539,9 @@ async fn fetch_all(
                 None => input_done = true,
             },
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let (n, batch, answer) = done.context("a request task failed")?;
+                let (n, batch, answer) = done.map_err(DumpError::Task)?;
                 let first = batch.records.first().map_or(0, |r| r.index);
-                let answer = answer.with_context(|| format!("the teacher failed on the batch starting at sequence {first}"))?;
+                let answer = answer.map_err(|source| DumpError::Teacher { first, source })?;
                 ready.insert(n, (batch, answer));
                 while let Some((batch, answer)) = ready.remove(&next_out) {
                     if out.send(Fetched::Answer(batch, answer)).await.is_err() {
@@ -454,7 +563,7 @@ fn write_all(
     mut rx: mpsc::Receiver<Fetched>,
     bar: ProgressBar,
     progress: Arc<AtomicU64>,
-) -> anyhow::Result<Manifest> {
+) -> Result<Manifest, DumpError> {
     let started = Instant::now();
     let (mut tokens_buffered, mut tokens_run) = (0u64, 0u64);
     let record = |m: &mut Manifest, w: Option<WrittenShard>, tokens: &mut u64| {
@@ -463,7 +572,7 @@ fn write_all(
             *tokens = 0;
             m.write(&dir)?;
         }
-        anyhow::Ok(())
+        Ok::<(), DumpError>(())
     };
     loop {
         let Some(msg) = rx.blocking_recv() else {
@@ -474,12 +583,13 @@ fn write_all(
             Fetched::Answer(b, a) => (b, a),
             Fetched::Done => break,
         };
-        anyhow::ensure!(
-            answer.sequences.len() == batch.records.len(),
-            "the teacher answered {} sequences for {}",
-            answer.sequences.len(),
-            batch.records.len()
-        );
+        if answer.sequences.len() != batch.records.len() {
+            return Err(DumpError::Reply(format!(
+                "the teacher answered {} sequences for {}",
+                answer.sequences.len(),
+                batch.records.len()
+            )));
+        }
         for (r, s) in batch.records.iter().zip(&answer.sequences) {
             let t = TeacherTargets::from_sequence(
                 s,
@@ -487,16 +597,18 @@ fn write_all(
                 answer.value_encoding,
                 answer.method,
             )
-            .with_context(|| format!("sequence {}", r.index))?;
+            .map_err(|source| DumpError::Targets { sequence: r.index, source })?;
             let expected = r.tokens.len() - r.first_position as usize;
-            anyhow::ensure!(
-                t.num_positions() == expected,
-                "sequence {}: the teacher returned {} positions, not {expected}",
-                r.index,
-                t.num_positions()
-            );
-            let written =
-                writer.append(&r.tokens, &t).with_context(|| format!("sequence {}", r.index))?;
+            if t.num_positions() != expected {
+                return Err(DumpError::Reply(format!(
+                    "sequence {}: the teacher returned {} positions, not {expected}",
+                    r.index,
+                    t.num_positions()
+                )));
+            }
+            let written = writer
+                .append(&r.tokens, &t)
+                .map_err(|source| DumpError::Write { sequence: r.index, source })?;
             record(&mut manifest, written, &mut tokens_buffered)?;
             tokens_buffered += r.tokens.len() as u64;
             tokens_run += r.tokens.len() as u64;

@@ -18,7 +18,7 @@ pub const STARTUP: Duration = Duration::from_secs(60);
 /// its gRPC URI and the task (abort it to stop the server). Fails with the
 /// server's error if it stops before binding, or after [`STARTUP`].
 pub async fn tiny_server() -> (String, ServerTask) {
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../server/tests/fixtures/tiny/llama");
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../server/tests/fixtures/tiny/llama");
     let argv = [
         "logitd",
         "serve",

@@ -113,7 +113,7 @@ grpcurl --version 2>&1 | head -1
 bin=${1:-target/debug/logitd}
 [[ -x $bin ]] || die "no logitd binary at $bin: build it (cargo build -p logitd) or pass its path"
 client_bin=${2:-$(dirname "$bin")/logitd-client}
-[[ -x $client_bin ]] || die "no logitd-client binary at $client_bin: build it (cargo build -p logitd-client) or pass its path"
+[[ -x $client_bin ]] || die "no logitd-client binary at $client_bin: build it (cargo build -p logitd-client-tools) or pass its path"
 cache=${LOGITD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/logitd}
 gguf=$cache/teachers/SmolLM2-135M-Instruct.Q4_1.gguf
 if [[ ! -f $gguf ]]; then
@@ -230,7 +230,7 @@ fi
 # `prebuilt`, and the same image as `prebuilt` but for where the binary came from.
 phase "the default target's wiring (stand-in rust image; the real one is not pulled)"
 rust_image=$(sed -nE 's/^FROM ([^ ]+) AS build$/\1/p' deploy/docker/Dockerfile.cpu)
-cargo_cmd=$(grep -oE 'cargo build --release --locked -p logitd -p logitd-client' deploy/docker/Dockerfile.cpu | head -1)
+cargo_cmd=$(grep -oE 'cargo build --release --locked -p logitd -p logitd-client-tools' deploy/docker/Dockerfile.cpu | head -1)
 mkdir -p "$work/fake-rust"
 cp "$ctx/logitd" "$ctx/logitd-client" "$work/fake-rust/"
 cat >"$work/fake-rust/cargo" <<EOF

@@ -94,7 +94,7 @@ print(f"{n} files in the build context")
 ' "$ctx"
 # ... and run the Dockerfiles' cargo command there (check instead of a release
 # build: same resolution, same sources, same build scripts; minutes less).
-cmd=$(grep -m1 -o 'cargo build --release --locked -p logitd -p logitd-client' deploy/docker/Dockerfile.cpu)
+cmd=$(grep -m1 -o 'cargo build --release --locked -p logitd -p logitd-client-tools' deploy/docker/Dockerfile.cpu)
 grep -q 'cargo build --release --locked -p logitd --features cuda' deploy/docker/Dockerfile.cuda
 grep -q '^COPY \. \.$' deploy/docker/Dockerfile.cpu
 (cd "$ctx" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$OLDPWD/target}" ${cmd/build --release/check} --quiet)

@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::Parser;
-use logitd::config::{Cli, Command as ServerCommand};
+use logitd::cli::{Cli, Command as ServerCommand};
 use logitd_client::{ClientConfig, ClientError, RetryPolicy, TeacherClient};
 use tonic::{Code, Status};
 

@@ -244,6 +244,7 @@ impl Canary {
     }
 }
 
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_bad_input_corpus_gets_precise_errors_and_never_disturbs_other_clients() {
     let mut server = start();

@@ -250,6 +250,7 @@ async fn completions_equal_grpc_at_the_shifted_positions() {
     );
 }
 
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sglang_and_trl_bodies_equal_grpc() {
     let server = Server::start(&tiny("gemma2"), &["--http-listen", "127.0.0.1:0"]);
@@ -421,6 +422,7 @@ async fn sglang_and_trl_bodies_equal_grpc() {
 
 /// Bad inputs, each with the status and body shape the real server gives
 /// and logitd's message, while a canary's answer stays the same.
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_the_real_servers_status_and_body() {
     let server = Server::start(

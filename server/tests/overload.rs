@@ -49,6 +49,7 @@ struct Tally {
     other: Vec<String>,
 }
 
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_is_refused_fast_accepted_work_is_correct_and_memory_is_bounded() {
     let secs: u64 =

@@ -58,7 +58,7 @@ PLAY=$(tests/fetch-teachers.sh corpus)/twelfth-night.md
 if [[ -z ${SKIP_BUILD:-} ]]; then
   log "building logitd, engine_bench and logitd-bench (release)"
   cargo build --release -q -p logitd --bin logitd --example engine_bench
-  cargo build --release -q -p logitd-client --bin logitd-bench
+  cargo build --release -q -p logitd-client-tools --bin logitd-bench
 fi
 BIN=$ROOT/target/release
 

@@ -31,7 +31,7 @@ log() { printf '[dump-throughput %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 [[ -e $MODEL ]] || { echo "no teacher at $MODEL (set MODEL)" >&2; exit 1; }
 if [[ ${BUILD:-1} == 1 ]]; then
   cargo build -q -p logitd --bin logitd
-  cargo build -q -p logitd-client --bin logitd-client --bin logitd-bench
+  cargo build -q -p logitd-client-tools --bin logitd-client --bin logitd-bench
 fi
 
 "$BIN/logitd" serve --model "$MODEL" --listen "127.0.0.1:$PORT" --metrics-listen 127.0.0.1:0 \

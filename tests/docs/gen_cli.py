@@ -5,7 +5,7 @@
     python3 tests/docs/gen_cli.py --check   # exit 1, with a diff, if the page is stale
 
 The binaries are taken from target/debug (LOGITD_BIN_DIR overrides), so build them
-first (`cargo build -p logitd -p logitd-client`). Everything above the marker line is
+first (`cargo build -p logitd -p logitd-client-tools`). Everything above the marker line is
 written by hand; everything below it comes from --help, run with every LOGITD_*
 variable removed from the environment (clap shows a set variable's value).
 """
@@ -35,7 +35,7 @@ COMMANDS = [
 def help_text(binary: Path, args: list[str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITD_") and k != "RUST_LOG"}
     if not binary.is_file():
-        sys.exit(f"{binary} is missing: build it with `cargo build -p logitd -p logitd-client`")
+        sys.exit(f"{binary} is missing: build it with `cargo build -p logitd -p logitd-client-tools`")
     out = subprocess.run(
         [str(binary), *args, "--help"], env=env, capture_output=True, text=True, timeout=60, check=True
     ).stdout

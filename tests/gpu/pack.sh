@@ -26,7 +26,7 @@ TEACHERS=${TEACHERS:-${LOGITD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/logitd}/tea
 if [[ -z ${SKIP_BUILD:-} ]]; then
   CARGO_TARGET_DIR=$CUDA_TARGET nice -n 10 "$here/build.sh" --release --locked -p logitd --features cuda \
     --bin logitd --example gpu_bench --example dump_logits --test gpu_sampler
-  CARGO_TARGET_DIR=$CUDA_TARGET nice -n 10 cargo build --release --locked -p logitd-client --bin logitd-bench
+  CARGO_TARGET_DIR=$CUDA_TARGET nice -n 10 cargo build --release --locked -p logitd-client-tools --bin logitd-bench
 fi
 
 # Real-teacher logits (bf16), when missing.

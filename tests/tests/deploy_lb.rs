@@ -446,6 +446,7 @@ fn tools() -> Option<(PathBuf, PathBuf, PathBuf)> {
     );
 }
 
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_behind_nginx_and_haproxy_scraped_by_prometheus() {
     let Some((nginx, haproxy, prometheus)) = tools() else { return };

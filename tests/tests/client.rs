@@ -1,7 +1,7 @@
 //! The client against real servers: balancing, retries, the tokenizer check,
 //! splitting, the prefetcher, and target shards.
 
-mod common;
+use crate::common;
 
 use std::sync::{
     Arc,
@@ -68,6 +68,7 @@ async fn a_call_is_retried_until_the_restarted_server_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_different_tokenizer_or_vocabulary_is_refused() {
     let server = InProcess::start(&cached("SmolLM2-135M-Instruct.Q4_1.gguf"), 0, &[]).await;
+    server.ready().await;
     let info = TeacherClient::connect(ClientConfig::new([server.uri.clone()]))
         .await
         .unwrap()

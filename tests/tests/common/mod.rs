@@ -78,6 +78,23 @@ impl InProcess {
         InProcess { addr, uri: format!("http://{addr}"), stop: Some(stop_tx), task: Some(task) }
     }
 
+    /// Waits until the server answers a client (the model loaded and warmed
+    /// up), within [`STARTUP`]: a real teacher's load can outlast one client's
+    /// retries on a busy machine.
+    pub async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + STARTUP;
+        loop {
+            let config = logitd_client::ClientConfig::new([self.uri.clone()]);
+            match logitd_client::TeacherClient::connect(config).await {
+                Ok(_) => return,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{} was not ready within {STARTUP:?}: {e}", self.uri),
+            }
+        }
+    }
+
     /// Drains and stops the server.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());

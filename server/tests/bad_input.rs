@@ -16,7 +16,7 @@
 //! RULES validation rules broken, MALFORMED malformed calls, VALID valid
 //! boundary inputs, CONNECTIONS connection-level cases.
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{

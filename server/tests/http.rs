@@ -9,7 +9,7 @@
 // Loops run over token indices, which index several arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

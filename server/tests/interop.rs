@@ -1,7 +1,7 @@
 //! Clients that are not ours: Python grpcio with stubs generated from the
 //! .proto, and grpcurl through reflection. Bearer-token auth.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! RESOURCE_EXHAUSTED, every accepted one is answered correctly, and the
 //! server's resident memory stays bounded. Prints the figures docs/reference/metrics.md quotes.
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{Arc, Mutex},

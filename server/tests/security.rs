@@ -1,7 +1,7 @@
 //! Security: TLS and mutual TLS with certificates made in the test (rcgen),
 //! the concurrency limit, and private data kept out of the logs.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, time::Duration};
 

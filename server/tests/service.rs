@@ -1,6 +1,6 @@
 //! The gRPC service through a real server process and a real client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -17,7 +17,7 @@
 //! It runs the `logitd` binary of this target directory (built by `cargo test
 //! --workspace` or `cargo build -p logitd`), or `LOGITD_BIN`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

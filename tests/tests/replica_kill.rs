@@ -2,7 +2,7 @@
 //! over it and another: every call still gets its answer, the same answer
 //! the surviving replica gives alone.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

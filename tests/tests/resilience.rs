@@ -10,7 +10,7 @@
 //! - a `Prefetcher` with no server at all gives up after its attempts and
 //!   reports the error on each batch instead of spinning forever.
 
-mod common;
+use crate::common;
 
 use std::{
     io::{BufRead, BufReader},

@@ -5,7 +5,7 @@
 //! trusting another CA, or expecting another name, gets no answer; with mutual
 //! TLS the client's certificate is sent from `ClientConfig::tls`.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, time::Duration};
 

@@ -2,7 +2,7 @@
 //! distinct ids, bytes and errors it reports are the ones the server's answers
 //! imply.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Command};
 

@@ -1,7 +1,7 @@
 //! `logitd-client dump` end to end: a corpus through a real (in-process) server
 //! into shards equal to what the client fetches live.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

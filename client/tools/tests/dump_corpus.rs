@@ -9,7 +9,7 @@
 //! batch with per-sequence seeds `sequence_seed(seed, n)` (what the dump's
 //! documentation promises), fetched live by the library client.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

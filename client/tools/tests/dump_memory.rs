@@ -22,7 +22,7 @@
 //! compared at the default shard size, 100,000 against 1,000,000 sequences.
 //! Measured 2026-12-07 (the same machine): 29.3 MiB and 32.0 MiB.
 
-mod common;
+use crate::common;
 
 use std::{
     io::Write,

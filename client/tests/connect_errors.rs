@@ -125,6 +125,12 @@ async fn a_plain_http1_server_says_http_not_grpc() {
             let _ = conn.write_all(
                 b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot found",
             );
+            // Close our side only, then read until the client closes: a
+            // connection dropped at once can reset the client's own writes
+            // (its HTTP/2 preface) before it reads the reply, and the client
+            // then sees a broken pipe instead of the HTTP/1 answer.
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+            while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
         }
     });
     let (status, text) = connect_error(&uri).await;

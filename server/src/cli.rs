@@ -34,12 +34,15 @@ pub enum Command {
     Sample(SampleArgs),
 }
 
-/// Compute dtype of the teacher.
+/// How the teacher's weights are held, and the compute dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
-    /// f32 on the CPU, bf16 on a GPU.
+    /// Keep what the file stores: a GGUF file's quantized matrices stay
+    /// quantized (activations in f32); a Hugging Face directory loads in f32
+    /// on the CPU and bf16 on a GPU.
     Auto,
-    /// 32-bit float (the fast dtype on the CPU).
+    /// Every weight widened to 32-bit float (a GGUF file dequantised at load:
+    /// about 4 bytes a parameter).
     F32,
     /// bfloat16 (the GPU dtype).
     Bf16,
@@ -58,7 +61,8 @@ pub struct ModelArgs {
     /// Device: `cpu` or `cuda:N` (needs a build with the `cuda` feature).
     #[arg(long, env = "LOGITD_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype.
+    /// How weights are held (see the values); GetModelInfo's `dtype` says what
+    /// is served, e.g. `q4_k+q6_k/f32-acc` for a Q4_K_M file kept quantized.
     #[arg(long, env = "LOGITD_DTYPE", value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
     /// Model id reported to clients (default: the model's file or directory name,

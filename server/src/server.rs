@@ -66,12 +66,16 @@ pub struct Loaded {
 pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
     let path = resolve_model(args.model.as_deref())?;
     let device = device::parse(&args.device).map_err(|e| ServeError::Config(e.to_string()))?;
-    let dtype = match (args.dtype, device.is_cpu()) {
-        (DtypeArg::Auto, true) | (DtypeArg::F32, _) => DType::F32,
-        (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => DType::BF16,
-        (DtypeArg::F16, _) => DType::F16,
+    let gguf = path.extension().is_some_and(|e| e == "gguf");
+    let teacher = match (args.dtype, device.is_cpu()) {
+        // A GGUF file's quantized matrices stay as stored.
+        (DtypeArg::Auto, _) if gguf => Teacher::load_quantized(&path, &device)?,
+        (DtypeArg::Auto, true) | (DtypeArg::F32, _) => Teacher::load(&path, &device, DType::F32)?,
+        (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => {
+            Teacher::load(&path, &device, DType::BF16)?
+        }
+        (DtypeArg::F16, _) => Teacher::load(&path, &device, DType::F16)?,
     };
-    let teacher = Teacher::load(&path, &device, dtype)?;
     let c = teacher.config();
     let max_len = match args.max_sequence_length {
         Some(n) if n > args.max_batch_tokens => {
@@ -100,7 +104,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
         architecture: c.arch.name().to_string(),
         vocab_size: c.vocab_size as u32,
         max_sequence_length: max_len,
-        dtype: format!("{dtype:?}").to_lowercase(),
+        dtype: teacher.served_dtype(),
         device: args.device.clone(),
         tokenizer_sha256: tokenizer_sha256(&path)?.unwrap_or_default(),
         default_num_samples: args.default_num_samples,

@@ -18,6 +18,8 @@ mod gguf_fixtures;
 mod http;
 #[path = "interop.rs"]
 mod interop;
+#[path = "memory.rs"]
+mod memory;
 #[path = "overload.rs"]
 mod overload;
 #[path = "real_teachers.rs"]

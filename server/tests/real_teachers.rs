@@ -310,3 +310,73 @@ fn gemma3_gguf_tokenizer_needs_an_explicit_file() {
     let e = logitd::model::load_tokenizer(&model, None).expect_err("not rebuilt");
     assert!(e.to_string().contains("pass --tokenizer"), "{e}");
 }
+
+/// The real teachers served as `--dtype auto` serves a GGUF file, its
+/// quantized matrices kept (activations rounded to 8 bits per block inside
+/// each matmul, as llama.cpp does), against transformers, which dequantises
+/// the same file and multiplies in f32. Each matmul is within its rounding of
+/// exact math (quant_tests.rs); through 30 (SmolLM2) or 18 (Gemma 3) layers
+/// the roundings add up, and this measures what reaches the log-probabilities
+/// at every position of the fixture sentences: the max and the mean
+/// |Δ log p| over transformers' top 20, and how often the top-1 id is the same.
+/// `max_bound` and `mean_bound` are about 1.5× what was measured on the
+/// development machine (in the note of each test).
+fn check_quantized(fixture: &str, model: &Path, max_bound: f64, mean_bound: f64) {
+    let fx = load_fixture(fixture);
+    let teacher = Teacher::load_quantized(model, &Device::Cpu).unwrap();
+    assert!(teacher.served_dtype().ends_with("/f32-acc"), "{}", teacher.served_dtype());
+    let sequences: Vec<Vec<u32>> = fx.sentences.iter().map(|s| s.token_ids.clone()).collect();
+    let batch = PackedBatch::new(&sequences).unwrap();
+    let hidden = teacher.hidden_states(&batch).unwrap();
+    let logits = teacher.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
+    let (mut worst, mut sum, mut n, mut top1, mut positions) = (0f64, 0f64, 0usize, 0usize, 0usize);
+    for (s, sentence) in fx.sentences.iter().enumerate() {
+        for (p, want) in sentence.positions.iter().enumerate() {
+            let z = &logits[batch.sequence(s).start + p];
+            let m = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+            let lse = m + z.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln();
+            for (&id, &their) in want.top_ids.iter().zip(&want.top_logprobs) {
+                let d = (f64::from(z[id as usize]) - lse - their).abs();
+                assert!(
+                    d < max_bound,
+                    "{fixture} sentence {s} position {p}: id {id} |Δ log p| {d} > {max_bound}"
+                );
+                worst = worst.max(d);
+                sum += d;
+                n += 1;
+            }
+            let ours = (0..z.len()).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap();
+            top1 += usize::from(ours as u32 == want.top_ids[0]);
+            positions += 1;
+        }
+    }
+    let mean = sum / n as f64;
+    eprintln!(
+        "{fixture} served as {}: {positions} positions, max |Δ log p| {worst:.3} (bound \
+         {max_bound}), mean {mean:.4} (bound {mean_bound}) over the top 20, top-1 id the same \
+         at {top1}",
+        teacher.served_dtype()
+    );
+    assert!(mean < mean_bound, "{fixture}: mean |Δ log p| {mean} > {mean_bound}");
+    assert_eq!(n, 20 * positions);
+}
+
+#[test]
+fn smollm2_served_quantized_stays_near_transformers() {
+    check_quantized(
+        "smollm2_135m.json",
+        &gguf("LOGITD_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        1.0,
+        1.0,
+    );
+}
+
+#[test]
+fn gemma3_served_quantized_stays_near_transformers() {
+    check_quantized(
+        "gemma3_270m.json",
+        &gguf("LOGITD_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf"),
+        3.0,
+        1.0,
+    );
+}

@@ -10,7 +10,9 @@ use candle_core::{
 };
 
 use super::{
-    Activation, Arch, ModelConfig, ModelError, Rope, RopeScaling, config::layer_kinds,
+    Activation, Arch, ModelConfig, ModelError, Rope, RopeScaling,
+    config::layer_kinds,
+    quant::{QuantData, is_block_type},
     weights::WeightSource,
 };
 
@@ -221,6 +223,43 @@ impl WeightSource for GgufSource {
             _ => t,
         };
         Ok(Some(t))
+    }
+
+    fn get_quantized(&mut self, name: &str) -> Result<Option<QuantData>, ModelError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(g) = gguf_name(self.arch, name) else { return Ok(None) };
+        let Some(info) = self.content.tensor_infos.get(&g) else { return Ok(None) };
+        if !is_block_type(info.ggml_dtype) {
+            return Ok(None);
+        }
+        let bad = |what: String| ModelError::Gguf(format!("tensor `{g}`: {what}"));
+        let &[rows, cols] = info.shape.dims() else {
+            return Err(bad(format!("a matrix was expected, the shape is {:?}", info.shape)));
+        };
+        let dtype = info.ggml_dtype;
+        if cols % dtype.block_size() != 0 {
+            return Err(bad(format!("{cols} columns do not fill {dtype:?} blocks")));
+        }
+        let len = rows * cols / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset;
+        let mut bytes = vec![0u8; len];
+        self.reader
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| self.reader.read_exact(&mut bytes))
+            .map_err(|e| bad(format!("reading {len} bytes at offset {start}: {e}")))?;
+        let data = QuantData { dtype, shape: (rows, cols), bytes };
+        let heads = match (self.arch, name.rsplit('.').nth(1)) {
+            (Arch::Llama, Some("q_proj")) => self.num_heads,
+            (Arch::Llama, Some("k_proj")) => self.num_kv_heads,
+            _ => return Ok(Some(data)),
+        };
+        // Row for row what `unpermute` does to the dense tensor.
+        let per_head = rows / heads;
+        let half = per_head / 2;
+        Ok(Some(data.permute_rows(|r| {
+            let (h, within) = (r / per_head, r % per_head);
+            h * per_head + 2 * (within % half) + within / half
+        })))
     }
 
     fn gemma_norms_offset(&self) -> bool {

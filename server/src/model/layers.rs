@@ -9,6 +9,7 @@ use super::{
     attention_cpu::{PackedCausalAttention, Segment},
     mlp_cpu::SiluMul,
     plan::{AttentionPlan, Tile},
+    quant::QWeight,
     weights::Loader,
 };
 
@@ -24,14 +25,74 @@ pub(super) struct Forward<'a> {
     pub(super) cpu_f32: bool,
 }
 
-/// A linear layer y = x Wᵀ + b. On the CPU the weight is kept transposed,
-/// [in, out] contiguous: `gemm` then reads it in place, where the [out, in]
-/// layout has it repack the whole matrix on every call (a fifth of the time
-/// of a 64-token forward).
+/// A weight matrix W [out, in] as a linear layer multiplies by it (y = x Wᵀ).
+/// Dense on the CPU it is kept transposed, [in, out] contiguous: `gemm` then
+/// reads it in place, where the [out, in] layout has it repack the whole
+/// matrix on every call (a fifth of the time of a 64-token forward).
+pub(super) enum Matrix {
+    /// Dense, [out, in], or [in, out] when `transposed`.
+    Dense { w: Tensor, transposed: bool },
+    /// Kept as the GGUF file stores it.
+    Quantized(QWeight),
+}
+
+impl Matrix {
+    /// `name` from `l`: quantized where the loader keeps it so, else dense in
+    /// the compute dtype, transposed when `transpose` and on the CPU.
+    pub(super) fn load(
+        l: &mut Loader,
+        name: &str,
+        shape: [usize; 2],
+        transpose: bool,
+    ) -> Result<Self, ModelError> {
+        Self::optional(l, name, shape, transpose)?
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    /// [`Self::load`], `None` when the source has no `name`.
+    pub(super) fn optional(
+        l: &mut Loader,
+        name: &str,
+        shape: [usize; 2],
+        transpose: bool,
+    ) -> Result<Option<Self>, ModelError> {
+        if let Some(q) = l.quantized(name, shape)? {
+            return Ok(Some(Self::Quantized(q)));
+        }
+        let Some(w) = l.optional(name, &shape)? else { return Ok(None) };
+        l.note_dense_matrix(shape);
+        Self::dense(w, transpose && l.device.is_cpu()).map(Some)
+    }
+
+    /// `w` [out, in], transposed in memory when `transposed`.
+    pub(super) fn dense(w: Tensor, transposed: bool) -> Result<Self, ModelError> {
+        let w = if transposed { w.t()?.contiguous()? } else { w };
+        Ok(Self::Dense { w, transposed })
+    }
+
+    /// x Wᵀ: in x's dtype when dense, f32 when quantized.
+    pub(super) fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense { w, transposed: true } => x.matmul(w),
+            Self::Dense { w, transposed: false } => x.matmul(&w.t()?),
+            Self::Quantized(q) => q.matmul_t(x),
+        }
+    }
+
+    /// Rows `ids` of W (an embedding lookup): in the compute dtype when
+    /// dense, f32 (dequantised) when quantized.
+    pub(super) fn rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense { w, transposed: false } => w.index_select(ids, 0),
+            Self::Dense { w, transposed: true } => w.t()?.index_select(ids, 0),
+            Self::Quantized(q) => q.rows(ids),
+        }
+    }
+}
+
+/// A linear layer y = x Wᵀ + b.
 pub(super) struct Linear {
-    /// [out, in], or [in, out] when `transposed`.
-    w: Tensor,
-    transposed: bool,
+    w: Matrix,
     b: Option<Tensor>,
 }
 
@@ -43,15 +104,13 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self, ModelError> {
-        let w = l.weight(&format!("{name}.weight"), &[out, inp])?;
-        let transposed = l.device.is_cpu();
-        let w = if transposed { w.t()?.contiguous()? } else { w };
+        let w = Matrix::load(l, &format!("{name}.weight"), [out, inp], true)?;
         let b = if bias { Some(l.weight(&format!("{name}.bias"), &[out])?) } else { None };
-        Ok(Self { w, transposed, b })
+        Ok(Self { w, b })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if self.transposed { x.matmul(&self.w)? } else { x.matmul(&self.w.t()?)? };
+        let y = self.w.matmul_t(x)?;
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

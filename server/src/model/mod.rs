@@ -25,6 +25,7 @@ mod layers;
 mod load;
 mod mlp_cpu;
 mod plan;
+mod quant;
 mod rope;
 mod teacher;
 mod tokenizer;

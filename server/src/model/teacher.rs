@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use super::{
     ModelConfig, ModelError, PackedBatch,
     attention_cpu::DEFAULT_QUERY_BLOCK,
-    layers::{Forward, Layer, rms_norm, softcap},
+    layers::{Forward, Layer, Matrix, rms_norm, softcap},
     plan::{AttentionPlan, DEFAULT_ATTENTION_TILE_ELEMENTS},
     rope::RopeTables,
-    weights::{Loader, WeightSource},
+    weights::Loader,
 };
 
 /// The teacher model, owning its weights on one device.
@@ -20,8 +20,12 @@ pub struct Teacher {
     config: ModelConfig,
     device: Device,
     dtype: DType,
-    embed: Tensor,
-    lm_head: Option<Tensor>,
+    /// [vocab, hidden].
+    embed: Matrix,
+    /// [vocab, hidden]; `None`: tied to the embedding.
+    lm_head: Option<Matrix>,
+    /// What the weight matrices are kept as (`q4_k+q6_k`, `f32`, …).
+    matrix_types: String,
     final_norm: Tensor,
     layers: Vec<Layer>,
     rope: RopeTables,
@@ -40,8 +44,26 @@ fn cpu_f32(device: &Device, dtype: DType) -> bool {
 
 impl Teacher {
     /// Loads a teacher from a Hugging Face directory (config.json and
-    /// safetensors) or a `.gguf` file, in `dtype` on `device`.
+    /// safetensors) or a `.gguf` file, every weight widened (or narrowed) to
+    /// `dtype`, on `device`.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        Self::load_with(path, device, dtype, false)
+    }
+
+    /// Loads a teacher keeping a GGUF file's quantized matrices as stored
+    /// (see `quant.rs`): activations and dense tensors in f32. A file with
+    /// no quantized matrix, or a Hugging Face directory, loads as
+    /// [`Self::load`] in f32.
+    pub fn load_quantized(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(path, device, DType::F32, true)
+    }
+
+    fn load_with(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        keep_quantized: bool,
+    ) -> Result<Self, ModelError> {
         let started = Instant::now();
         let (config, mut source) = super::load::open(path)?;
         tracing::info!(
@@ -51,55 +73,60 @@ impl Teacher {
             hidden = config.hidden_size,
             vocab = config.vocab_size,
             dtype = ?dtype,
+            keep_quantized,
             cpu_simd = crate::kernels::simd_build(),
             "loading teacher"
         );
         let digest = source.digest()?;
-        let mut teacher = Self::from_source(config, source.as_mut(), device, dtype)?;
+        let mut l = Loader {
+            source: source.as_mut(),
+            device: device.clone(),
+            dtype,
+            keep_quantized,
+            bytes: 0,
+            matrix_types: Default::default(),
+        };
+        let mut teacher = Self::from_source(config, &mut l)?;
         teacher.weights_sha256 = digest.iter().map(|b| format!("{b:02x}")).collect();
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "teacher loaded");
         Ok(teacher)
     }
 
-    fn from_source(
-        config: ModelConfig,
-        source: &mut dyn WeightSource,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self, ModelError> {
+    fn from_source(config: ModelConfig, l: &mut Loader) -> Result<Self, ModelError> {
         let c = &config;
-        let mut l = Loader { source, device: device.clone(), dtype, bytes: 0 };
+        let (device, dtype) = (l.device.clone(), l.dtype);
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let embed = l.weight("model.embed_tokens.weight", &[v, h])?;
+        let embed = Matrix::load(l, "model.embed_tokens.weight", [v, h], false)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
             // Some checkpoints mark embeddings untied yet ship no head; fall
             // back to the embedding as transformers does when it ties them.
-            l.optional("lm_head.weight", &[v, h])?
+            Matrix::optional(l, "lm_head.weight", [v, h], false)?
         };
         let mut layers = Vec::with_capacity(c.num_layers());
         for (i, kind) in c.layers.iter().enumerate() {
             let started = Instant::now();
-            let layer = Layer::load(&mut l, c, i, kind)?;
+            let layer = Layer::load(l, c, i, kind)?;
             tracing::debug!(layer = i, seconds = started.elapsed().as_secs_f64(), "layer loaded");
             layers.push(layer);
         }
         let final_norm = l.norm("model.norm.weight", h)?;
         tracing::info!(bytes = l.bytes, "weights placed on {:?}", device.location());
-        let rope = RopeTables::new(c, device);
+        let rope = RopeTables::new(c, &device);
         Ok(Self {
             config,
             device: device.clone(),
             dtype,
             embed,
             lm_head,
+            matrix_types: l.matrix_types(),
             final_norm,
             layers,
             rope,
             attention_tile_elements: DEFAULT_ATTENTION_TILE_ELEMENTS,
             // The fused kernel is CPU and f32 only; elsewhere the tiles.
-            fused_query_block: cpu_f32(device, dtype).then_some(DEFAULT_QUERY_BLOCK),
+            fused_query_block: cpu_f32(&device, dtype).then_some(DEFAULT_QUERY_BLOCK),
             weights_sha256: String::new(),
         })
     }
@@ -109,9 +136,29 @@ impl Teacher {
         &self.config
     }
 
-    /// The compute dtype.
+    /// The compute dtype (of the activations, and of the weights not kept
+    /// quantized).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// What the weight matrices (linear layers, embedding, head) are kept
+    /// as, by element count, most first: `q4_k+q6_k` for a Q4_K_M file kept
+    /// quantized, else the compute dtype (`f32`, `bf16`).
+    pub fn matrix_types(&self) -> &str {
+        &self.matrix_types
+    }
+
+    /// What is served, as `ModelInfo.dtype` says it: the compute dtype when
+    /// every matrix is in it (`f32`, `bf16`), else the matrices' types and
+    /// the activations' (`q4_k+q6_k/f32-acc`).
+    pub fn served_dtype(&self) -> String {
+        let compute = format!("{:?}", self.dtype).to_lowercase();
+        if self.matrix_types == compute {
+            compute
+        } else {
+            format!("{}/{compute}-acc", self.matrix_types)
+        }
     }
 
     /// SHA-256 (hex) of the weights it was loaded from: of a GGUF file, the
@@ -192,7 +239,7 @@ impl Teacher {
         }
         let n = batch.num_tokens();
         let ids = Tensor::from_slice(batch.tokens(), n, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.rows(&ids)?.to_dtype(self.dtype)?;
         if let Some(scale) = c.embed_scale {
             // transformers multiplies by the scale rounded to the compute dtype.
             let s = Tensor::new(scale as f32, &self.device)?.to_dtype(self.dtype)?;
@@ -251,7 +298,6 @@ impl Teacher {
 
     /// hidden_rows × the head (the embedding when tied), before any soft-cap.
     fn head_matmul(&self, hidden_rows: &Tensor) -> candle_core::Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        hidden_rows.matmul(&head.t()?)
+        self.lm_head.as_ref().unwrap_or(&self.embed).matmul_t(hidden_rows)
     }
 }

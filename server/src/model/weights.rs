@@ -2,11 +2,17 @@
 //! (memory-mapped) or a GGUF file (dequantised at load). The model asks for
 //! tensors by their Hugging Face names; a source translates.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use candle_core::{DType, Device, Tensor, safetensors::MmapedSafetensors};
 
-use super::ModelError;
+use super::{
+    ModelError,
+    quant::{QWeight, QuantData, type_name},
+};
 
 /// A source of named tensors.
 pub(crate) trait WeightSource {
@@ -21,6 +27,13 @@ pub(crate) trait WeightSource {
     /// SHA-256 of the weights as stored (see [`SafetensorsSource`] and the
     /// GGUF source for what exactly is hashed).
     fn digest(&mut self) -> Result<[u8; 32], ModelError>;
+
+    /// The tensor called `name` as its quantized blocks, if the source stores
+    /// it in a block type ([`super::quant::is_block_type`]); `None` for a
+    /// dense tensor or a missing one (ask [`Self::get`]).
+    fn get_quantized(&mut self, _name: &str) -> Result<Option<QuantData>, ModelError> {
+        Ok(None)
+    }
 }
 
 /// Memory-mapped safetensors shards of a Hugging Face directory.
@@ -121,7 +134,12 @@ pub(crate) struct Loader<'a> {
     pub(crate) source: &'a mut dyn WeightSource,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    /// Whether block-quantized weights are kept as stored.
+    pub(crate) keep_quantized: bool,
     pub(crate) bytes: usize,
+    /// Elements of the weight matrices by the type they are kept in (`q4_k`,
+    /// `f32`, …).
+    pub(crate) matrix_types: BTreeMap<String, usize>,
 }
 
 impl Loader<'_> {
@@ -152,6 +170,44 @@ impl Loader<'_> {
         let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
         self.bytes += t.elem_count() * self.dtype.size_in_bytes();
         Ok(Some(t))
+    }
+
+    /// A [n, k] matrix kept quantized: `None` when the loader widens weights
+    /// or the source stores this one densely (then ask [`Self::weight`]).
+    pub(crate) fn quantized(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+    ) -> Result<Option<QWeight>, ModelError> {
+        if !self.keep_quantized {
+            return Ok(None);
+        }
+        let Some(q) = self.source.get_quantized(name)? else { return Ok(None) };
+        if q.shape != (shape[0], shape[1]) {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: vec![q.shape.0, q.shape.1],
+            });
+        }
+        let w = QWeight::new(q, &self.device)?;
+        self.bytes += w.size_in_bytes();
+        *self.matrix_types.entry(type_name(w.dtype())).or_default() += shape[0] * shape[1];
+        Ok(Some(w))
+    }
+
+    /// Notes a dense [n, k] weight matrix in the compute dtype.
+    pub(crate) fn note_dense_matrix(&mut self, shape: [usize; 2]) {
+        let name = format!("{:?}", self.dtype).to_lowercase();
+        *self.matrix_types.entry(name).or_default() += shape[0] * shape[1];
+    }
+
+    /// What the weight matrices are kept as, by element count, most first:
+    /// `q4_k+q6_k`, `f32`, …
+    pub(crate) fn matrix_types(&self) -> String {
+        let mut v: Vec<(&String, &usize)> = self.matrix_types.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.into_iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join("+")
     }
 
     /// A norm weight as the f32 multiplier of the normalised activations

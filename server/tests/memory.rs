@@ -56,7 +56,7 @@ const MIB: u64 = 1 << 20;
 /// held twice while it is read (the 29 MiB Q8_0 embedding at most). Widened to
 /// f32 (4 bytes × 135M parameters ≈ 5.5× the file) it must not fit, which
 /// shows the bound can fail. Measured on the development machine: base 13
-/// MiB, kept quantized 141 MiB, widened 571 MiB, bound 190 MiB.
+/// MiB, kept quantized 153 MiB, widened 571 MiB, bound 190 MiB.
 #[test]
 fn a_quantized_teacher_loads_without_an_f32_copy() {
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama_q4_0.gguf");

@@ -237,7 +237,7 @@ impl WeightSource for GgufSource {
             return Err(bad(format!("a matrix was expected, the shape is {:?}", info.shape)));
         };
         let dtype = info.ggml_dtype;
-        if cols % dtype.block_size() != 0 {
+        if !cols.is_multiple_of(dtype.block_size()) {
             return Err(bad(format!("{cols} columns do not fill {dtype:?} blocks")));
         }
         let len = rows * cols / dtype.block_size() * dtype.type_size();

@@ -87,7 +87,7 @@ impl QWeight {
     pub(crate) fn new(data: QuantData, device: &Device) -> candle_core::Result<Self> {
         let (n, k) = data.shape;
         let block = data.dtype.block_size();
-        if k % block != 0 || data.bytes.len() != n * k / block * data.dtype.type_size() {
+        if !k.is_multiple_of(block) || data.bytes.len() != n * k / block * data.dtype.type_size() {
             bail!(
                 "a {:?} tensor of shape [{n}, {k}] cannot be {} bytes",
                 data.dtype,
@@ -129,14 +129,20 @@ impl QWeight {
         }
     }
 
-    /// x Wᵀ like [`Self::matmul_t`], W widened `rows` rows at a time (the LM
-    /// head: its f32 copy would be as large as the vocabulary × hidden).
+    /// x Wᵀ like [`Self::matmul_t`], W widened `rows` rows at a time and
+    /// multiplied as the f32 path multiplies its LM head, x · (W rows)ᵀ with the
+    /// rows untransposed (the head: its f32 copy would be as large as the
+    /// vocabulary × hidden).
     pub(crate) fn matmul_t_chunked(&self, x: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
         let Self::Cpu(w) = self else { return self.matmul_t(x) };
+        let rows = rows.max(1);
         let mut parts = Vec::with_capacity(w.n.div_ceil(rows));
-        for start in (0..w.n).step_by(rows.max(1)) {
-            let end = (start + rows.max(1)).min(w.n);
-            parts.push(x.matmul(&w.dequantize_t(start..end)?)?);
+        for start in (0..w.n).step_by(rows) {
+            let end = (start + rows).min(w.n);
+            parts.push(x.matmul(&w.dequantize(start..end)?.t()?)?);
+        }
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
         }
         Tensor::cat(&parts, candle_core::D::Minus1)
     }
@@ -161,16 +167,36 @@ impl QWeight {
 }
 
 impl CpuBlocks {
-    /// Rows `rows` of W dequantised and transposed: f32 [k, rows], contiguous.
-    fn dequantize_t(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
-        let (k, n) = (self.k, rows.len());
-        let row_bytes = k / self.dtype.block_size() * self.dtype.type_size();
+    /// The bytes of rows `rows`.
+    fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        let row = self.k / self.dtype.block_size() * self.dtype.type_size();
         // SAFETY: the blocks are the bytes of a Vec of the block type, alive
         // as long as `self`.
         let all = unsafe {
             std::slice::from_raw_parts(self.blocks.as_ptr(), self.blocks.storage_size_in_bytes())
         };
-        let bytes = &all[rows.start * row_bytes..rows.end * row_bytes];
+        &all[rows.start * row..rows.end * row]
+    }
+
+    /// Rows `rows` of W dequantised: f32 [rows, k], in parallel by bands of
+    /// 64 rows.
+    fn dequantize(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
+        const BAND: usize = 64;
+        let (k, n) = (self.k, rows.len());
+        let bytes = self.row_bytes(rows);
+        let row = bytes.len() / n.max(1);
+        let mut out = vec![0f32; n * k];
+        out.par_chunks_mut(BAND * k)
+            .zip(bytes.par_chunks(BAND * row))
+            .try_for_each(|(out, bytes)| dequantize(self.dtype, bytes, out))?;
+        Tensor::from_vec(out, (n, k), &Device::Cpu)
+    }
+
+    /// Rows `rows` of W dequantised and transposed: f32 [k, rows], contiguous.
+    fn dequantize_t(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
+        let (k, n) = (self.k, rows.len());
+        let row_bytes = k / self.dtype.block_size() * self.dtype.type_size();
+        let bytes = self.row_bytes(rows);
         // Row bands of 16: each dequantised into a small buffer, then written
         // into its 16 columns of the [k, n] result.
         const BAND: usize = 16;
@@ -182,11 +208,13 @@ impl CpuBlocks {
             let mut buf = vec![0f32; (r1 - r0) * k];
             dequantize(self.dtype, &bytes[r0 * row_bytes..r1 * row_bytes], &mut buf)?;
             let out = out_ptr;
-            for (i, row) in buf.chunks_exact(k).enumerate() {
-                for (c, v) in row.iter().enumerate() {
-                    // SAFETY: column r0 + i of the result belongs to this band
-                    // alone, and c * n + r0 + i < k * n.
-                    unsafe { *out.0.add(c * n + r0 + i) = *v };
+            let width = r1 - r0;
+            for c in 0..k {
+                // SAFETY: columns r0..r1 of the result belong to this band
+                // alone, and c * n + r1 <= k * n.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(c * n + r0), width) };
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = buf[i * k + c];
                 }
             }
             Ok::<(), candle_core::Error>(())
@@ -207,7 +235,9 @@ unsafe impl Sync for SendPtr {}
 fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> candle_core::Result<()> {
     fn go<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> candle_core::Result<()> {
         let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
+        if !bytes.len().is_multiple_of(size)
+            || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0
+        {
             bail!("{} bytes at {:p} are not whole aligned blocks", bytes.len(), bytes.as_ptr());
         }
         // SAFETY: length and alignment checked; every bit pattern is a valid

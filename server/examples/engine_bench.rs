@@ -18,6 +18,9 @@
 //! per line read from stdin (each line a duration in seconds), printing a JSON
 //! line each time, so a driver can interleave it finely with other measurements.
 //!
+//! A GGUF teacher is loaded as `logitd serve` loads it, its quantized matrices
+//! kept; `LOGITD_DTYPE=f32` widens them at load as `--dtype f32` does.
+//!
 //! `sampler` reads row-major little-endian f32 logits (rows × VOCAB) and samples
 //! every row with the CPU reference sampler (k draws, T = 1) as the engine does
 //! (`CpuSampler::sample_rows`, on `RAYON_NUM_THREADS` threads), repeating the
@@ -152,7 +155,7 @@ fn scores(args: &[String]) -> anyhow::Result<()> {
         (k.parse()?, candidates.parse()?, rounds.parse()?);
     let seconds: f64 = seconds.parse()?;
     let pool = read_pool(Path::new(corpus), length)?;
-    let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
+    let teacher = load(model)?;
     let vocab = teacher.config().vocab_size;
     let mut engine = Engine::new(teacher, None)?;
     let params = SamplingParams::new(Method::Sample, k, 1.0)?;
@@ -263,7 +266,7 @@ fn shared(args: &[String]) -> anyhow::Result<()> {
     } else {
         text_pool(Path::new(model), Path::new(corpus), length)?
     };
-    let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
+    let teacher = load(model)?;
     let mut engine = Engine::new(teacher, None)?;
     let params = SamplingParams::new(Method::Sample, k, 1.0)?;
     let batch = |r: usize| -> Vec<WorkItem> {
@@ -355,7 +358,7 @@ fn engine(args: &[String]) -> anyhow::Result<()> {
     let k: u32 = k.parse()?;
     let warmup: u64 = args.get(6).map_or(Ok(1), |s| s.parse())?;
     let pool = read_pool(Path::new(corpus), length)?;
-    let teacher = Teacher::load(Path::new(model), &Device::Cpu, DType::F32)?;
+    let teacher = load(model)?;
     let mut engine = Engine::new(teacher, None)?;
     let params = SamplingParams::new(Method::Sample, k, 1.0)?;
     let mut bench = Bench { model, pool, sequences, length, k, params, r: 0 };
@@ -544,4 +547,16 @@ fn main() -> anyhow::Result<()> {
              engine_bench shared MODEL CORPUS G PROMPT COMPLETION K ROUNDS [whole|shared]"
         ),
     }
+}
+
+/// The teacher as `logitd serve` loads it on the CPU: a GGUF file kept
+/// quantized unless `LOGITD_DTYPE=f32` (the server's variable) widens it.
+fn load(model: &str) -> anyhow::Result<Teacher> {
+    let path = Path::new(model);
+    let widen = std::env::var("LOGITD_DTYPE").is_ok_and(|d| d == "f32");
+    Ok(if widen || path.extension().is_none_or(|e| e != "gguf") {
+        Teacher::load(path, &Device::Cpu, DType::F32)?
+    } else {
+        Teacher::load_quantized(path, &Device::Cpu)?
+    })
 }

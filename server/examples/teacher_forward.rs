@@ -1,8 +1,10 @@
 //! Forward throughput and peak memory of a teacher on the CPU.
 //!
 //! ```text
-//! cargo run --release -p logitd --example teacher_forward -- MODEL [BATCH] [LEN] [REPEAT] [sample]
+//! cargo run --release -p logitd --example teacher_forward -- MODEL [BATCH] [LEN] [REPEAT] [sample|forward] [kept|f32]
 //! ```
+//! `kept` loads a GGUF file as `--dtype auto` does (its quantized matrices
+//! kept); `f32` (the default) widens every weight as `--dtype f32`.
 //! Runs REPEAT packed batches of BATCH sequences × LEN tokens (deterministic
 //! token ids) through the model (and, with `sample`, through the chunked LM head
 //! and the sampler at k = 256 for every position), then prints one JSON line:
@@ -39,9 +41,14 @@ fn main() -> anyhow::Result<()> {
     let len: usize = args.get(2).map_or(Ok(256), |s| s.parse())?;
     let repeat: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
     let sample = args.get(4).is_some_and(|s| s == "sample");
+    let kept = args.get(5).is_some_and(|s| s == "kept");
 
     let started = Instant::now();
-    let teacher = Teacher::load(&model, &Device::Cpu, DType::F32)?;
+    let teacher = if kept {
+        Teacher::load_quantized(&model, &Device::Cpu)?
+    } else {
+        Teacher::load(&model, &Device::Cpu, DType::F32)?
+    };
     let load_s = started.elapsed().as_secs_f64();
     let rss_loaded = peak_rss_mib();
     let vocab = teacher.config().vocab_size as u64;
@@ -72,10 +79,11 @@ fn main() -> anyhow::Result<()> {
     }
     let tokens = (packed.num_tokens() * repeat) as f64;
     println!(
-        "{{\"model\": {:?}, \"threads\": {}, \"batch\": {batch}, \"len\": {len}, \"repeat\": {repeat}, \"load_s\": {load_s:.2}, \
+        "{{\"model\": {:?}, \"served\": {:?}, \"threads\": {}, \"batch\": {batch}, \"len\": {len}, \"repeat\": {repeat}, \"load_s\": {load_s:.2}, \
          \"forward_tokens_per_s\": {:.1}, \"head_and_sample_tokens_per_s\": {}, \"distinct_ids_per_position\": {}, \
          \"peak_rss_after_load_mib\": {rss_loaded:.0}, \"peak_rss_mib\": {:.0}}}",
         model.display(),
+        teacher.served_dtype(),
         candle_core::utils::get_num_threads(),
         tokens / forward_s,
         if sample { format!("{:.1}", tokens / head_s) } else { "null".into() },

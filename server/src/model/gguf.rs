@@ -12,7 +12,7 @@ use candle_core::{
 use super::{
     Activation, Arch, ModelConfig, ModelError, Rope, RopeScaling,
     config::layer_kinds,
-    quant::{QuantData, is_block_type},
+    quant::{QuantData, is_block_type, row_size},
     weights::WeightSource,
 };
 
@@ -240,7 +240,7 @@ impl WeightSource for GgufSource {
         if !cols.is_multiple_of(dtype.block_size()) {
             return Err(bad(format!("{cols} columns do not fill {dtype:?} blocks")));
         }
-        let len = rows * cols / dtype.block_size() * dtype.type_size();
+        let len = rows * row_size(dtype, cols);
         let start = self.content.tensor_data_offset + info.offset;
         let mut bytes = vec![0u8; len];
         self.reader

@@ -36,15 +36,16 @@ pub(crate) struct QuantData {
     pub(crate) bytes: Vec<u8>,
 }
 
-impl QuantData {
-    /// Bytes of one row.
-    fn row_bytes(&self) -> usize {
-        self.shape.1 / self.dtype.block_size() * self.dtype.type_size()
-    }
+/// Bytes of a row of `cols` values of block type `dtype` (`cols` a multiple
+/// of the block size).
+pub(crate) fn row_size(dtype: GgmlDType, cols: usize) -> usize {
+    cols / dtype.block_size() * dtype.type_size()
+}
 
+impl QuantData {
     /// The rows reordered: row `r` of the result is row `from(r)` of `self`.
     pub(crate) fn permute_rows(self, from: impl Fn(usize) -> usize) -> Self {
-        let rb = self.row_bytes();
+        let rb = row_size(self.dtype, self.shape.1);
         let mut bytes = Vec::with_capacity(self.bytes.len());
         for r in 0..self.shape.0 {
             let s = from(r);
@@ -87,7 +88,7 @@ impl QWeight {
     pub(crate) fn new(data: QuantData, device: &Device) -> candle_core::Result<Self> {
         let (n, k) = data.shape;
         let block = data.dtype.block_size();
-        if !k.is_multiple_of(block) || data.bytes.len() != n * k / block * data.dtype.type_size() {
+        if !k.is_multiple_of(block) || data.bytes.len() != n * row_size(data.dtype, k) {
             bail!(
                 "a {:?} tensor of shape [{n}, {k}] cannot be {} bytes",
                 data.dtype,
@@ -169,7 +170,7 @@ impl QWeight {
 impl CpuBlocks {
     /// The bytes of rows `rows`.
     fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
-        let row = self.k / self.dtype.block_size() * self.dtype.type_size();
+        let row = row_size(self.dtype, self.k);
         // SAFETY: the blocks are the bytes of a Vec of the block type, alive
         // as long as `self`.
         let all = unsafe {
@@ -184,7 +185,7 @@ impl CpuBlocks {
         const BAND: usize = 64;
         let (k, n) = (self.k, rows.len());
         let bytes = self.row_bytes(rows);
-        let row = bytes.len() / n.max(1);
+        let row = row_size(self.dtype, k);
         let mut out = vec![0f32; n * k];
         out.par_chunks_mut(BAND * k)
             .zip(bytes.par_chunks(BAND * row))
@@ -195,7 +196,7 @@ impl CpuBlocks {
     /// Rows `rows` of W dequantised and transposed: f32 [k, rows], contiguous.
     fn dequantize_t(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
         let (k, n) = (self.k, rows.len());
-        let row_bytes = k / self.dtype.block_size() * self.dtype.type_size();
+        let row_bytes = row_size(self.dtype, k);
         let bytes = self.row_bytes(rows);
         // Row bands of 16: each dequantised into a small buffer, then written
         // into its 16 columns of the [k, n] result.

@@ -153,9 +153,9 @@ impl Teacher {
     /// every matrix is in it (`f32`, `bf16`), else the matrices' types and
     /// the activations' (`q4_k+q6_k/f32-acc`).
     pub fn served_dtype(&self) -> String {
-        let compute = format!("{:?}", self.dtype).to_lowercase();
+        let compute = self.dtype.as_str();
         if self.matrix_types == compute {
-            compute
+            compute.to_string()
         } else {
             format!("{}/{compute}-acc", self.matrix_types)
         }

@@ -198,8 +198,7 @@ impl Loader<'_> {
 
     /// Notes a dense [n, k] weight matrix in the compute dtype.
     pub(crate) fn note_dense_matrix(&mut self, shape: [usize; 2]) {
-        let name = format!("{:?}", self.dtype).to_lowercase();
-        *self.matrix_types.entry(name).or_default() += shape[0] * shape[1];
+        *self.matrix_types.entry(self.dtype.as_str().into()).or_default() += shape[0] * shape[1];
     }
 
     /// What the weight matrices are kept as, by element count, most first:

@@ -550,13 +550,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The teacher as `logitd serve` loads it on the CPU: a GGUF file kept
-/// quantized (anything else in f32, as `load_quantized` does) unless
+/// quantized (anything else in f32, as `load_kept` does) unless
 /// `LOGITD_DTYPE=f32` (the server's variable) widens it.
 fn load(model: &str) -> anyhow::Result<Teacher> {
     let path = Path::new(model);
     Ok(if std::env::var("LOGITD_DTYPE").is_ok_and(|d| d == "f32") {
         Teacher::load(path, &Device::Cpu, DType::F32)?
     } else {
-        Teacher::load_quantized(path, &Device::Cpu)?
+        Teacher::load_kept(path, &Device::Cpu)?
     })
 }

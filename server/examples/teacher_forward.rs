@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let teacher = if kept {
-        Teacher::load_quantized(&model, &Device::Cpu)?
+        Teacher::load_kept(&model, &Device::Cpu)?
     } else {
         Teacher::load(&model, &Device::Cpu, DType::F32)?
     };

@@ -38,15 +38,18 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     /// Keep what the file stores: a GGUF file's quantized matrices stay
-    /// quantized (activations in f32); a Hugging Face directory loads in f32
-    /// on the CPU and bf16 on a GPU.
+    /// quantized, and on the CPU bf16 and f16 matrices stay in 16 bits
+    /// (activations and accumulation in f32: the answers of `f32` in a
+    /// quarter to a half of its memory). On a GPU, a Hugging Face directory
+    /// computes in bf16.
     Auto,
     /// Every weight widened to 32-bit float (a GGUF file dequantised at load:
     /// about 4 bytes a parameter).
     F32,
-    /// bfloat16 (the GPU dtype).
+    /// Weights and activations in bfloat16 (the GPU dtype; on the CPU it
+    /// rounds every activation to 8 significant bits).
     Bf16,
-    /// IEEE half.
+    /// Weights and activations in IEEE half.
     F16,
 }
 

@@ -146,5 +146,21 @@ fn sample(args: &SampleArgs) -> anyhow::Result<()> {
             shown.join(", ")
         );
     }
+    if let Some(bytes) = peak_rss() {
+        // What the teacher took to load and score this sequence: for sizing
+        // a machine (and read by server/tests/memory.rs).
+        tracing::info!(peak_rss_bytes = bytes, "peak resident memory");
+    }
     Ok(())
+}
+
+/// This process's peak resident set (VmHWM in /proc/self/status: of its own
+/// address space since exec, transient allocations and mapped file pages
+/// included); `None` where there is no procfs.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 =
+        line.trim_start_matches("VmHWM:").trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }

@@ -68,9 +68,11 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
     let device = device::parse(&args.device).map_err(|e| ServeError::Config(e.to_string()))?;
     let gguf = path.extension().is_some_and(|e| e == "gguf");
     let teacher = match (args.dtype, device.is_cpu()) {
-        // A GGUF file's quantized matrices stay as stored.
-        (DtypeArg::Auto, _) if gguf => Teacher::load_quantized(&path, &device)?,
-        (DtypeArg::Auto, true) | (DtypeArg::F32, _) => Teacher::load(&path, &device, DType::F32)?,
+        // A GGUF file's quantized matrices stay as stored; on the CPU, bf16
+        // and f16 matrices too (f32 activations).
+        (DtypeArg::Auto, true) => Teacher::load_kept(&path, &device)?,
+        (DtypeArg::Auto, false) if gguf => Teacher::load_kept(&path, &device)?,
+        (DtypeArg::F32, _) => Teacher::load(&path, &device, DType::F32)?,
         (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => {
             Teacher::load(&path, &device, DType::BF16)?
         }

@@ -69,7 +69,7 @@ fn check_as(name: &str, arch: Arch, want_types: &[(&str, &str)], quantized: bool
         assert_eq!(types.get(*tensor).map(String::as_str), Some(*ty), "{name}: tensor {tensor}");
     }
     let teacher = if quantized {
-        Teacher::load_quantized(&path, &Device::Cpu)
+        Teacher::load_kept(&path, &Device::Cpu)
     } else {
         Teacher::load(&path, &Device::Cpu, DType::F32)
     }

@@ -14,6 +14,8 @@ mod bad_input;
 mod cli;
 #[path = "gguf_fixtures.rs"]
 mod gguf_fixtures;
+#[path = "half_fixtures.rs"]
+mod half_fixtures;
 #[path = "http.rs"]
 mod http;
 #[path = "interop.rs"]

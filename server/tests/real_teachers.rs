@@ -80,7 +80,7 @@ fn check_as(fixture: &str, model: &Path, bound: f64, quantized: bool) {
     )
     .unwrap();
     let teacher = if quantized {
-        Teacher::load_quantized(model, &Device::Cpu).unwrap()
+        Teacher::load_kept(model, &Device::Cpu).unwrap()
     } else {
         Teacher::load(model, &Device::Cpu, DType::F32).unwrap()
     };
@@ -339,7 +339,7 @@ fn check_quantized(fixture: &str, model: &Path, bound: f64) {
             .to_vec1::<f32>()
             .unwrap()
     };
-    let kept = Teacher::load_quantized(model, &Device::Cpu).unwrap();
+    let kept = Teacher::load_kept(model, &Device::Cpu).unwrap();
     assert!(kept.served_dtype().ends_with("/f32-acc"), "{}", kept.served_dtype());
     let kept = logits(&kept);
     let widened = logits(&Teacher::load(model, &Device::Cpu, DType::F32).unwrap());

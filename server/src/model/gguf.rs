@@ -12,7 +12,7 @@ use candle_core::{
 use super::{
     Activation, Arch, ModelConfig, ModelError, Rope, RopeScaling,
     config::layer_kinds,
-    quant::{QuantData, is_block_type, row_size},
+    quant::{QuantData, Stored, is_block_type, is_half, row_size},
     weights::WeightSource,
 };
 
@@ -229,7 +229,7 @@ impl WeightSource for GgufSource {
         use std::io::{Read, Seek, SeekFrom};
         let Some(g) = gguf_name(self.arch, name) else { return Ok(None) };
         let Some(info) = self.content.tensor_infos.get(&g) else { return Ok(None) };
-        if !is_block_type(info.ggml_dtype) {
+        if !is_block_type(info.ggml_dtype) && !is_half(info.ggml_dtype) {
             return Ok(None);
         }
         let bad = |what: String| ModelError::Gguf(format!("tensor `{g}`: {what}"));
@@ -247,7 +247,7 @@ impl WeightSource for GgufSource {
             .seek(SeekFrom::Start(start))
             .and_then(|_| self.reader.read_exact(&mut bytes))
             .map_err(|e| bad(format!("reading {len} bytes at offset {start}: {e}")))?;
-        let data = QuantData { dtype, shape: (rows, cols), bytes };
+        let data = QuantData { dtype, shape: (rows, cols), bytes: Stored::Owned(bytes) };
         let heads = match (self.arch, name.rsplit('.').nth(1)) {
             (Arch::Llama, Some("q_proj")) => self.num_heads,
             (Arch::Llama, Some("k_proj")) => self.num_kv_heads,
@@ -259,7 +259,7 @@ impl WeightSource for GgufSource {
         Ok(Some(data.permute_rows(|r| {
             let (h, within) = (r / per_head, r % per_head);
             h * per_head + 2 * (within % half) + within / half
-        })))
+        })?))
     }
 
     fn gemma_norms_offset(&self) -> bool {

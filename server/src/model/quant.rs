@@ -1,6 +1,7 @@
-//! GGUF weights kept as the file stores them (Q4_0 … Q8_0, Q2_K … Q6_K): the
-//! blocks are what stays in memory, and each matmul widens the matrix it
-//! needs, for that call only.
+//! Weights kept as the file stores them: a GGUF file's blocks (Q4_0 … Q8_0,
+//! Q2_K … Q6_K), read into memory, and on the CPU a safetensors file's bf16
+//! or f16 matrices, used where the file is mapped (no copy). Each matmul
+//! widens the matrix it needs, for that call only.
 //!
 //! - On the CPU a linear layer dequantises its matrix (in parallel, into the
 //!   transposed [in, out] layout the f32 path keeps) and runs the same f32
@@ -21,19 +22,37 @@
 use std::{borrow::Cow, sync::Arc};
 
 use candle_core::{
-    CpuStorage, DType, Device, Module, Tensor,
-    backend::BackendStorage,
-    bail,
+    DType, Device, Module, Tensor, bail,
     quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType, k_quants},
+    safetensors::MmapedSafetensors,
 };
 use rayon::prelude::*;
 
-/// A quantized tensor as read from a file: its type, its [rows, columns]
-/// shape and its blocks, row after row.
+/// A tensor kept as stored: its type, its [rows, columns] shape and its
+/// blocks (or half-precision values), row after row.
 pub(crate) struct QuantData {
     pub(crate) dtype: GgmlDType,
     pub(crate) shape: (usize, usize),
-    pub(crate) bytes: Vec<u8>,
+    pub(crate) bytes: Stored,
+}
+
+/// Where a kept tensor's bytes are.
+#[derive(Clone)]
+pub(crate) enum Stored {
+    /// Read into memory (a GGUF tensor).
+    Owned(Vec<u8>),
+    /// Where a safetensors file is mapped: the tensor `name` of `map`.
+    Mapped(Arc<MmapedSafetensors>, String),
+}
+
+impl Stored {
+    /// The bytes.
+    pub(crate) fn bytes(&self) -> candle_core::Result<&[u8]> {
+        match self {
+            Self::Owned(v) => Ok(v),
+            Self::Mapped(map, name) => Ok(map.get(name)?.data()),
+        }
+    }
 }
 
 /// Bytes of a row of `cols` values of block type `dtype` (`cols` a multiple
@@ -44,21 +63,27 @@ pub(crate) fn row_size(dtype: GgmlDType, cols: usize) -> usize {
 
 impl QuantData {
     /// The rows reordered: row `r` of the result is row `from(r)` of `self`.
-    pub(crate) fn permute_rows(self, from: impl Fn(usize) -> usize) -> Self {
+    pub(crate) fn permute_rows(self, from: impl Fn(usize) -> usize) -> candle_core::Result<Self> {
         let rb = row_size(self.dtype, self.shape.1);
-        let mut bytes = Vec::with_capacity(self.bytes.len());
+        let old = self.bytes.bytes()?;
+        let mut bytes = Vec::with_capacity(old.len());
         for r in 0..self.shape.0 {
             let s = from(r);
-            bytes.extend_from_slice(&self.bytes[s * rb..(s + 1) * rb]);
+            bytes.extend_from_slice(&old[s * rb..(s + 1) * rb]);
         }
-        Self { bytes, ..self }
+        Ok(Self { bytes: Stored::Owned(bytes), ..self })
     }
 }
 
-/// Whether logitd keeps tensors of this type quantized (the block types);
-/// F32, F16 and BF16 tensors are loaded as dense tensors.
+/// Whether logitd keeps a GGUF file's tensors of this type quantized (the
+/// block types); its F32, F16 and BF16 tensors are loaded as dense tensors.
 pub(crate) fn is_block_type(dtype: GgmlDType) -> bool {
     !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Whether `dtype` is bf16 or f16 (kept on the CPU, widened per matmul).
+pub(crate) fn is_half(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F16 | GgmlDType::BF16)
 }
 
 /// The lower-case name llama.cpp gives a type (`q4_k`, `q8_0`, …).
@@ -75,12 +100,20 @@ pub(crate) enum QWeight {
     Device(Arc<QTensor>, QMatMul),
 }
 
-/// A quantized matrix in memory on the CPU.
+/// A quantized (or half-precision) matrix in memory on the CPU.
 pub(crate) struct CpuBlocks {
-    blocks: Box<dyn QuantizedType>,
+    blocks: Blocks,
     dtype: GgmlDType,
     n: usize,
     k: usize,
+}
+
+/// A CPU matrix's bytes.
+enum Blocks {
+    /// Copied into a vector of the block type (aligned as it must be).
+    Owned(Box<dyn QuantizedType>),
+    /// Where the file is mapped (already aligned for the type).
+    Mapped(Stored),
 }
 
 impl QWeight {
@@ -88,18 +121,23 @@ impl QWeight {
     pub(crate) fn new(data: QuantData, device: &Device) -> candle_core::Result<Self> {
         let (n, k) = data.shape;
         let block = data.dtype.block_size();
-        if !k.is_multiple_of(block) || data.bytes.len() != n * row_size(data.dtype, k) {
-            bail!(
-                "a {:?} tensor of shape [{n}, {k}] cannot be {} bytes",
-                data.dtype,
-                data.bytes.len()
-            );
+        let bytes = data.bytes.bytes()?;
+        if !k.is_multiple_of(block) || bytes.len() != n * row_size(data.dtype, k) {
+            bail!("a {:?} tensor of shape [{n}, {k}] cannot be {} bytes", data.dtype, bytes.len());
         }
         if device.is_cpu() {
-            let blocks = data.dtype.from_data(Cow::Owned(data.bytes));
+            // Mapped bytes aligned for the type are used in place; anything
+            // else is copied into a vector of the type.
+            let align = if is_half(data.dtype) { 2 } else { block_align(data.dtype) };
+            let blocks = match data.bytes {
+                Stored::Mapped(..) if bytes.as_ptr().align_offset(align) == 0 => {
+                    Blocks::Mapped(data.bytes.clone())
+                }
+                _ => Blocks::Owned(data.dtype.from_data(Cow::Borrowed(bytes))),
+            };
             return Ok(Self::Cpu(Arc::new(CpuBlocks { blocks, dtype: data.dtype, n, k })));
         }
-        let storage = QStorage::from_data(Cow::Owned(data.bytes), device, data.dtype)?;
+        let storage = QStorage::from_data(Cow::Borrowed(bytes), device, data.dtype)?;
         let t = Arc::new(QTensor::new(storage, (n, k))?);
         let mm = QMatMul::from_arc(t.clone())?;
         Ok(Self::Device(t, mm))
@@ -116,7 +154,7 @@ impl QWeight {
     /// Bytes held.
     pub(crate) fn size_in_bytes(&self) -> usize {
         match self {
-            Self::Cpu(w) => w.blocks.storage_size_in_bytes(),
+            Self::Cpu(w) => w.n * row_size(w.dtype, w.k),
             Self::Device(t, _) => t.storage_size_in_bytes(),
         }
     }
@@ -154,13 +192,15 @@ impl QWeight {
         match self {
             Self::Cpu(w) => {
                 let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-                if let Some(bad) = ids.iter().find(|&&i| i as usize >= w.n) {
-                    bail!("row {bad} of a {}-row embedding", w.n);
+                let mut out = vec![0f32; ids.len() * w.k];
+                for (&id, out) in ids.iter().zip(out.chunks_mut(w.k.max(1))) {
+                    let id = id as usize;
+                    if id >= w.n {
+                        bail!("row {id} of a {}-row embedding", w.n);
+                    }
+                    dequantize(w.dtype, w.row_bytes(id..id + 1)?, out)?;
                 }
-                match w.blocks.embedding(&ids, w.n, w.k)? {
-                    CpuStorage::F32(v) => Tensor::from_vec(v, (ids.len(), w.k), &Device::Cpu),
-                    other => bail!("embedding rows came back as {:?}", other.dtype()),
-                }
+                Tensor::from_vec(out, (ids.len(), w.k), &Device::Cpu)
             }
             Self::Device(t, _) => t.embedding(ids),
         }
@@ -169,14 +209,17 @@ impl QWeight {
 
 impl CpuBlocks {
     /// The bytes of rows `rows`.
-    fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+    fn row_bytes(&self, rows: std::ops::Range<usize>) -> candle_core::Result<&[u8]> {
         let row = row_size(self.dtype, self.k);
-        // SAFETY: the blocks are the bytes of a Vec of the block type, alive
-        // as long as `self`.
-        let all = unsafe {
-            std::slice::from_raw_parts(self.blocks.as_ptr(), self.blocks.storage_size_in_bytes())
+        let all = match &self.blocks {
+            // SAFETY: the blocks are the bytes of a Vec of the block type,
+            // alive as long as `self`.
+            Blocks::Owned(b) => unsafe {
+                std::slice::from_raw_parts(b.as_ptr(), b.storage_size_in_bytes())
+            },
+            Blocks::Mapped(m) => m.bytes()?,
         };
-        &all[rows.start * row..rows.end * row]
+        Ok(&all[rows.start * row..rows.end * row])
     }
 
     /// Rows `rows` of W dequantised: f32 [rows, k], in parallel by bands of
@@ -184,7 +227,7 @@ impl CpuBlocks {
     fn dequantize(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
         const BAND: usize = 64;
         let (k, n) = (self.k, rows.len());
-        let bytes = self.row_bytes(rows);
+        let bytes = self.row_bytes(rows)?;
         let row = row_size(self.dtype, k);
         let mut out = vec![0f32; n * k];
         out.par_chunks_mut(BAND * k)
@@ -197,7 +240,7 @@ impl CpuBlocks {
     fn dequantize_t(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
         let (k, n) = (self.k, rows.len());
         let row_bytes = row_size(self.dtype, k);
-        let bytes = self.row_bytes(rows);
+        let bytes = self.row_bytes(rows)?;
         // Row bands of 16: each dequantised into a small buffer, then written
         // into its 16 columns of the [k, n] result.
         const BAND: usize = 16;
@@ -262,7 +305,50 @@ fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> candle_core::R
         GgmlDType::Q5K => go::<BlockQ5K>(bytes, out),
         GgmlDType::Q6K => go::<BlockQ6K>(bytes, out),
         GgmlDType::Q8K => go::<BlockQ8K>(bytes, out),
+        GgmlDType::BF16 => half_to_f32::<half::bf16>(bytes, out),
+        GgmlDType::F16 => half_to_f32::<half::f16>(bytes, out),
         other => bail!("{other:?} is not a block type"),
+    }
+}
+
+/// bf16 or f16 values in `bytes` widened into `out` (exact; the slice
+/// conversion uses the CPU's vector instructions where it has them).
+fn half_to_f32<T>(bytes: &[u8], out: &mut [f32]) -> candle_core::Result<()>
+where
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    const { assert!(std::mem::size_of::<T>() == 2 && std::mem::align_of::<T>() == 2) };
+    if !bytes.len().is_multiple_of(2) || bytes.as_ptr().align_offset(2) != 0 {
+        bail!("{} bytes at {:p} are not aligned 16-bit values", bytes.len(), bytes.as_ptr());
+    }
+    // SAFETY: T is bf16 or f16 (two bytes, aligned 2, any bit pattern valid);
+    // length and alignment are checked.
+    let values = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / 2) };
+    if values.len() != out.len() {
+        bail!("{} values for {} outputs", values.len(), out.len());
+    }
+    values.convert_to_f32_slice(out);
+    Ok(())
+}
+
+/// The alignment of `dtype`'s block struct.
+fn block_align(dtype: GgmlDType) -> usize {
+    use k_quants::*;
+    match dtype {
+        GgmlDType::Q4_0 => std::mem::align_of::<BlockQ4_0>(),
+        GgmlDType::Q4_1 => std::mem::align_of::<BlockQ4_1>(),
+        GgmlDType::Q5_0 => std::mem::align_of::<BlockQ5_0>(),
+        GgmlDType::Q5_1 => std::mem::align_of::<BlockQ5_1>(),
+        GgmlDType::Q8_0 => std::mem::align_of::<BlockQ8_0>(),
+        GgmlDType::Q8_1 => std::mem::align_of::<BlockQ8_1>(),
+        GgmlDType::Q2K => std::mem::align_of::<BlockQ2K>(),
+        GgmlDType::Q3K => std::mem::align_of::<BlockQ3K>(),
+        GgmlDType::Q4K => std::mem::align_of::<BlockQ4K>(),
+        GgmlDType::Q5K => std::mem::align_of::<BlockQ5K>(),
+        GgmlDType::Q6K => std::mem::align_of::<BlockQ6K>(),
+        GgmlDType::Q8K => std::mem::align_of::<BlockQ8K>(),
+        _ => std::mem::align_of::<f32>(),
     }
 }
 

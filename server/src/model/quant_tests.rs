@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor, quantized::GgmlDType};
 
-use super::{QWeight, QuantData};
+use super::{QWeight, QuantData, Stored};
 
 fn random(shape: (usize, usize), seed: u64) -> Vec<f32> {
     // A small xorshift: reproducible, no dependency.
@@ -21,7 +21,7 @@ fn random(shape: (usize, usize), seed: u64) -> Vec<f32> {
         .collect()
 }
 
-const TYPES: [GgmlDType; 10] = [
+const TYPES: [GgmlDType; 12] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
@@ -32,6 +32,8 @@ const TYPES: [GgmlDType; 10] = [
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,
+    GgmlDType::BF16,
+    GgmlDType::F16,
 ];
 
 /// W [n, k] quantized to `dtype` by candle, as a file would hold it, and its
@@ -42,7 +44,10 @@ fn weight(dtype: GgmlDType, n: usize, k: usize) -> (QuantData, Vec<f64>) {
     let dense =
         q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let bytes = q.data().unwrap().into_owned();
-    (QuantData { dtype, shape: (n, k), bytes }, dense.into_iter().map(f64::from).collect())
+    (
+        QuantData { dtype, shape: (n, k), bytes: Stored::Owned(bytes) },
+        dense.into_iter().map(f64::from).collect(),
+    )
 }
 
 #[test]
@@ -112,7 +117,7 @@ fn embedding_rows_are_the_dequantised_rows() {
 #[test]
 fn permuted_rows_move_whole_rows() {
     let (data, wd) = weight(GgmlDType::Q4K, 8, 256);
-    let p = data.permute_rows(|r| 7 - r);
+    let p = data.permute_rows(|r| 7 - r).unwrap();
     let w = QWeight::new(p, &Device::Cpu).unwrap();
     let ids = Tensor::arange(0u32, 8, &Device::Cpu).unwrap();
     let rows = w.rows(&ids).unwrap().to_vec2::<f32>().unwrap();
@@ -126,7 +131,8 @@ fn permuted_rows_move_whole_rows() {
 #[test]
 fn a_short_buffer_is_an_error() {
     let (mut data, _) = weight(GgmlDType::Q8_0, 4, 64);
-    data.bytes.pop();
+    let Stored::Owned(bytes) = &mut data.bytes else { unreachable!() };
+    bytes.pop();
     let err = QWeight::new(data, &Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("cannot be"), "{err}");
 }

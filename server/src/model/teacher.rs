@@ -50,11 +50,11 @@ impl Teacher {
         Self::load_with(path, device, dtype, false)
     }
 
-    /// Loads a teacher keeping a GGUF file's quantized matrices as stored
-    /// (see `quant.rs`): activations and dense tensors in f32. A file with
-    /// no quantized matrix, or a Hugging Face directory, loads as
-    /// [`Self::load`] in f32.
-    pub fn load_quantized(path: &Path, device: &Device) -> Result<Self, ModelError> {
+    /// Loads a teacher keeping its matrices as the file stores them (see
+    /// `quant.rs`): a GGUF file's quantized blocks, and on the CPU bf16 or f16
+    /// matrices (of safetensors or GGUF); activations and the other tensors
+    /// in f32. A file of f32 matrices loads as [`Self::load`] in f32.
+    pub fn load_kept(path: &Path, device: &Device) -> Result<Self, ModelError> {
         Self::load_with(path, device, DType::F32, true)
     }
 

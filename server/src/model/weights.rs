@@ -1,17 +1,18 @@
 //! Where weights come from: a Hugging Face directory of safetensors shards
-//! (memory-mapped) or a GGUF file (dequantised at load). The model asks for
-//! tensors by their Hugging Face names; a source translates.
+//! (memory-mapped) or a GGUF file. The model asks for tensors by their
+//! Hugging Face names; a source translates.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    sync::Arc,
 };
 
-use candle_core::{DType, Device, Tensor, safetensors::MmapedSafetensors};
+use candle_core::{DType, Device, Tensor, quantized::GgmlDType, safetensors::MmapedSafetensors};
 
 use super::{
     ModelError,
-    quant::{QWeight, QuantData, type_name},
+    quant::{QWeight, QuantData, Stored, is_half, type_name},
 };
 
 /// A source of named tensors.
@@ -28,9 +29,9 @@ pub(crate) trait WeightSource {
     /// GGUF source for what exactly is hashed).
     fn digest(&mut self) -> Result<[u8; 32], ModelError>;
 
-    /// The tensor called `name` as its quantized blocks, if the source stores
-    /// it in a block type ([`super::quant::is_block_type`]); `None` for a
-    /// dense tensor or a missing one (ask [`Self::get`]).
+    /// The matrix called `name` as stored, if the source stores it in a block
+    /// type ([`super::quant::is_block_type`]) or in bf16 or f16; `None` for
+    /// another type or a missing one (ask [`Self::get`]).
     fn get_quantized(&mut self, _name: &str) -> Result<Option<QuantData>, ModelError> {
         Ok(None)
     }
@@ -38,7 +39,7 @@ pub(crate) trait WeightSource {
 
 /// Memory-mapped safetensors shards of a Hugging Face directory.
 pub(crate) struct SafetensorsSource {
-    st: MmapedSafetensors,
+    st: Arc<MmapedSafetensors>,
     names: BTreeSet<String>,
     prefix: String,
     gemma: bool,
@@ -78,12 +79,12 @@ impl SafetensorsSource {
             .find(|p| names.iter().any(|n| n.starts_with(p)))
             .unwrap_or("model.")
             .to_string();
-        Ok(Self { st, names, prefix, gemma })
+        Ok(Self { st: Arc::new(st), names, prefix, gemma })
     }
-}
 
-impl WeightSource for SafetensorsSource {
-    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+    /// The name `name` (Hugging Face naming, `model.` prefix) has in the
+    /// shards, or `None` if they have no such tensor.
+    fn stored_name(&self, name: &str) -> Option<String> {
         let full = match name.strip_prefix("model.") {
             Some(rest) => format!("{}{rest}", self.prefix),
             None if name == "lm_head.weight" && self.prefix != "model." => {
@@ -97,10 +98,31 @@ impl WeightSource for SafetensorsSource {
             }
             None => name.to_string(),
         };
-        if !self.names.contains(&full) {
-            return Ok(None);
-        }
+        self.names.contains(&full).then_some(full)
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        let Some(full) = self.stored_name(name) else { return Ok(None) };
         Ok(Some(self.st.load(&full, &Device::Cpu)?))
+    }
+
+    /// A bf16 or f16 matrix, where it is mapped (no copy).
+    fn get_quantized(&mut self, name: &str) -> Result<Option<QuantData>, ModelError> {
+        let Some(full) = self.stored_name(name) else { return Ok(None) };
+        let view = self.st.get(&full)?;
+        let dtype = match view.dtype() {
+            safetensors::Dtype::BF16 => GgmlDType::BF16,
+            safetensors::Dtype::F16 => GgmlDType::F16,
+            _ => return Ok(None),
+        };
+        let &[rows, cols] = view.shape() else { return Ok(None) };
+        Ok(Some(QuantData {
+            dtype,
+            shape: (rows, cols),
+            bytes: Stored::Mapped(self.st.clone(), full),
+        }))
     }
 
     fn gemma_norms_offset(&self) -> bool {
@@ -172,8 +194,9 @@ impl Loader<'_> {
         Ok(Some(t))
     }
 
-    /// A [n, k] matrix kept quantized: `None` when the loader widens weights
-    /// or the source stores this one densely (then ask [`Self::weight`]).
+    /// A [n, k] matrix kept as stored: `None` when the loader widens weights,
+    /// or the source stores this one in f32, or in bf16 or f16 for a GPU
+    /// (which computes in the compute dtype): then ask [`Self::weight`].
     pub(crate) fn quantized(
         &mut self,
         name: &str,
@@ -183,6 +206,9 @@ impl Loader<'_> {
             return Ok(None);
         }
         let Some(q) = self.source.get_quantized(name)? else { return Ok(None) };
+        if is_half(q.dtype) && !self.device.is_cpu() {
+            return Ok(None);
+        }
         if q.shape != (shape[0], shape[1]) {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),

@@ -79,15 +79,6 @@ impl Matrix {
         }
     }
 
-    /// x Wᵀ for the LM head: as [`Self::matmul_t`], a quantized W widened
-    /// [`HEAD_ROWS`] rows at a time.
-    pub(super) fn head_matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Quantized(q) => q.matmul_t_chunked(x, HEAD_ROWS),
-            dense => dense.matmul_t(x),
-        }
-    }
-
     /// Rows `ids` of W (an embedding lookup): in the compute dtype when
     /// dense, f32 (dequantised) when quantized.
     pub(super) fn rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
@@ -98,10 +89,6 @@ impl Matrix {
         }
     }
 }
-
-/// Rows of a quantized LM head widened to f32 at a time (a transient 128 MiB
-/// at hidden 4096).
-const HEAD_ROWS: usize = 8192;
 
 /// A linear layer y = x Wᵀ + b.
 pub(super) struct Linear {

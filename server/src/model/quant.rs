@@ -3,11 +3,12 @@
 //! or f16 matrices, used where the file is mapped (no copy). Each matmul
 //! widens the matrix it needs, for that call only.
 //!
-//! - On the CPU a linear layer dequantises its matrix (in parallel, into the
-//!   transposed [in, out] layout the f32 path keeps) and runs the same f32
-//!   `gemm` as `--dtype f32`: the answers are bit for bit those of the f32
-//!   path, which matches transformers, and the transient f32 copy is one
-//!   matrix at a time (the LM head goes by chunks of rows). We do not use
+//! - On the CPU a matmul widens its matrix by bands of rows into one scratch
+//!   buffer (in parallel) and multiplies each band as it is widened, with the
+//!   f32 `gemm` candle's matmul calls ([`BandedMatmul`]): the answers are bit
+//!   for bit those of `--dtype f32` (asserted on the fixtures and both real
+//!   teachers), which match transformers, and no widened copy of a whole
+//!   matrix ever exists. We do not use
 //!   candle's `QMatMul` here: its int8 dot products round every activation
 //!   row to 8 bits per block (measured through SmolLM2 and Gemma 3: up to
 //!   0.7 and 2.1 nats off transformers' log-probabilities), are 6× slower
@@ -22,7 +23,9 @@
 use std::{borrow::Cow, sync::Arc};
 
 use candle_core::{
-    DType, Device, Module, Tensor, bail,
+    DType, Device, Module, Tensor,
+    backend::BackendStorage,
+    bail,
     quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType, k_quants},
     safetensors::MmapedSafetensors,
 };
@@ -159,31 +162,13 @@ impl QWeight {
         }
     }
 
-    /// x Wᵀ for f32 x [.., k]: f32 [.., n]. On the CPU W is widened for this
-    /// call, transposed, and multiplied as the f32 path does.
+    /// x Wᵀ for f32 x [.., k]: f32 [.., n]. On the CPU W is widened band by
+    /// band for this call ([`BandedMatmul`]).
     pub(crate) fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Cpu(w) => x.matmul(&w.dequantize_t(0..w.n)?),
+            Self::Cpu(w) => w.matmul(x, BAND_VALUES),
             Self::Device(_, mm) => mm.forward(&x.to_dtype(DType::F32)?.contiguous()?),
         }
-    }
-
-    /// x Wᵀ like [`Self::matmul_t`], W widened `rows` rows at a time and
-    /// multiplied as the f32 path multiplies its LM head, x · (W rows)ᵀ with the
-    /// rows untransposed (the head: its f32 copy would be as large as the
-    /// vocabulary × hidden).
-    pub(crate) fn matmul_t_chunked(&self, x: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
-        let Self::Cpu(w) = self else { return self.matmul_t(x) };
-        let rows = rows.max(1);
-        let mut parts = Vec::with_capacity(w.n.div_ceil(rows));
-        for start in (0..w.n).step_by(rows) {
-            let end = (start + rows).min(w.n);
-            parts.push(x.matmul(&w.dequantize(start..end)?.t()?)?);
-        }
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
-        }
-        Tensor::cat(&parts, candle_core::D::Minus1)
     }
 
     /// The rows `ids` of W, dequantised to f32: [ids, k] (an embedding
@@ -208,6 +193,12 @@ impl QWeight {
 }
 
 impl CpuBlocks {
+    /// x Wᵀ, W widened by bands of about `band_values` values (see
+    /// [`BandedMatmul`]).
+    fn matmul(&self, x: &Tensor, band_values: usize) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&BandedMatmul { w: self, band_values })
+    }
+
     /// The bytes of rows `rows`.
     fn row_bytes(&self, rows: std::ops::Range<usize>) -> candle_core::Result<&[u8]> {
         let row = row_size(self.dtype, self.k);
@@ -222,58 +213,111 @@ impl CpuBlocks {
         Ok(&all[rows.start * row..rows.end * row])
     }
 
-    /// Rows `rows` of W dequantised: f32 [rows, k], in parallel by bands of
-    /// 64 rows.
-    fn dequantize(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
+    /// Rows `rows` of W dequantised into `out`, f32 [rows, k], in parallel
+    /// by bands of 64 rows.
+    fn dequantize_into(
+        &self,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
         const BAND: usize = 64;
-        let (k, n) = (self.k, rows.len());
+        let k = self.k;
         let bytes = self.row_bytes(rows)?;
         let row = row_size(self.dtype, k);
-        let mut out = vec![0f32; n * k];
         out.par_chunks_mut(BAND * k)
             .zip(bytes.par_chunks(BAND * row))
-            .try_for_each(|(out, bytes)| dequantize(self.dtype, bytes, out))?;
-        Tensor::from_vec(out, (n, k), &Device::Cpu)
-    }
-
-    /// Rows `rows` of W dequantised and transposed: f32 [k, rows], contiguous.
-    fn dequantize_t(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Tensor> {
-        let (k, n) = (self.k, rows.len());
-        let row_bytes = row_size(self.dtype, k);
-        let bytes = self.row_bytes(rows)?;
-        // Row bands of 16: each dequantised into a small buffer, then written
-        // into its 16 columns of the [k, n] result.
-        const BAND: usize = 16;
-        let mut out = vec![0f32; k * n];
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(BAND)).into_par_iter().try_for_each(|band| {
-            let r0 = band * BAND;
-            let r1 = (r0 + BAND).min(n);
-            let mut buf = vec![0f32; (r1 - r0) * k];
-            dequantize(self.dtype, &bytes[r0 * row_bytes..r1 * row_bytes], &mut buf)?;
-            let out = out_ptr;
-            let width = r1 - r0;
-            for c in 0..k {
-                // SAFETY: columns r0..r1 of the result belong to this band
-                // alone, and c * n + r1 <= k * n.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(c * n + r0), width) };
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = buf[i * k + c];
-                }
-            }
-            Ok::<(), candle_core::Error>(())
-        })?;
-        Tensor::from_vec(out, (k, n), &Device::Cpu)
+            .try_for_each(|(out, bytes)| dequantize(self.dtype, bytes, out))
     }
 }
 
-/// A pointer the row bands write through (each to columns of its own).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the bands write disjoint elements; the buffer outlives them.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
+/// Values of W widened at a time: 2 Mi (8 MiB of f32, within the L3 cache of
+/// the CPUs we measured), and at least as many rows as x has, so that x,
+/// which `gemm` packs once per band, is not packed more often than W's
+/// values are written.
+const BAND_VALUES: usize = 2 << 20;
+
+/// x Wᵀ on the CPU for f32 x [.., k] and a kept W [n, k]: W is widened by
+/// bands of rows into one scratch buffer, each band multiplied at once by
+/// the `gemm` candle's f32 matmul calls, with the same arguments. No widened
+/// copy of the whole matrix exists, and the band is still in the cache when
+/// `gemm` reads it.
+struct BandedMatmul<'a> {
+    w: &'a CpuBlocks,
+    /// [`BAND_VALUES`] but in tests.
+    band_values: usize,
+}
+
+impl candle_core::CustomOp1 for BandedMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "banded-quantized-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (n, k) = (self.w.n, self.w.k);
+        let candle_core::CpuStorage::F32(x) = storage else {
+            bail!("a kept matrix multiplies f32 activations, not {:?}", storage.dtype());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("the activations of a kept matrix must be contiguous");
+        };
+        let dims = layout.dims();
+        if dims.last() != Some(&k) {
+            bail!("activations of shape {dims:?} against a matrix of {k} columns");
+        }
+        let x = &x[start..end];
+        let m = x.len() / k.max(1);
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("checked above") = n;
+        let shape = candle_core::Shape::from_dims(&shape);
+        let mut out = vec![0f32; m * n];
+        if m == 0 || n == 0 || k == 0 {
+            return Ok((candle_core::CpuStorage::F32(out), shape));
+        }
+        let band = (self.band_values / k).max(m).next_multiple_of(16).min(n);
+        let mut scratch = vec![0f32; band * k];
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism =
+            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        for r0 in (0..n).step_by(band) {
+            let r1 = (r0 + band).min(n);
+            let width = r1 - r0;
+            let buf = &mut scratch[..width * k];
+            self.w.dequantize_into(r0..r1, buf)?;
+            // SAFETY: dst is out's columns r0..r1 of m rows of n (row stride
+            // n), x is m × k contiguous, the band width × k contiguous; all
+            // within their buffers, and dst is written by this call only.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    width,
+                    k,
+                    out.as_mut_ptr().add(r0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    buf.as_ptr(),
+                    // The band [width, k] as rhs [k, width] (its transpose).
+                    k as isize,
+                    1,
+                    0f32,
+                    1f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(out), shape))
+    }
+}
 
 /// Dequantises whole blocks of `dtype` in `bytes` into `out`.
 fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> candle_core::Result<()> {

@@ -298,6 +298,6 @@ impl Teacher {
 
     /// hidden_rows × the head (the embedding when tied), before any soft-cap.
     fn head_matmul(&self, hidden_rows: &Tensor) -> candle_core::Result<Tensor> {
-        self.lm_head.as_ref().unwrap_or(&self.embed).head_matmul_t(hidden_rows)
+        self.lm_head.as_ref().unwrap_or(&self.embed).matmul_t(hidden_rows)
     }
 }

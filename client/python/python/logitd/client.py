@@ -33,9 +33,10 @@ class ModelInfo:
         architecture: The architecture, e.g. ``"llama"``, ``"gemma3"``.
         vocab_size: Number of token ids the teacher scores.
         max_sequence_length: Longest sequence the server accepts.
-        dtype: What is served: ``"f32"``, ``"bf16"``, or for a GGUF file kept
-            quantized its matrices' types and the activations', e.g.
-            ``"q4_k+q6_k/f32-acc"``.
+        dtype: What is served: ``"f32"``, ``"bf16"``, or for weights kept as
+            the file stores them their types and the activations', e.g.
+            ``"q4_k+q6_k/f32-acc"`` (a Q4_K_M GGUF file) or ``"bf16/f32-acc"``
+            (a bf16 checkpoint on the CPU).
         device: Device the teacher runs on, e.g. ``"cpu"``, ``"cuda:0"``.
         tokenizer_sha256: SHA-256 (hex) of the tokenizer, so a trainer can
             refuse a mismatch.

@@ -41,7 +41,7 @@ pub enum DtypeArg {
     /// quantized, and on the CPU bf16 and f16 matrices stay in 16 bits
     /// (activations and accumulation in f32: the answers of `f32` in a
     /// quarter to a half of its memory). On a GPU, a Hugging Face directory
-    /// computes in bf16.
+    /// computes in the bf16 or f16 it stores (bf16 for an f32 checkpoint).
     Auto,
     /// Every weight widened to 32-bit float (a GGUF file dequantised at load:
     /// about 4 bytes a parameter).

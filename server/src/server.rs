@@ -66,17 +66,14 @@ pub struct Loaded {
 pub fn load_model(args: &ModelArgs) -> Result<Loaded, ServeError> {
     let path = resolve_model(args.model.as_deref())?;
     let device = device::parse(&args.device).map_err(|e| ServeError::Config(e.to_string()))?;
-    let gguf = path.extension().is_some_and(|e| e == "gguf");
-    let teacher = match (args.dtype, device.is_cpu()) {
-        // A GGUF file's quantized matrices stay as stored; on the CPU, bf16
-        // and f16 matrices too (f32 activations).
-        (DtypeArg::Auto, true) => Teacher::load_kept(&path, &device)?,
-        (DtypeArg::Auto, false) if gguf => Teacher::load_kept(&path, &device)?,
-        (DtypeArg::F32, _) => Teacher::load(&path, &device, DType::F32)?,
-        (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => {
-            Teacher::load(&path, &device, DType::BF16)?
-        }
-        (DtypeArg::F16, _) => Teacher::load(&path, &device, DType::F16)?,
+    let teacher = match args.dtype {
+        // What the file stores: a GGUF file's quantized matrices, and on the
+        // CPU bf16/f16 matrices, stay as stored (f32 activations); on a GPU a
+        // Hugging Face directory computes in its stored bf16 or f16.
+        DtypeArg::Auto => Teacher::load_kept(&path, &device)?,
+        DtypeArg::F32 => Teacher::load(&path, &device, DType::F32)?,
+        DtypeArg::Bf16 => Teacher::load(&path, &device, DType::BF16)?,
+        DtypeArg::F16 => Teacher::load(&path, &device, DType::F16)?,
     };
     let c = teacher.config();
     let max_len = match args.max_sequence_length {

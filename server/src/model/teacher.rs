@@ -53,9 +53,12 @@ impl Teacher {
     /// Loads a teacher keeping its matrices as the file stores them (see
     /// `quant.rs`): a GGUF file's quantized blocks, and on the CPU bf16 or f16
     /// matrices (of safetensors or GGUF); activations and the other tensors
-    /// in f32. A file of f32 matrices loads as [`Self::load`] in f32.
+    /// in f32. On the CPU a file of f32 matrices loads as [`Self::load`] in
+    /// f32. On a GPU a Hugging Face directory computes in the dtype it
+    /// stores (bf16 or f16; bf16 for an f32 checkpoint): see
+    /// [`kept_compute_dtype`].
     pub fn load_kept(path: &Path, device: &Device) -> Result<Self, ModelError> {
-        Self::load_with(path, device, DType::F32, true)
+        Self::load_with(path, device, kept_compute_dtype(path, device)?, true)
     }
 
     fn load_with(
@@ -299,5 +302,49 @@ impl Teacher {
     /// hidden_rows × the head (the embedding when tied), before any soft-cap.
     fn head_matmul(&self, hidden_rows: &Tensor) -> candle_core::Result<Tensor> {
         self.lm_head.as_ref().unwrap_or(&self.embed).matmul_t(hidden_rows)
+    }
+}
+
+/// The compute dtype of [`Teacher::load_kept`]: f32 on the CPU and for a GGUF
+/// file (quantized matmuls take f32 activations); on a GPU, for a Hugging
+/// Face directory, the dtype its embedding is stored in when that is bf16 or
+/// f16 (what the file stores is what is served), else bf16.
+pub(crate) fn kept_compute_dtype(path: &Path, device: &Device) -> Result<DType, ModelError> {
+    kept_compute_dtype_for(path, device.is_cpu())
+}
+
+fn kept_compute_dtype_for(path: &Path, cpu: bool) -> Result<DType, ModelError> {
+    if cpu || !path.is_dir() {
+        return Ok(DType::F32);
+    }
+    let (_, mut source) = super::load::open(path)?;
+    let stored = source.get_quantized("model.embed_tokens.weight")?.map(|q| q.dtype);
+    Ok(match stored {
+        Some(candle_core::quantized::GgmlDType::F16) => DType::F16,
+        _ => DType::BF16,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{DType, Device};
+
+    /// What a GPU would compute a kept checkpoint in, decided from the files
+    /// (the device only has to be other than the CPU, so this runs here).
+    #[test]
+    fn a_gpu_computes_a_kept_checkpoint_in_its_stored_half_dtype() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let gpu = |p: &str| {
+            let path = fixtures.join(p);
+            super::kept_compute_dtype_for(&path, false).unwrap()
+        };
+        assert_eq!(gpu("half/qwen3_f16"), DType::F16);
+        assert_eq!(gpu("half/llama_bf16"), DType::BF16);
+        assert_eq!(gpu("tiny/llama"), DType::BF16, "an f32 checkpoint computes in bf16");
+        assert_eq!(gpu("gguf/llama_q4_0.gguf"), DType::F32, "GGUF: f32 activations");
+        let cpu = super::kept_compute_dtype(&fixtures.join("half/qwen3_f16"), &Device::Cpu);
+        assert_eq!(cpu.unwrap(), DType::F32);
     }
 }

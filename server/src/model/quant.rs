@@ -129,11 +129,12 @@ impl QWeight {
             bail!("a {:?} tensor of shape [{n}, {k}] cannot be {} bytes", data.dtype, bytes.len());
         }
         if device.is_cpu() {
-            // Mapped bytes aligned for the type are used in place; anything
-            // else is copied into a vector of the type.
-            let align = if is_half(data.dtype) { 2 } else { block_align(data.dtype) };
+            // Mapped bf16/f16 values aligned to 2 bytes are used in place;
+            // anything else is copied into a vector of the type.
             let blocks = match data.bytes {
-                Stored::Mapped(..) if bytes.as_ptr().align_offset(align) == 0 => {
+                Stored::Mapped(..)
+                    if is_half(data.dtype) && bytes.as_ptr().align_offset(2) == 0 =>
+                {
                     Blocks::Mapped(data.bytes.clone())
                 }
                 _ => Blocks::Owned(data.dtype.from_data(Cow::Borrowed(bytes))),
@@ -178,12 +179,13 @@ impl QWeight {
             Self::Cpu(w) => {
                 let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let mut out = vec![0f32; ids.len() * w.k];
+                let (all, row) = (w.bytes()?, row_size(w.dtype, w.k));
                 for (&id, out) in ids.iter().zip(out.chunks_mut(w.k.max(1))) {
                     let id = id as usize;
                     if id >= w.n {
                         bail!("row {id} of a {}-row embedding", w.n);
                     }
-                    dequantize(w.dtype, w.row_bytes(id..id + 1)?, out)?;
+                    dequantize(w.dtype, &all[id * row..(id + 1) * row], out)?;
                 }
                 Tensor::from_vec(out, (ids.len(), w.k), &Device::Cpu)
             }
@@ -199,31 +201,23 @@ impl CpuBlocks {
         x.contiguous()?.apply_op1_no_bwd(&BandedMatmul { w: self, band_values })
     }
 
-    /// The bytes of rows `rows`.
-    fn row_bytes(&self, rows: std::ops::Range<usize>) -> candle_core::Result<&[u8]> {
-        let row = row_size(self.dtype, self.k);
-        let all = match &self.blocks {
+    /// All the bytes, row after row.
+    fn bytes(&self) -> candle_core::Result<&[u8]> {
+        match &self.blocks {
             // SAFETY: the blocks are the bytes of a Vec of the block type,
             // alive as long as `self`.
-            Blocks::Owned(b) => unsafe {
-                std::slice::from_raw_parts(b.as_ptr(), b.storage_size_in_bytes())
-            },
-            Blocks::Mapped(m) => m.bytes()?,
-        };
-        Ok(&all[rows.start * row..rows.end * row])
+            Blocks::Owned(b) => {
+                Ok(unsafe { std::slice::from_raw_parts(b.as_ptr(), b.storage_size_in_bytes()) })
+            }
+            Blocks::Mapped(m) => m.bytes(),
+        }
     }
 
-    /// Rows `rows` of W dequantised into `out`, f32 [rows, k], in parallel
-    /// by bands of 64 rows.
-    fn dequantize_into(
-        &self,
-        rows: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) -> candle_core::Result<()> {
+    /// The rows whose bytes are `bytes` dequantised into `out`, f32
+    /// [rows, k], in parallel by bands of 64 rows.
+    fn dequantize_into(&self, bytes: &[u8], out: &mut [f32]) -> candle_core::Result<()> {
         const BAND: usize = 64;
-        let k = self.k;
-        let bytes = self.row_bytes(rows)?;
-        let row = row_size(self.dtype, k);
+        let (k, row) = (self.k, row_size(self.dtype, self.k));
         out.par_chunks_mut(BAND * k)
             .zip(bytes.par_chunks(BAND * row))
             .try_for_each(|(out, bytes)| dequantize(self.dtype, bytes, out))
@@ -278,6 +272,7 @@ impl candle_core::CustomOp1 for BandedMatmul<'_> {
             return Ok((candle_core::CpuStorage::F32(out), shape));
         }
         let band = (self.band_values / k).max(m).next_multiple_of(16).min(n);
+        let (all, row) = (self.w.bytes()?, row_size(self.w.dtype, k));
         let mut scratch = vec![0f32; band * k];
         let threads = candle_core::utils::get_num_threads();
         let parallelism =
@@ -286,7 +281,7 @@ impl candle_core::CustomOp1 for BandedMatmul<'_> {
             let r1 = (r0 + band).min(n);
             let width = r1 - r0;
             let buf = &mut scratch[..width * k];
-            self.w.dequantize_into(r0..r1, buf)?;
+            self.w.dequantize_into(&all[r0 * row..r1 * row], buf)?;
             // SAFETY: dst is out's columns r0..r1 of m rows of n (row stride
             // n), x is m × k contiguous, the band width × k contiguous; all
             // within their buffers, and dst is written by this call only.
@@ -374,26 +369,6 @@ where
     }
     values.convert_to_f32_slice(out);
     Ok(())
-}
-
-/// The alignment of `dtype`'s block struct.
-fn block_align(dtype: GgmlDType) -> usize {
-    use k_quants::*;
-    match dtype {
-        GgmlDType::Q4_0 => std::mem::align_of::<BlockQ4_0>(),
-        GgmlDType::Q4_1 => std::mem::align_of::<BlockQ4_1>(),
-        GgmlDType::Q5_0 => std::mem::align_of::<BlockQ5_0>(),
-        GgmlDType::Q5_1 => std::mem::align_of::<BlockQ5_1>(),
-        GgmlDType::Q8_0 => std::mem::align_of::<BlockQ8_0>(),
-        GgmlDType::Q8_1 => std::mem::align_of::<BlockQ8_1>(),
-        GgmlDType::Q2K => std::mem::align_of::<BlockQ2K>(),
-        GgmlDType::Q3K => std::mem::align_of::<BlockQ3K>(),
-        GgmlDType::Q4K => std::mem::align_of::<BlockQ4K>(),
-        GgmlDType::Q5K => std::mem::align_of::<BlockQ5K>(),
-        GgmlDType::Q6K => std::mem::align_of::<BlockQ6K>(),
-        GgmlDType::Q8K => std::mem::align_of::<BlockQ8K>(),
-        _ => std::mem::align_of::<f32>(),
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use super::{
     layers::{Forward, Layer, Matrix, rms_norm, softcap},
     plan::{AttentionPlan, DEFAULT_ATTENTION_TILE_ELEMENTS},
     rope::RopeTables,
-    weights::Loader,
+    weights::{Loader, WeightSource},
 };
 
 /// The teacher model, owning its weights on one device.
@@ -47,7 +47,7 @@ impl Teacher {
     /// safetensors) or a `.gguf` file, every weight widened (or narrowed) to
     /// `dtype`, on `device`.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
-        Self::load_with(path, device, dtype, false)
+        Self::load_with(path, device, Some(dtype), false)
     }
 
     /// Loads a teacher keeping its matrices as the file stores them (see
@@ -58,17 +58,22 @@ impl Teacher {
     /// stores (bf16 or f16; bf16 for an f32 checkpoint): see
     /// [`kept_compute_dtype`].
     pub fn load_kept(path: &Path, device: &Device) -> Result<Self, ModelError> {
-        Self::load_with(path, device, kept_compute_dtype(path, device)?, true)
+        Self::load_with(path, device, None, true)
     }
 
+    /// `dtype` `None`: the one [`kept_compute_dtype`] picks from the source.
     fn load_with(
         path: &Path,
         device: &Device,
-        dtype: DType,
+        dtype: Option<DType>,
         keep_quantized: bool,
     ) -> Result<Self, ModelError> {
         let started = Instant::now();
         let (config, mut source) = super::load::open(path)?;
+        let dtype = match dtype {
+            Some(d) => d,
+            None => kept_compute_dtype(source.as_mut(), path.is_dir(), device.is_cpu())?,
+        };
         tracing::info!(
             path = %path.display(),
             arch = config.arch.name(),
@@ -307,17 +312,16 @@ impl Teacher {
 
 /// The compute dtype of [`Teacher::load_kept`]: f32 on the CPU and for a GGUF
 /// file (quantized matmuls take f32 activations); on a GPU, for a Hugging
-/// Face directory, the dtype its embedding is stored in when that is bf16 or
-/// f16 (what the file stores is what is served), else bf16.
-pub(crate) fn kept_compute_dtype(path: &Path, device: &Device) -> Result<DType, ModelError> {
-    kept_compute_dtype_for(path, device.is_cpu())
-}
-
-fn kept_compute_dtype_for(path: &Path, cpu: bool) -> Result<DType, ModelError> {
-    if cpu || !path.is_dir() {
+/// Face directory (`hf_dir`), the dtype its embedding is stored in when that
+/// is f16 (what the file stores is what is served), else bf16.
+fn kept_compute_dtype(
+    source: &mut dyn WeightSource,
+    hf_dir: bool,
+    cpu: bool,
+) -> Result<DType, ModelError> {
+    if cpu || !hf_dir {
         return Ok(DType::F32);
     }
-    let (_, mut source) = super::load::open(path)?;
     let stored = source.get_quantized("model.embed_tokens.weight")?.map(|q| q.dtype);
     Ok(match stored {
         Some(candle_core::quantized::GgmlDType::F16) => DType::F16,
@@ -329,22 +333,22 @@ fn kept_compute_dtype_for(path: &Path, cpu: bool) -> Result<DType, ModelError> {
 mod tests {
     use std::path::Path;
 
-    use candle_core::{DType, Device};
+    use candle_core::DType;
 
     /// What a GPU would compute a kept checkpoint in, decided from the files
     /// (the device only has to be other than the CPU, so this runs here).
     #[test]
     fn a_gpu_computes_a_kept_checkpoint_in_its_stored_half_dtype() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let gpu = |p: &str| {
+        let pick = |p: &str, cpu: bool| {
             let path = fixtures.join(p);
-            super::kept_compute_dtype_for(&path, false).unwrap()
+            let (_, mut source) = super::super::load::open(&path).unwrap();
+            super::kept_compute_dtype(source.as_mut(), path.is_dir(), cpu).unwrap()
         };
-        assert_eq!(gpu("half/qwen3_f16"), DType::F16);
-        assert_eq!(gpu("half/llama_bf16"), DType::BF16);
-        assert_eq!(gpu("tiny/llama"), DType::BF16, "an f32 checkpoint computes in bf16");
-        assert_eq!(gpu("gguf/llama_q4_0.gguf"), DType::F32, "GGUF: f32 activations");
-        let cpu = super::kept_compute_dtype(&fixtures.join("half/qwen3_f16"), &Device::Cpu);
-        assert_eq!(cpu.unwrap(), DType::F32);
+        assert_eq!(pick("half/qwen3_f16", false), DType::F16);
+        assert_eq!(pick("half/llama_bf16", false), DType::BF16);
+        assert_eq!(pick("tiny/llama", false), DType::BF16, "an f32 checkpoint computes in bf16");
+        assert_eq!(pick("gguf/llama_q4_0.gguf", false), DType::F32, "GGUF: f32 activations");
+        assert_eq!(pick("half/qwen3_f16", true), DType::F32, "the CPU: f32 activations");
     }
 }
